@@ -1,0 +1,1 @@
+"""Orchestration behind the make targets: wires the stages, holds no algorithm."""

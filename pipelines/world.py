@@ -1,0 +1,276 @@
+"""The embedded default: a tiny world the project builds itself, since nothing can be downloaded.
+
+    python -m pipelines.world [--out artifacts/world] [--seed 0]
+
+It writes ordinary Hugging Face folders and a Parquet corpus:
+    tokenizer/  a byte-level BPE tokenizer with a chat template
+    target/     a tiny Llama pretrained on arithmetic chains in a terse "scratch" style
+    behavior/   a tiny Llama trained longer, on correct traces in a verbose "words" style
+    corpus.parquet  reasoning-gym prompts answered by the behavior model with vLLM, with the
+                    sampled `response_ids` and their sampling `behavior_logprobs`
+Everything is a function of the seed; the build is skipped when `world.json` matches the config.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+log = logging.getLogger("pear.world")
+
+SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+WORLD_VERSION = 2
+
+
+@dataclass
+class WorldConfig:
+    """What the embedded world is made of; changing any field rebuilds it."""
+
+    seed: int = 0
+    tasks: tuple = ("chain_sum",)
+    vocab_size: int = 512
+    hidden_size: int = 128
+    num_layers: int = 2
+    pretrain_examples: int = 3000
+    target_steps: int = 150  # brief: the base solves only part of the tasks
+    behavior_steps: int = 400
+    target_error_rate: float = 0.3  # share of the base's pretraining traces with a slip
+    corpus_rows: int = 512
+    max_new_tokens: int = 96
+    # disjoint seed ranges per use, so no prompt is shared across stages
+    seed_offsets: tuple = (("pretrain", 0), ("corpus", 10_000), ("rl", 20_000), ("eval", 30_000))
+
+
+# ---- tasks and the two solution styles -------------------------------------------------------
+
+def make_tasks(names, size: int, seed: int) -> list[dict]:
+    """reasoning-gym entries (question, answer, metadata) for the given task names."""
+    import reasoning_gym as rg
+
+    rows = []
+    per = max(1, size // len(names))
+    for k, name in enumerate(names):
+        kwargs = {"min_terms": 2, "max_terms": 4, "min_digits": 1, "max_digits": 1} if name == "chain_sum" else {}
+        ds = rg.create_dataset(name, size=per, seed=seed + k, **kwargs)
+        for i in range(per):
+            e = ds[i]
+            rows.append({"task": name, "question": e["question"], "answer": str(e["answer"]),
+                         "metadata": e["metadata"]})
+    return rows
+
+
+def _steps(expression: str) -> list[tuple[int, str, int, int]]:
+    """'4 - 1 + 7' -> [(4, '-', 1, 3), (3, '+', 7, 10)]."""
+    toks = expression.split()
+    acc = int(toks[0])
+    out = []
+    for op, num in zip(toks[1::2], toks[2::2]):
+        new = acc + int(num) if op == "+" else acc - int(num)
+        out.append((acc, op, int(num), new))
+        acc = new
+    return out
+
+
+def scratch_style(expression: str, rng: random.Random | None = None, error_rate: float = 0.0) -> str:
+    """The base model's own terse style, optionally with an arithmetic slip."""
+    lines, acc = [], None
+    for a, op, b, c in _steps(expression):
+        a = acc if acc is not None else a
+        c = a + b if op == "+" else a - b
+        if rng is not None and rng.random() < error_rate:
+            c += rng.choice([-2, -1, 1, 2])
+        lines.append(f"{a}{op}{b}={c}")
+        acc = c
+    return "\n".join(lines) + f"\nAnswer: {acc}"
+
+
+def words_style(expression: str) -> str:
+    """The behavior policy's verbose style: always correct."""
+    steps = _steps(expression)
+    parts = [f"Start with {steps[0][0]}."]
+    for _, op, b, c in steps:
+        verb = "Add" if op == "+" else "Take away"
+        parts.append(f"{verb} {b} to get {c}.")
+    parts.append(f"The answer is {steps[-1][3]}.")
+    return " ".join(parts)
+
+
+def extract_answer(completion: str) -> str | None:
+    """The last integer in a completion, which both styles end with."""
+    nums = re.findall(r"-?\d+", completion)
+    return nums[-1] if nums else None
+
+
+# ---- tokenizer and models ---------------------------------------------------------------------
+
+def build_tokenizer(texts: list[str], vocab_size: int, out: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>", pad_token="<|pad|>")
+    hf.chat_template = CHAT_TEMPLATE
+    hf.save_pretrained(out)
+    return hf
+
+
+def new_model(tokenizer, cfg: WorldConfig, seed: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=2 * cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    return LlamaForCausalLM(config)
+
+
+def chat_example(tokenizer, question: str, response: str) -> tuple[list[int], int]:
+    """(input_ids, prompt_len) for one templated prompt and its response, closed by <|end|>."""
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                           add_generation_prompt=True, tokenize=True, return_dict=False)
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return list(prompt) + response_ids, len(prompt)
+
+
+def pretrain(model, examples: list[tuple[list[int], int]], steps: int, seed: int, batch_size: int = 32,
+             lr: float = 3e-3):
+    """A short plain-SFT loop on (input_ids, prompt_len) examples; response tokens carry the loss."""
+    import torch
+    from train.loss import token_logprobs, weighted_nll
+
+    g = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
+    model.train()
+    body, head = model.get_decoder(), model.get_output_embeddings().weight
+    for step in range(steps):
+        batch = g.sample(examples, batch_size)
+        T = max(len(ids) for ids, _ in batch)
+        ids = torch.zeros(len(batch), T, dtype=torch.long)
+        mask = torch.zeros(len(batch), T, dtype=torch.bool)  # positions t whose label ids[t+1] is scored
+        for i, (x, p) in enumerate(batch):
+            ids[i, : len(x)] = torch.tensor(x)
+            mask[i, p - 1 : len(x) - 1] = True
+        hidden = body(input_ids=ids).last_hidden_state  # right padding, causal: no attention mask
+        lp = token_logprobs(hidden[mask], head, ids[:, 1:][mask[:, :-1]])
+        loss = weighted_nll(lp, torch.ones_like(lp), lp.numel())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == steps - 1:
+            log.info("pretrain step %d/%d loss %.3f", step + 1, steps, loss.item())
+    model.eval()
+    return model
+
+
+# ---- corpus -----------------------------------------------------------------------------------
+
+def generate_corpus(behavior_dir: Path, tokenizer, tasks: list[dict], max_new_tokens: int, seed: int) -> list[dict]:
+    """The behavior model answers every task once with vLLM at temperature 1; logprobs recorded."""
+    from scorer.engines import make_vllm_engine, shutdown_vllm
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = make_vllm_engine(str(behavior_dir), max_model_len=512, skip_tokenizer_init=False, seed=seed)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t["question"]}],
+                                             add_generation_prompt=True, tokenize=True, return_dict=False)
+               for t in tasks]
+    sp = SamplingParams(n=1, temperature=1.0, max_tokens=max_new_tokens, logprobs=0)  # engine-level seed: per-request seeds fail on CPU
+    outs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sp, use_tqdm=False)
+    rows = []
+    for task, out in zip(tasks, outs):
+        c = out.outputs[0]
+        ids = list(c.token_ids)
+        lps = [c.logprobs[i][tok].logprob for i, tok in enumerate(ids)]
+        answer = extract_answer(tokenizer.decode(ids, skip_special_tokens=True))
+        rows.append({
+            # the text is the ids' own decoding (vLLM's streaming detokenizer drops a dangling
+            # partial UTF-8 byte that a plain decode keeps), so the row is self-consistent
+            "prompt": task["question"], "response": tokenizer.decode(ids, skip_special_tokens=True),
+            "response_ids": ids,
+            "behavior_logprobs": lps, "task": task["task"], "answer": task["answer"],
+            "correct": answer == task["answer"], "finished": c.finish_reason == "stop",
+        })
+    shutdown_vllm(llm)
+    return rows
+
+
+# ---- the build --------------------------------------------------------------------------------
+
+def build(out: Path, cfg: WorldConfig, force: bool = False) -> Path:
+    """Build (or reuse) the world under `out`; returns `out`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    stamp = {"world_version": WORLD_VERSION, **json.loads(json.dumps(asdict(cfg)))}
+    marker = out / "world.json"
+    if not force and marker.exists() and json.loads(marker.read_text()).get("config") == stamp:
+        log.info("embedded world up to date at %s", out)
+        return out
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    offsets = dict(cfg.seed_offsets)
+
+    pre_tasks = make_tasks(cfg.tasks, cfg.pretrain_examples, cfg.seed + offsets["pretrain"])
+    rng = random.Random(cfg.seed)
+    target_texts = [scratch_style(t["metadata"]["expression"], rng, cfg.target_error_rate) for t in pre_tasks]
+    behavior_texts = [words_style(t["metadata"]["expression"]) for t in pre_tasks]
+    tokenizer = build_tokenizer([t["question"] for t in pre_tasks] + target_texts + behavior_texts,
+                                cfg.vocab_size, out / "tokenizer")
+
+    for name, texts, steps, seed in (("target", target_texts, cfg.target_steps, cfg.seed + 1),
+                                     ("behavior", behavior_texts, cfg.behavior_steps, cfg.seed + 2)):
+        model = new_model(tokenizer, cfg, seed)
+        examples = [chat_example(tokenizer, t["question"], x) for t, x in zip(pre_tasks, texts)]
+        pretrain(model, examples, steps, seed)
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.save_pretrained(out / name)
+        tokenizer.save_pretrained(out / name)
+        log.info("%s model saved (%.0fs so far)", name, time.time() - t0)
+
+    corpus_tasks = make_tasks(cfg.tasks, cfg.corpus_rows, cfg.seed + offsets["corpus"])
+    rows = generate_corpus(out / "behavior", tokenizer, corpus_tasks, cfg.max_new_tokens, cfg.seed)
+    for i, r in enumerate(rows):
+        r["id"] = f"world-{cfg.seed}-{i:06d}"
+    pq.write_table(pa.Table.from_pylist(rows), out / "corpus.parquet", compression="zstd")
+    accuracy = sum(r["correct"] for r in rows) / len(rows)
+    marker.write_text(json.dumps({"config": stamp, "corpus_rows": len(rows), "behavior_accuracy": accuracy,
+                                  "build_seconds": round(time.time() - t0, 1)}, indent=1))
+    log.info("embedded world built in %.0fs: %d corpus rows, behavior accuracy %.2f",
+             time.time() - t0, len(rows), accuracy)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="artifacts/world")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="rebuild even when the cached world matches")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    build(Path(a.out), WorldConfig(seed=a.seed), force=a.force)
+
+
+if __name__ == "__main__":
+    main()

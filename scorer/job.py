@@ -1,0 +1,433 @@
+"""The scoring job: corpus -> tokenize -> target (and behavior) logprobs -> PEAR weights -> shards.
+
+    python -m scorer.job --data corpus.parquet --out runs/score [--backend vllm] [--variant token]
+
+The corpus is cut into units of `rows_per_shard` rows of one input file; each unit becomes one
+shard, written atomically, so a rerun of the same command scores only the units whose shard is
+missing. Units are spread over an actor pool with Ray Data: each actor loads its engines once in
+`__init__` and scores whole units in `__call__`. The unit, not the row, is the Ray Data item so
+that a shard is only ever written by one actor, in one piece, with the rows of its unit.
+`RAY_ADDRESS` points the job at a cluster; without it a local Ray instance starts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from scorer import __version__
+from scorer.config import field, parse
+from scorer.corpus import CONSUMED, RowError, count_rows, encode_row, file_columns, list_inputs, read_rows, row_id
+from scorer.engines import make_scorer, vllm_available
+from scorer.shards import (REJECT_SCHEMA, SCHEMA_VERSION, core_table, fingerprint, list_shards, read_meta,
+                           tokenizer_sha256, write_atomic, write_json_atomic)
+from scorer.stats import all_variant_stats
+from scorer.weights import WeightParams, ragged_weights
+
+log = logging.getLogger("pear.scorer")
+
+
+class ConfigError(Exception):
+    """Bad input found before any work starts: one line for the user, exit code 2."""
+
+
+@dataclass
+class ScoreConfig:
+    """Score every response token of a corpus under the target (and behavior) policy."""
+
+    data: str = field("artifacts/world/corpus.parquet", "corpus: a Parquet/JSONL file, a folder or a glob")
+    out: str = field("runs/score", "output folder for shards, summary.json and rejects/")
+    target: str = field("artifacts/world/target", "target policy: a Hugging Face model folder")
+    behavior: str = field("artifacts/world/behavior",
+                          "behavior policy folder, used for rows without behavior_logprobs; 'none' for no model")
+    backend: str = field("auto", "scoring backend: vllm, torch, or auto (vllm where installed)")
+    variant: str = field("token", "PEAR variant: sequence, token, block or none")
+    gamma: float = field(0.999, "discount of the token and block variants")
+    block_size: int = field(4, "tokens per block (block variant)")
+    delta_clip: tuple[float, ...] = field((-0.08, 0.3), "clip of the per-token log-ratio, lo,hi")
+    log_weight_clip: tuple[float, ...] = field((-10.0, 5.0), "clip of log G, lo,hi")
+    max_len: int = field(4096, "longest prompt+response in tokens; longer rows are rejected")
+    truncate: bool = field(False, "cut over-long responses to max_len instead of rejecting them")
+    append_eos: bool = field(True, "end tokenized responses with the tokenizer's EOS token")
+    rows_per_shard: int = field(1024, "rows of one input file per output shard (the unit of resume)")
+    executor: str = field("ray", "ray (actor pool, local or RAY_ADDRESS cluster) or local (this process)")
+    actors: int = field(1, "scoring actors (each holds its own engines)")
+    gpus_per_actor: float = field(-1.0, "GPUs per actor; -1: 1 where the cluster has GPUs, else 0")
+    cpus_per_actor: float = field(0.5, "logical CPUs per actor (a whole CPU each can starve Ray Data on 2 cores)")
+    token_budget: int = field(32768, "torch backend: padded tokens per forward batch")
+    dtype: str = field("", "model dtype; empty: bfloat16 on GPU, float32 on CPU")
+    overwrite: bool = field(False, "delete shards made with other settings instead of refusing")
+
+    def weight_params(self) -> WeightParams:
+        return WeightParams(self.variant, self.gamma, self.block_size, tuple(self.delta_clip),
+                            tuple(self.log_weight_clip))
+
+    def resolved_backend(self) -> str:
+        if self.backend == "auto":
+            return "vllm" if vllm_available() else "torch"
+        return self.backend
+
+    @property
+    def behavior_model(self) -> str | None:
+        return None if self.behavior.lower() in ("", "none") else self.behavior
+
+
+# ---- one unit of work -------------------------------------------------------------------------
+
+class ShardScorer:
+    """Ray Data callable class: engines are loaded once per actor, then whole units are scored."""
+
+    def __init__(self, cfg: dict, job_meta: dict):
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.cfg = ScoreConfig(**cfg)
+        self.job_meta = job_meta
+        self.params = self.cfg.weight_params()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.target)
+        self.vocab_size = AutoConfig.from_pretrained(self.cfg.target).vocab_size
+        backend = self.cfg.resolved_backend()
+        self.max_len = job_meta["max_len"]  # the config's, capped at the model's context window
+        kw = dict(max_model_len=self.max_len, dtype=self.cfg.dtype or None, token_budget=self.cfg.token_budget)
+        self._make = lambda model: make_scorer(backend, model, **kw)
+        self.target = self._make(self.cfg.target)
+        self._behavior = None  # loaded on first use: most corpora carry their behavior logprobs
+
+    def behavior(self):
+        if self._behavior is None:
+            self._behavior = self._make(self.cfg.behavior_model)
+        return self._behavior
+
+    def __call__(self, batch: dict) -> dict:
+        results = [self.score_unit({k: batch[k][i] for k in batch}) for i in range(len(batch["shard"]))]
+        return {k: [r[k] for r in results] for k in results[0]}
+
+    def score_unit(self, unit: dict) -> dict:
+        t0 = time.perf_counter()
+        path, start, stop = Path(unit["source"]), int(unit["start"]), int(unit["stop"])
+        rows, table, read_errors = read_rows(path, start, stop)
+        rejects = [dict(e, id=f"{path}:{e['row']}", source=str(path)) for e in read_errors]
+
+        # tokenize and validate
+        examples, keep = [], []
+        for offset, row in enumerate(rows):
+            if row is None:
+                continue
+            index = start + offset
+            try:
+                ex = encode_row(row, index, str(path), self.tokenizer, max_len=self.max_len,
+                                truncate=self.cfg.truncate, append_eos=self.cfg.append_eos,
+                                vocab_size=self.vocab_size)
+                if ex.behavior_logprobs is None and self.cfg.behavior_model is None:
+                    raise RowError("behavior_logprobs", "is null and no behavior model was given")
+            except RowError as e:
+                rejects.append({"id": row_id(row, index, str(path)), "source": str(path), "row": index,
+                                "field": e.field, "reason": e.reason})
+                continue
+            examples.append(ex)
+            keep.append(offset)
+
+        # score: the target always; the behavior model only where the corpus has no logprobs
+        input_ids = [ex.input_ids for ex in examples]
+        prompt_lens = [ex.prompt_len for ex in examples]
+        target_lps = self.target.score(input_ids, prompt_lens)
+        behavior_lps = [ex.behavior_logprobs for ex in examples]
+        need = [i for i, b in enumerate(behavior_lps) if b is None]
+        if need:
+            scored = self.behavior().score([input_ids[i] for i in need], [prompt_lens[i] for i in need])
+            for i, lp in zip(need, scored):
+                behavior_lps[i] = lp
+
+        # a model that gives NaN/inf on a row rejects the row, not the shard
+        good = []
+        for i, ex in enumerate(examples):
+            for name, lp in (("target_logprobs", target_lps[i]), ("behavior_logprobs", behavior_lps[i])):
+                if not np.isfinite(lp).all():
+                    rejects.append({"id": ex.id, "source": str(path), "row": ex.row, "field": name,
+                                    "reason": "the model gave a non-finite logprob"})
+                    break
+            else:
+                good.append(i)
+        examples = [examples[i] for i in good]
+        keep = [keep[i] for i in good]
+        target_lps = [target_lps[i] for i in good]
+        behavior_lps = [behavior_lps[i] for i in good]
+        from_model = sum(1 for i in need if i in set(good))
+
+        weights, _ = ragged_weights(target_lps, behavior_lps, self.params)
+        out = core_table([ex.id for ex in examples], [ex.input_ids for ex in examples],
+                         [ex.prompt_len for ex in examples], target_lps, behavior_lps, weights)
+        out = _with_passthrough(out, rows, table, keep)
+
+        out_dir = Path(self.cfg.out)
+        # rejects first: a unit counts as done only once its shard exists
+        write_atomic(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), out_dir / "rejects" / "parts" / unit["shard"])
+        behavior_source = ("model" if from_model == len(examples) and examples else
+                           "column+model" if from_model else "column")
+        meta = dict(self.job_meta, source=str(path), rows=[start, stop],
+                    behavior=dict(self.job_meta["behavior"], source=behavior_source, rows_from_model=from_model))
+        write_atomic(out, out_dir / unit["shard"], meta)
+        n_tokens = int(sum(len(x) for x in input_ids))
+        return {"shard": unit["shard"], "rows_in": stop - start, "rows_written": out.num_rows,
+                "rows_rejected": len(rejects), "tokens": n_tokens, "seconds": time.perf_counter() - t0}
+
+    def close(self):
+        self.target.close()
+        if self._behavior is not None:
+            self._behavior.close()
+
+
+def _with_passthrough(out: pa.Table, rows: list, table: pa.Table | None, keep: list[int]) -> pa.Table:
+    """Append the corpus's other columns, for the kept rows, with their original types."""
+    if table is not None:  # Parquet: exact Arrow types
+        src = table.take(pa.array(keep, pa.int64())) if keep else table.slice(0, 0)
+        for name in src.column_names:
+            if name not in CONSUMED and name not in out.column_names:
+                out = out.append_column(name, src.column(name))
+        return out
+    names = []
+    for r in rows:
+        for k in (r or {}):
+            if k not in CONSUMED and k not in out.column_names and k not in names:
+                names.append(k)
+    for name in names:
+        out = out.append_column(name, pa.array([rows[i].get(name) for i in keep]))
+    return out
+
+
+# ---- the job ----------------------------------------------------------------------------------
+
+def plan_units(files: list[Path], rows_per_shard: int) -> list[dict]:
+    """Units of at most `rows_per_shard` rows of one file; shard names are stable across runs."""
+    units, used = [], set()
+    for f in files:
+        stem = f.stem
+        if stem in used:  # same file name in two folders
+            k = 2
+            while f"{stem}_{k}" in used:
+                k += 1
+            stem = f"{stem}_{k}"
+        used.add(stem)
+        n = count_rows(f)
+        for k, start in enumerate(range(0, n, rows_per_shard)):
+            units.append({"source": str(f), "start": start, "stop": min(n, start + rows_per_shard),
+                          "shard": f"{stem}-{k:05d}.parquet"})
+    return units
+
+
+def check_inputs(cfg: ScoreConfig) -> tuple[list[Path], dict]:
+    """Everything that can fail before any work starts; returns the input files and job metadata."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        files = list_inputs(cfg.data)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    for name, folder in (("target", cfg.target), ("behavior", cfg.behavior_model)):
+        if folder is not None and not (Path(folder) / "config.json").exists():
+            raise ConfigError(f"{name} model not found: {folder!r} has no config.json")
+    try:
+        cfg.weight_params()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.backend not in ("auto", "vllm", "torch"):
+        raise ConfigError(f"backend must be auto, vllm or torch, got {cfg.backend!r}")
+    if cfg.executor not in ("ray", "local"):
+        raise ConfigError(f"executor must be ray or local, got {cfg.executor!r}")
+    if cfg.resolved_backend() == "vllm" and not vllm_available():
+        raise ConfigError("backend vllm asked for, but vllm is not installed; use --backend torch")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.target)
+    tok_sha = tokenizer_sha256(tokenizer)
+    behavior = {"model": None}
+    if cfg.behavior_model is not None:
+        try:
+            btok = AutoTokenizer.from_pretrained(cfg.behavior_model)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"behavior model {cfg.behavior_model!r} has no loadable tokenizer ({e}); "
+                              "token-level ratios need the target's token ids") from None
+        if btok.get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"behavior model {cfg.behavior_model!r} uses another tokenizer than the target "
+                              f"{cfg.target!r}; token-level ratios need identical token ids")
+        behavior["model"] = fingerprint(cfg.behavior_model)
+    else:
+        lacking = [str(f) for f in files if "behavior_logprobs" not in file_columns(f)]
+        if lacking:
+            raise ConfigError(f"{lacking[0]} has no behavior_logprobs column and no behavior model was given "
+                              "(--behavior / BEHAVIOR=)")
+    params = cfg.weight_params()
+    window = getattr(AutoConfig.from_pretrained(cfg.target), "max_position_embeddings", None) or cfg.max_len
+    meta = {"schema_version": SCHEMA_VERSION, **params.as_dict(), "target_model": fingerprint(cfg.target),
+            "behavior": behavior, "tokenizer_sha256": tok_sha, "backend": cfg.resolved_backend(),
+            "version": __version__, "max_len": min(cfg.max_len, window), "truncate": cfg.truncate,
+            "append_eos": cfg.append_eos}
+    return files, meta
+
+
+def _same_scores(a: dict, b: dict) -> bool:
+    """Do two shards hold the same logprobs? (Weights may differ: `reweight` changes them.)"""
+    keys = ("schema_version", "target_model", "tokenizer_sha256", "max_len", "truncate", "append_eos")
+    return all(a.get(k) == b.get(k) for k in keys) and a["behavior"].get("model") == b["behavior"].get("model")
+
+
+def run(cfg: ScoreConfig, progress: bool = True) -> dict:
+    """Score what is missing under `cfg.out`, then write the merged rejects and summary.json."""
+    files, job_meta = check_inputs(cfg)
+    units = plan_units(files, cfg.rows_per_shard)
+    out = Path(cfg.out)
+    (out / "rejects" / "parts").mkdir(parents=True, exist_ok=True)
+
+    # resume: a shard that exists is done, if it was made the same way
+    planned = {u["shard"] for u in units}
+    for shard in list_shards(out):
+        meta = read_meta(shard)
+        same = _same_scores(meta, job_meta) and {k: meta.get(k) for k in WeightParams().as_dict()} == \
+            {k: job_meta[k] for k in WeightParams().as_dict()}
+        if not same or shard.name not in planned:
+            if not cfg.overwrite:
+                raise ConfigError(f"{shard} was made with other settings or another corpus; "
+                                  "use a new --out, `reweight` for new weights, or --overwrite")
+            shard.unlink()
+    pending = [u for u in units if not (out / u["shard"]).exists()]
+    log.info("%d units, %d already scored, %d to score (backend %s, executor %s)",
+             len(units), len(units) - len(pending), len(pending), job_meta["backend"], cfg.executor)
+
+    t0 = time.perf_counter()
+    results = execute(cfg, pending, job_meta, progress) if pending else []
+    wall = time.perf_counter() - t0
+
+    summary = summarize(cfg, out, units, results, wall, job_meta)
+    write_json_atomic(summary, out / "summary.json")
+    return summary
+
+
+def execute(cfg: ScoreConfig, units: list[dict], job_meta: dict, progress: bool) -> list[dict]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(units), desc="scoring shards", unit="shard", disable=not progress, file=sys.stderr)
+    results = []
+    if cfg.executor == "local":
+        scorer = ShardScorer(asdict(cfg), job_meta)
+        try:
+            for u in units:
+                results.append(scorer.score_unit(u))
+                bar.update(1)
+                bar.set_postfix(tok_s=f"{sum(r['tokens'] for r in results) / sum(r['seconds'] for r in results):.0f}")
+        finally:
+            scorer.close()
+        bar.close()
+        return results
+
+    import ray
+
+    init_ray()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # one bar, ours
+    gpus = cfg.gpus_per_actor
+    if gpus < 0:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    ds = ds.map_batches(ShardScorer, fn_constructor_kwargs={"cfg": asdict(cfg), "job_meta": job_meta},
+                        batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+                        num_cpus=cfg.cpus_per_actor, num_gpus=gpus)
+    for r in ds.iter_rows():
+        results.append(r)
+        bar.update(1)
+        bar.set_postfix(last=r["shard"])
+    bar.close()
+    return results
+
+
+def init_ray():
+    """Local Ray instance, or the cluster at RAY_ADDRESS. Engines run in-process in each actor."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    kwargs = dict(include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": env})
+    if not os.environ.get("RAY_ADDRESS"):
+        # a few more logical CPUs than cores: Ray Data's own tasks must not wait behind the actors
+        kwargs["num_cpus"] = max(4, os.cpu_count() or 1)
+    ray.init(**kwargs)
+
+
+def summarize(cfg: ScoreConfig, out: Path, units: list[dict], results: list[dict], wall: float,
+              job_meta: dict) -> dict:
+    """rows in = written + rejected, the merged rejects file, and every variant's diagnostics."""
+    import pyarrow.parquet as pq
+
+    parts = sorted((out / "rejects" / "parts").glob("*.parquet"))
+    rejects = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else REJECT_SCHEMA.empty_table()
+    write_atomic(rejects, out / "rejects" / "rejects.parquet")
+    shards = list_shards(out)
+    target, behavior, n_written = [], [], 0
+    for s in shards:
+        t = pq.read_table(s, columns=["target_logprobs", "behavior_logprobs"])
+        n_written += t.num_rows
+        target += [np.asarray(x, np.float32) for x in t.column("target_logprobs").to_pylist()]
+        behavior += [np.asarray(x, np.float32) for x in t.column("behavior_logprobs").to_pylist()]
+    rows_in = sum(u["stop"] - u["start"] for u in units)
+    scored_tokens = sum(r["tokens"] for r in results)
+    summary = {
+        "rows_in": rows_in,
+        "rows_written": n_written,
+        "rows_rejected": rejects.num_rows,
+        "rejects_by_field": {str(f): int(n) for f, n in
+                             zip(*np.unique(np.array(rejects.column("field").to_pylist(), dtype=object).astype(str),
+                                            return_counts=True))} if rejects.num_rows else {},
+        "shards": len(shards),
+        "shards_scored_now": len(results),
+        "response_tokens": int(sum(len(x) for x in target)),
+        "tokens_scored_now": scored_tokens,
+        "seconds": round(wall, 2),
+        # scoring throughput (engine start excluded); `seconds` is the whole run's wall time
+        "tokens_per_second": round(scored_tokens / sum(r["seconds"] for r in results), 1) if results else None,
+        "params": {k: job_meta[k] for k in WeightParams().as_dict()},
+        "backend": job_meta["backend"],
+        "variants": all_variant_stats(target, behavior, cfg.weight_params()),
+    }
+    if summary["rows_in"] != summary["rows_written"] + summary["rows_rejected"]:
+        log.error("row accounting does not add up: %s", {k: summary[k] for k in ("rows_in", "rows_written", "rows_rejected")})
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"rows in {s['rows_in']} = written {s['rows_written']} + rejected {s['rows_rejected']}"
+             + (f"  (rejects by field: {s['rejects_by_field']})" if s["rejects_by_field"] else ""),
+             f"shards {s['shards']} ({s['shards_scored_now']} scored now), response tokens {s['response_tokens']}, "
+             f"backend {s['backend']}, {s['tokens_per_second'] or '-'} tokens/s scoring, wall {s['seconds']}s",
+             f"{'variant':9} {'p1':>9} {'p50':>9} {'p99':>9} {'at lo':>6} {'at hi':>6} {'ESS tok':>8} {'ESS seq':>8}"]
+    for v, st in s["variants"].items():
+        if not st.get("tokens"):
+            continue
+        q = st["weight_quantiles"]
+        mark = "*" if v == s["params"]["variant"] else " "
+        lines.append(f"{v + mark:9} {q['p1']:9.3g} {q['p50']:9.3g} {q['p99']:9.3g} "
+                     f"{st['share_at_log_weight_clip']['lo']:6.1%} {st['share_at_log_weight_clip']['hi']:6.1%} "
+                     f"{st['ess_tokens_fraction']:8.1%} {st['ess_sequences_fraction']:8.1%}")
+    lines.append("(* the variant written to the shards; at lo/hi: share of tokens at the log-weight clip; "
+                 "ESS as a share of tokens/sequences)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    cfg = parse(ScoreConfig, argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        summary = run(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training from scored shards: weighted SFT, then RL."""

@@ -1,0 +1,48 @@
+"""Loss math for weighted SFT: pure functions over tensors.
+
+The vocabulary projection is chunked so that no (tokens, vocab) float32 tensor is ever held in
+full: for each chunk of hidden states the logits are computed, reduced to the logprob of the
+label token, and dropped (under autograd the chunk is recomputed in backward by checkpointing).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = (hidden @ weight.T).float()  # (n, V), one chunk only
+    return -F.cross_entropy(logits, labels, reduction="none")
+
+
+def token_logprobs(
+    hidden: torch.Tensor,  # (N, D) hidden states that predict `labels`
+    lm_head_weight: torch.Tensor,  # (V, D)
+    labels: torch.Tensor,  # (N,) token ids
+    chunk_size: int = 4096,
+) -> torch.Tensor:
+    """log p(label | hidden) for N positions, float32 (N,), computed chunk by chunk."""
+    out = []
+    for s in range(0, hidden.shape[0], chunk_size):
+        h, y = hidden[s : s + chunk_size], labels[s : s + chunk_size]
+        if torch.is_grad_enabled() and (h.requires_grad or lm_head_weight.requires_grad):
+            out.append(checkpoint(_chunk_logprobs, h, lm_head_weight, y, use_reentrant=False))
+        else:
+            out.append(_chunk_logprobs(h, lm_head_weight, y))
+    if not out:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(out)
+
+
+def weighted_nll(
+    token_logprobs: torch.Tensor,  # (N,) logprobs of the response tokens, with grad
+    weights: torch.Tensor,  # (N,) PEAR weights (or ones for plain SFT)
+    num_tokens: float,
+) -> torch.Tensor:
+    """sum_t stopgrad(w_t) * NLL_t / num_tokens.
+
+    `num_tokens` is the number of response tokens in the *global* batch (all ranks, all
+    accumulation steps), so that summing the per-rank losses gives the single-process loss.
+    """
+    return -(weights.detach().to(token_logprobs.dtype) * token_logprobs).sum() / max(float(num_tokens), 1.0)
