@@ -62,20 +62,26 @@ def count_rows(path: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
-def file_columns(path: Path) -> set[str]:
-    """Column names of a corpus file (JSONL: the keys of its first rows)."""
+def file_schema(path: Path, sample_rows: int = 1000) -> pa.Schema:
+    """Arrow schema of a corpus file (JSONL: inferred from its first rows)."""
     if path.suffix == ".parquet":
-        return set(pq.ParquetFile(path).schema_arrow.names)
-    keys: set[str] = set()
+        return pq.ParquetFile(path).schema_arrow
+    rows = []
     with open(path) as f:
-        for i, line in enumerate(f):
-            if i >= 100:
+        for line in f:
+            if len(rows) >= sample_rows:
                 break
             try:
-                keys |= set(json.loads(line))
-            except (json.JSONDecodeError, TypeError):
+                obj = json.loads(line)
+            except json.JSONDecodeError:
                 continue
-    return keys
+            if isinstance(obj, dict):
+                rows.append(obj)
+    try:
+        return pa.Table.from_pylist(rows).schema
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types in a column: names only
+        names = list(dict.fromkeys(k for r in rows for k in r))
+        return pa.schema([(n, pa.null()) for n in names])
 
 
 def read_rows(path: Path, start: int, stop: int) -> tuple[list[dict | None], pa.Table | None, list[dict]]:
@@ -185,7 +191,7 @@ def encode_row(row: dict, index: int, source: str, tokenizer, *, max_len: int, t
                                                f"{decoded[at:at + 30]!r}, the text has {response[at:at + 30]!r}")
     else:
         if not response.strip():
-            raise RowError("response", "empty")
+            raise RowError("response", "is empty: no token to score")
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
         if append_eos and tokenizer.eos_token_id is not None:
             response_ids = response_ids + [tokenizer.eos_token_id]

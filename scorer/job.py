@@ -24,9 +24,9 @@ import pyarrow as pa
 
 from scorer import __version__
 from scorer.config import field, parse
-from scorer.corpus import CONSUMED, RowError, count_rows, encode_row, file_columns, list_inputs, read_rows, row_id
+from scorer.corpus import CONSUMED, RowError, count_rows, encode_row, file_schema, list_inputs, read_rows, row_id
 from scorer.engines import make_scorer, vllm_available
-from scorer.shards import (REJECT_SCHEMA, SCHEMA_VERSION, core_table, fingerprint, list_shards, read_meta,
+from scorer.shards import (CORE_NAMES, REJECT_SCHEMA, SCHEMA_VERSION, core_table, fingerprint, list_shards, read_meta,
                            tokenizer_sha256, write_atomic, write_json_atomic)
 from scorer.stats import all_variant_stats
 from scorer.weights import WeightParams, ragged_weights
@@ -84,11 +84,12 @@ class ScoreConfig:
 class ShardScorer:
     """Ray Data callable class: engines are loaded once per actor, then whole units are scored."""
 
-    def __init__(self, cfg: dict, job_meta: dict):
+    def __init__(self, cfg: dict, job_meta: dict, passthrough: bytes):
         from transformers import AutoConfig, AutoTokenizer
 
         self.cfg = ScoreConfig(**cfg)
         self.job_meta = job_meta
+        self.passthrough = pa.ipc.read_schema(pa.py_buffer(passthrough))
         self.params = self.cfg.weight_params()
         self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.target)
         self.vocab_size = AutoConfig.from_pretrained(self.cfg.target).vocab_size
@@ -163,7 +164,7 @@ class ShardScorer:
         weights, _ = ragged_weights(target_lps, behavior_lps, self.params)
         out = core_table([ex.id for ex in examples], [ex.input_ids for ex in examples],
                          [ex.prompt_len for ex in examples], target_lps, behavior_lps, weights)
-        out = _with_passthrough(out, rows, table, keep)
+        out = _with_passthrough(out, rows, table, keep, self.passthrough)
 
         out_dir = Path(self.cfg.out)
         # rejects first: a unit counts as done only once its shard exists
@@ -183,21 +184,27 @@ class ShardScorer:
             self._behavior.close()
 
 
-def _with_passthrough(out: pa.Table, rows: list, table: pa.Table | None, keep: list[int]) -> pa.Table:
-    """Append the corpus's other columns, for the kept rows, with their original types."""
-    if table is not None:  # Parquet: exact Arrow types
+def _with_passthrough(out: pa.Table, rows: list, table: pa.Table | None, keep: list[int],
+                      schema: pa.Schema) -> pa.Table:
+    """Append the corpus's other columns for the kept rows. Every shard carries every column of
+    the corpus with one type (null where its file lacks the column), so all shards read as one
+    table; a value that does not fit the type keeps its own (logged)."""
+    src = None
+    if table is not None:
         src = table.take(pa.array(keep, pa.int64())) if keep else table.slice(0, 0)
-        for name in src.column_names:
-            if name not in CONSUMED and name not in out.column_names:
-                out = out.append_column(name, src.column(name))
-        return out
-    names = []
-    for r in rows:
-        for k in (r or {}):
-            if k not in CONSUMED and k not in out.column_names and k not in names:
-                names.append(k)
-    for name in names:
-        out = out.append_column(name, pa.array([rows[i].get(name) for i in keep]))
+    for f in schema:
+        if src is not None and f.name in src.column_names:
+            col = src.column(f.name)
+        elif src is None:
+            col = pa.array([(rows[i] or {}).get(f.name) for i in keep])
+        else:
+            col = pa.nulls(len(keep), f.type)
+        if col.type != f.type:
+            try:
+                col = col.cast(f.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                log.warning("column %r: values of type %s kept as they are (corpus type %s)", f.name, col.type, f.type)
+        out = out.append_column(f.name, col)
     return out
 
 
@@ -221,12 +228,16 @@ def plan_units(files: list[Path], rows_per_shard: int) -> list[dict]:
     return units
 
 
-def check_inputs(cfg: ScoreConfig) -> tuple[list[Path], dict]:
-    """Everything that can fail before any work starts; returns the input files and job metadata."""
+def check_inputs(cfg: ScoreConfig) -> tuple[list[Path], dict, bytes]:
+    """Everything that can fail before any work starts; returns the input files, the job
+    metadata and the pass-through columns' Arrow schema (serialized, to ship to actors)."""
     from transformers import AutoConfig, AutoTokenizer
 
     try:
-        files = list_inputs(cfg.data)
+        out = Path(cfg.out).resolve()
+        files = [f for f in list_inputs(cfg.data) if out not in f.resolve().parents]  # never our own shards
+        if not files:
+            raise FileNotFoundError(f"no Parquet or JSONL corpus found at {cfg.data!r} outside the output folder")
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     for name, folder in (("target", cfg.target), ("behavior", cfg.behavior_model)):
@@ -256,17 +267,22 @@ def check_inputs(cfg: ScoreConfig) -> tuple[list[Path], dict]:
                               f"{cfg.target!r}; token-level ratios need identical token ids")
         behavior["model"] = fingerprint(cfg.behavior_model)
     else:
-        lacking = [str(f) for f in files if "behavior_logprobs" not in file_columns(f)]
+        lacking = [str(f) for f in files if "behavior_logprobs" not in file_schema(f).names]
         if lacking:
             raise ConfigError(f"{lacking[0]} has no behavior_logprobs column and no behavior model was given "
                               "(--behavior / BEHAVIOR=)")
+    # the union of the files' other columns: every shard carries all of them with one type each
+    schemas = [file_schema(f) for f in files]
+    merged = pa.unify_schemas([pa.schema([x for x in sc if x.name not in CONSUMED + tuple(CORE_NAMES)]) for sc in schemas],
+                              promote_options="permissive")
+    passthrough = merged.serialize().to_pybytes()
     params = cfg.weight_params()
     window = getattr(AutoConfig.from_pretrained(cfg.target), "max_position_embeddings", None) or cfg.max_len
     meta = {"schema_version": SCHEMA_VERSION, **params.as_dict(), "target_model": fingerprint(cfg.target),
             "behavior": behavior, "tokenizer_sha256": tok_sha, "backend": cfg.resolved_backend(),
             "version": __version__, "max_len": min(cfg.max_len, window), "truncate": cfg.truncate,
-            "append_eos": cfg.append_eos}
-    return files, meta
+            "append_eos": cfg.append_eos, "passthrough_columns": merged.names}
+    return files, meta, passthrough
 
 
 def _same_scores(a: dict, b: dict) -> bool:
@@ -277,7 +293,7 @@ def _same_scores(a: dict, b: dict) -> bool:
 
 def run(cfg: ScoreConfig, progress: bool = True) -> dict:
     """Score what is missing under `cfg.out`, then write the merged rejects and summary.json."""
-    files, job_meta = check_inputs(cfg)
+    files, job_meta, passthrough = check_inputs(cfg)
     units = plan_units(files, cfg.rows_per_shard)
     out = Path(cfg.out)
     (out / "rejects" / "parts").mkdir(parents=True, exist_ok=True)
@@ -298,7 +314,7 @@ def run(cfg: ScoreConfig, progress: bool = True) -> dict:
              len(units), len(units) - len(pending), len(pending), job_meta["backend"], cfg.executor)
 
     t0 = time.perf_counter()
-    results = execute(cfg, pending, job_meta, progress) if pending else []
+    results = execute(cfg, pending, job_meta, passthrough, progress) if pending else []
     wall = time.perf_counter() - t0
 
     summary = summarize(cfg, out, units, results, wall, job_meta)
@@ -306,13 +322,13 @@ def run(cfg: ScoreConfig, progress: bool = True) -> dict:
     return summary
 
 
-def execute(cfg: ScoreConfig, units: list[dict], job_meta: dict, progress: bool) -> list[dict]:
+def execute(cfg: ScoreConfig, units: list[dict], job_meta: dict, passthrough: bytes, progress: bool) -> list[dict]:
     from tqdm import tqdm
 
     bar = tqdm(total=len(units), desc="scoring shards", unit="shard", disable=not progress, file=sys.stderr)
     results = []
     if cfg.executor == "local":
-        scorer = ShardScorer(asdict(cfg), job_meta)
+        scorer = ShardScorer(asdict(cfg), job_meta, passthrough)
         try:
             for u in units:
                 results.append(scorer.score_unit(u))
@@ -332,7 +348,7 @@ def execute(cfg: ScoreConfig, units: list[dict], job_meta: dict, progress: bool)
     if gpus < 0:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     ds = ray.data.from_items(units, override_num_blocks=len(units))
-    ds = ds.map_batches(ShardScorer, fn_constructor_kwargs={"cfg": asdict(cfg), "job_meta": job_meta},
+    ds = ds.map_batches(ShardScorer, fn_constructor_kwargs={"cfg": asdict(cfg), "job_meta": job_meta, "passthrough": passthrough},
                         batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.actors),
                         num_cpus=cfg.cpus_per_actor, num_gpus=gpus)
     for r in ds.iter_rows():

@@ -46,3 +46,33 @@ def weighted_nll(
     accumulation steps), so that summing the per-rank losses gives the single-process loss.
     """
     return -(weights.detach().to(token_logprobs.dtype) * token_logprobs).sum() / max(float(num_tokens), 1.0)
+
+
+def effective_sample_size(sum_w: float, sum_w2: float) -> float:
+    """(sum w)^2 / sum w^2 from the two sums (so ranks can add their sums first); n for equal weights."""
+    return float(sum_w) ** 2 / float(sum_w2) if sum_w2 > 0 else 0.0
+
+
+def flat_pear_weights(
+    target_logprobs: torch.Tensor,  # (N,) response tokens of a micro-batch, row after row
+    behavior_logprobs: torch.Tensor,  # (N,)
+    rows: torch.Tensor,  # (N,) long: row of each token
+    resp_pos: torch.Tensor,  # (N,) long: index of each token within its response
+    num_rows: int,
+    params,  # scorer.weights.WeightParams
+) -> torch.Tensor:
+    """PEAR weights (N,) for flat response tokens, through the scorer's one weight implementation.
+
+    The weight math works on left-aligned (B, T) responses; the trainer holds the response tokens
+    flat, so they are scattered into that layout and gathered back.
+    """
+    from scorer.weights import pear_weights
+
+    T = int(resp_pos.max()) + 1 if resp_pos.numel() else 0
+    target = target_logprobs.new_zeros(num_rows, T, dtype=torch.float64)  # (B, T)
+    behavior = torch.zeros_like(target)
+    mask = torch.zeros(num_rows, T, dtype=torch.bool, device=target.device)
+    target[rows, resp_pos] = target_logprobs.detach().double()
+    behavior[rows, resp_pos] = behavior_logprobs.detach().double()
+    mask[rows, resp_pos] = True
+    return pear_weights(target, behavior, mask, params)[rows, resp_pos]  # (N,) float32
