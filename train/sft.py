@@ -1,0 +1,434 @@
+"""Weighted SFT on scored shards: every response token's NLL times its PEAR weight.
+
+    python -m train.sft --scores runs/score --out runs/sft [--weighting pear|uniform|pear-live]
+    torchrun --nproc-per-node 8 -m train.sft --scores runs/score --out runs/sft   # DDP, same result
+    python -m train.sft --config recipe.yaml --lr 2e-5                            # YAML, flags override
+
+loss = sum_t stopgrad(w_t) * NLL_t / (response tokens in the global batch), with
+    uniform    w_t = 1 (plain SFT on the same tokens: the baseline)
+    pear       w_t = the weights stored in the shards, or, with --variant, recomputed from the
+               stored logprobs by the scorer's weight module (scorer/weights.py)
+    pear-live  (not evaluated in the paper) delta uses the current model's logprobs from this
+               forward pass instead of the stored target logprobs: the ratio follows the model.
+
+`out` becomes a Hugging Face model folder (weights, config, tokenizer) with `metrics.jsonl` (one
+line per optimizer step) and `train_summary.json`; `out/checkpoints/step-N/` are HF folders too,
+plus `trainer_state.pt` (optimizer, data position). A rerun with the same settings resumes from
+the last checkpoint. Bad input (shards, model) prints one line naming the file and row, exit 2.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from scorer.config import field, parse
+from scorer.shards import ShardError, fingerprint, list_shards, read_meta, tokenizer_sha256, write_json_atomic
+from scorer.weights import WeightParams
+from train.data import Batch, Rows, collate, idle_batch, load_rows, plan_epoch, rank_share, shard_params, \
+    split_heldout, steps_of
+from train.loss import effective_sample_size, flat_pear_weights, token_logprobs, weighted_nll
+
+log = logging.getLogger("pear.train")
+WEIGHTINGS = ("uniform", "pear", "pear-live")
+
+
+class ConfigError(Exception):
+    """Bad input found before training starts: one line for the user, exit code 2."""
+
+
+@dataclass
+class SFTConfig:
+    """Weighted SFT from scored shards."""
+
+    scores: str = field("runs/score", "scoring output folder (shards made by scorer.job)")
+    out: str = field("runs/sft", "output: HF model folder, metrics.jsonl, train_summary.json, checkpoints/")
+    model: str = field("", "model to train (HF folder); empty: the target model the shards were scored with")
+    tokenizer: str = field("", "tokenizer copied into the output; empty: the model folder's")
+    weighting: str = field("pear", "pear (stored weights), uniform (plain SFT) or pear-live (current-model delta)")
+    variant: str = field("", "recompute weights with this PEAR variant (sequence, token, block, none); "
+                             "empty: the stored weights (pear) or the shards' own settings (pear-live)")
+    gamma: float = field(0.999, "discount of the token and block variants (with --variant)")
+    block_size: int = field(4, "tokens per block of the block variant (with --variant)")
+    delta_clip: tuple[float, ...] = field((-0.08, 0.3), "clip of the per-token log-ratio, lo,hi (with --variant)")
+    log_weight_clip: tuple[float, ...] = field((-10.0, 5.0), "clip of log G, lo,hi (with --variant)")
+    epochs: int = field(1, "passes over the training rows")
+    max_steps: int = field(0, "stop after this many optimizer steps (the schedule spans them); 0: all epochs")
+    lr: float = field(1e-5, "peak learning rate (AdamW)")
+    min_lr_ratio: float = field(0.1, "the cosine schedule ends at lr * min_lr_ratio")
+    warmup_ratio: float = field(0.05, "share of the steps spent warming up linearly")
+    weight_decay: float = field(0.0, "AdamW weight decay")
+    max_grad_norm: float = field(1.0, "gradient clipping by global norm; 0: off")
+    token_budget: int = field(4096, "padded tokens (rows x longest row) per micro-batch, per forward pass")
+    micro_batches: int = field(1, "micro-batches per optimizer step over all ranks (gradient accumulation); "
+                                  "each rank computes micro_batches / world_size of them, so the number of "
+                                  "ranks does not change the training")
+    loss_chunk: int = field(2048, "tokens per chunk of the vocabulary projection (no full logits tensor)")
+    heldout_fraction: float = field(0.05, "share of rows held out (by hash of id) for the held-out NLL")
+    precision: str = field("auto", "auto (bf16 autocast on GPU, float32 on CPU), bf16 or fp32")
+    seed: int = field(0, "seed of the data order and of torch")
+    save_every: int = field(50, "checkpoint every N optimizer steps (and at the end); 0: only at the end")
+    keep_checkpoints: int = field(2, "checkpoints kept (the newest)")
+    overwrite: bool = field(False, "start afresh instead of resuming from checkpoints made with other settings")
+    threads: int = field(0, "CPU threads per rank; 0: cores / ranks on this machine")
+    progress: bool = field(True, "progress bar (rank 0)")
+
+    def weight_params(self) -> WeightParams | None:
+        """The weighting to recompute with, or None for the stored weights."""
+        if not self.variant:
+            return None
+        return WeightParams(self.variant, self.gamma, self.block_size, tuple(self.delta_clip),
+                            tuple(self.log_weight_clip))
+
+
+# settings that do not change what a run computes: a resumed run may change them
+NOT_TRAJECTORY = ("out", "save_every", "keep_checkpoints", "overwrite", "threads", "progress")
+
+
+# ---- math ------------------------------------------------------------------------------------
+
+def cosine_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr_ratio: float) -> float:
+    """LR of optimizer step `step` (0-based): linear warm-up to peak, then cosine to min_lr_ratio * peak."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return peak_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def token_weights(weighting: str, batch: Batch, token_lp: torch.Tensor, params: WeightParams | None) -> torch.Tensor:
+    """Weights (N,) of a micro-batch's response tokens; `token_lp` are the current model's logprobs."""
+    if weighting == "uniform":
+        return torch.ones_like(token_lp)
+    if weighting == "pear" and params is None:
+        return batch.weights
+    # pear with --variant: the stored target logprobs; pear-live: this forward pass's, detached
+    target = token_lp.detach() if weighting == "pear-live" else batch.target_logprobs
+    return flat_pear_weights(target, batch.behavior_logprobs, batch.rows, batch.resp_pos, batch.num_rows, params)
+
+
+class ResponseLogprobs(torch.nn.Module):
+    """Causal LM -> logprobs of the response tokens only, with a chunked vocabulary projection.
+
+    A module (not a function) so that DDP wraps the call that uses the parameters.
+    """
+
+    def __init__(self, lm, chunk: int):
+        super().__init__()
+        self.lm, self.chunk = lm, chunk
+
+    def forward(self, input_ids, rows, cols, labels):  # (B, L), (N,), (N,), (N,) -> (N,) float32
+        hidden = self.lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, L, D)
+        return token_logprobs(hidden[rows, cols], self.lm.get_output_embeddings().weight, labels, self.chunk)
+
+
+def micro_batch_loss(net, batch: Batch, weighting: str, params, global_tokens: int, autocast):
+    """(loss with grad, stats (6,) float64: sum nll, sum w*nll, sum w, sum w^2, tokens, real tokens)."""
+    with autocast:
+        token_lp = net(batch.input_ids, batch.rows, batch.cols, batch.labels)  # (N,) float32
+    w = token_weights(weighting, batch, token_lp, params)  # (N,)
+    loss = weighted_nll(token_lp, w, global_tokens)
+    nll, w = -token_lp.detach().double(), w.detach().double()
+    stats = torch.stack([nll.sum(), (w * nll).sum(), w.sum(), (w * w).sum(),
+                         nll.new_tensor(batch.num_tokens), nll.new_tensor(batch.real_tokens)])
+    if batch.idle:
+        return loss * 0.0, stats * 0.0
+    return loss, stats
+
+
+# ---- setup -----------------------------------------------------------------------------------
+
+def init_distributed(cfg: SFTConfig) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); a process group only under torchrun with several ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        return dist.get_rank() if world > 1 else 0, world, torch.device("cuda", local_rank)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // local_world))
+    return dist.get_rank() if world > 1 else 0, world, torch.device("cpu")
+
+
+def check_inputs(cfg: SFTConfig):
+    """Everything that can fail before training: (model dir, tokenizer, train rows, held-out rows, meta)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if cfg.weighting not in WEIGHTINGS:
+        raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {cfg.weighting!r}")
+    if cfg.variant and cfg.weighting == "uniform":
+        raise ConfigError("--variant recomputes PEAR weights; it does not apply to --weighting uniform")
+    try:
+        cfg.weight_params()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+    if cfg.micro_batches < 1 or cfg.token_budget < 1 or cfg.epochs < 1:
+        raise ConfigError("micro_batches, token_budget and epochs must be >= 1")
+    try:
+        shards = list_shards(cfg.scores)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    if not shards:
+        raise ConfigError(f"{cfg.scores}: no shards (*.parquet) to train on; run the scoring job first")
+    meta = read_meta(shards[0])
+    model_dir = cfg.model or meta.get("target_model", {}).get("path", "")
+    if not (Path(model_dir) / "config.json").exists():
+        raise ConfigError(f"model not found: {model_dir!r} has no config.json (set --model)")
+    model_cfg = AutoConfig.from_pretrained(model_dir)
+    rows, meta = load_rows(cfg.scores, model_cfg.vocab_size, getattr(model_cfg, "max_position_embeddings", None))
+    tok_dir = cfg.tokenizer or model_dir
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"no tokenizer in {tok_dir!r} ({e}); set --tokenizer") from None
+    if meta.get("tokenizer_sha256") not in (None, tokenizer_sha256(tokenizer)):
+        raise ConfigError(f"tokenizer {tok_dir!r} differs from the one {shards[0]} was made with; "
+                          "the shards' token ids would mean other tokens")
+    if meta.get("target_model", {}).get("sha256") not in (None, fingerprint(model_dir)["sha256"]):
+        log.warning("training %s, but the shards' target logprobs come from %s: the stored PEAR weights refer "
+                    "to that model", model_dir, meta["target_model"].get("path"))
+    train_rows, heldout = split_heldout(rows, cfg.heldout_fraction)
+    if len(train_rows) == 0:
+        raise ConfigError(f"no training rows left after holding out {cfg.heldout_fraction:.0%}")
+    return model_dir, tokenizer, train_rows, heldout, meta
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted((out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else []
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(out: Path, step: int, net, tokenizer, optimizer, state: dict, keep: int) -> Path:
+    """An HF folder plus trainer_state.pt, written under a temporary name and renamed (rank 0)."""
+    folder = out / "checkpoints" / f"step-{step:06d}"
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    net.lm.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save({**state, "optimizer": optimizer.state_dict()}, tmp / "trainer_state.pt")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    for old in sorted((out / "checkpoints").glob("step-*"))[:-max(1, keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+@torch.no_grad()
+def heldout_nll(net, rows: Rows, cfg: SFTConfig, device, rank: int, world: int, autocast) -> float | None:
+    """Mean NLL per response token on the held-out rows (plain, unweighted), over all ranks."""
+    if len(rows) == 0:
+        return None
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for index in plan_epoch(rows.lengths, cfg.token_budget, 0, 0)[rank::world]:
+        b = collate(rows, index).to(device)
+        with autocast:
+            lp = net(b.input_ids, b.rows, b.cols, b.labels)
+        sums += torch.stack([-lp.double().sum(), lp.new_tensor(lp.numel(), dtype=torch.float64)])
+    if world > 1:
+        dist.all_reduce(sums)
+    return float(sums[0] / sums[1])
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+def train(cfg: SFTConfig) -> dict:
+    """One training run; returns the summary (also written to out/train_summary.json by rank 0)."""
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM
+
+    t_start = time.perf_counter()
+    rank, world, device = init_distributed(cfg)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+
+    # 1. inputs, all checked before anything is written
+    model_dir, tokenizer, rows, heldout, meta = check_inputs(cfg)
+    params = cfg.weight_params()
+    if cfg.weighting == "pear-live" and params is None:
+        params = shard_params(meta)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    # 2. the plan: optimizer steps of every epoch (the number of micro-batches is the same each epoch)
+    lengths, resp_lengths = rows.lengths, rows.response_lengths
+    steps_per_epoch = len(steps_of(len(plan_epoch(lengths, cfg.token_budget, cfg.seed, 0)), cfg.micro_batches))
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
+
+    # 3. resume from the last checkpoint made with the same settings
+    trajectory = {k: v for k, v in asdict(cfg).items() if k not in NOT_TRAJECTORY}
+    ckpt = latest_checkpoint(out)
+    state = None
+    if ckpt is not None:
+        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+        same = state["config"] == trajectory and state["data_fingerprint"] == rows.fingerprint()
+        if not same and not cfg.overwrite:
+            changed = sorted(k for k in trajectory if state["config"].get(k) != trajectory[k])
+            raise ConfigError(f"{ckpt} was made with other settings or data ({', '.join(changed) or 'rows'}); "
+                              "use a new --out or --overwrite")
+        if not same:
+            state = None
+    if state is None and rank == 0 and out.exists():
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    if world > 1:
+        dist.barrier()  # no rank loads while rank 0 clears an old run
+    start_step = state["step"] if state else 0
+    source = str(ckpt) if state else model_dir
+    log.info("%s from %s: %d train rows, %d held out, %d steps of %d micro-batches (%d ranks), %s",
+             "resuming at step %d" % start_step if state else "training", source, len(rows), len(heldout),
+             total_steps, cfg.micro_batches, world, cfg.weighting)
+
+    # 4. model and optimizer
+    lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device)
+    lm.config.use_cache = False
+    net = ResponseLogprobs(lm, cfg.loss_chunk)
+    ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else net
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+    nll_start = state["heldout_nll_start"] if state else heldout_nll(net, heldout, cfg, device, rank, world, autocast)
+
+    # 5. metrics file: keep the lines of the steps that the checkpoint contains
+    metrics_path = out / "metrics.jsonl"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        kept = [line for line in (metrics_path.read_text().splitlines() if metrics_path.exists() and state else [])
+                if json.loads(line)["step"] <= start_step]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"sft {cfg.weighting}", unit="step",
+               disable=not (cfg.progress and rank == 0), file=sys.stderr)
+
+    # 6. the loop: one optimizer step over `micro_batches` micro-batches shared out over the ranks
+    net.train()
+    plan, plan_epoch_no, t_loop, tokens_done = None, -1, time.perf_counter(), 0
+    for step in range(start_step, total_steps):
+        t0 = time.perf_counter()
+        epoch, k = divmod(step, steps_per_epoch)
+        if epoch != plan_epoch_no:
+            plan, plan_epoch_no = plan_epoch(lengths, cfg.token_budget, cfg.seed, epoch), epoch
+        this_step = steps_of(len(plan), cfg.micro_batches)[k]
+        # every rank knows the plan, so the global token count needs no communication
+        global_tokens = int(sum(resp_lengths[plan[i]].sum() for i in this_step))
+        batches = [collate(rows, plan[i]) for i in rank_share(this_step, rank, world)] or [idle_batch()]
+        lr = cosine_lr(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        stats = torch.zeros(6, dtype=torch.float64, device=device)
+        for j, batch in enumerate(batches):
+            last = j == len(batches) - 1
+            with ddp.no_sync() if world > 1 and not last else nullcontext():
+                loss, s = micro_batch_loss(ddp, batch.to(device), cfg.weighting, params, global_tokens, autocast)
+                # DDP averages gradients over ranks; the loss is already normalised by the global
+                # token count, so scaling by the world size turns that average into the sum.
+                (loss * world).backward()
+            stats += s
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if world > 1:
+            dist.all_reduce(stats)
+
+        sum_nll, sum_wnll, sum_w, sum_w2, n_tok, real_tok = stats.tolist()
+        dt = time.perf_counter() - t0
+        tokens_done += real_tok
+        metrics = {"step": step + 1, "epoch": round(epoch + (k + 1) / steps_per_epoch, 4), "lr": lr,
+                   "loss": sum_nll / n_tok, "weighted_loss": sum_wnll / n_tok, "mean_weight": sum_w / n_tok,
+                   "ess": effective_sample_size(sum_w, sum_w2),
+                   "ess_fraction": effective_sample_size(sum_w, sum_w2) / n_tok,
+                   "grad_norm": float(grad_norm), "response_tokens": int(n_tok), "tokens": int(real_tok),
+                   "tokens_per_s": round(real_tok / dt, 1), "seconds": round(dt, 4)}
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", wloss=f"{metrics['weighted_loss']:.3f}",
+                            tok_s=f"{metrics['tokens_per_s']:.0f}")
+        done = step + 1 == total_steps
+        if done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            if rank == 0:
+                nxt = divmod(step + 1, steps_per_epoch)
+                save_checkpoint(out, step + 1, net, tokenizer, optimizer, {
+                    "step": step + 1, "data_position": {"epoch": nxt[0], "step_in_epoch": nxt[1],
+                                                        "micro_batch": nxt[1] * cfg.micro_batches},
+                    "config": trajectory, "data_fingerprint": rows.fingerprint(),
+                    "torch_rng": torch.get_rng_state(), "heldout_nll_start": nll_start}, cfg.keep_checkpoints)
+            if world > 1:
+                dist.barrier()
+    bar.close()
+    loop_seconds = time.perf_counter() - t_loop
+
+    # 7. held-out NLL, the final HF folder and the summary
+    net.eval()
+    nll_end = heldout_nll(net, heldout, cfg, device, rank, world, autocast)
+    summary = {}
+    if rank == 0:
+        net.lm.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        steps = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+        last_epoch = [m for m in steps if math.ceil(m["epoch"]) == math.ceil(steps[-1]["epoch"])] if steps else []
+        epoch_tokens = sum(m["response_tokens"] for m in last_epoch)
+        summary = {
+            "weighting": cfg.weighting,
+            "weight_params": params.as_dict() if params else None,
+            "stored_weight_params": shard_params(meta).as_dict(),
+            "model": model_dir, "scores": cfg.scores, "out": str(out),
+            "world_size": world, "steps": total_steps, "steps_per_epoch": steps_per_epoch,
+            "resumed_from_step": start_step if state else None,
+            "final_loss": steps[-1]["loss"] if steps else None,
+            "final_weighted_loss": steps[-1]["weighted_loss"] if steps else None,
+            "last_epoch_loss": sum(m["loss"] * m["response_tokens"] for m in last_epoch) / epoch_tokens
+            if epoch_tokens else None,
+            "heldout_nll_start": nll_start, "heldout_nll": nll_end,
+            "train_rows": len(rows), "heldout_rows": len(heldout), "heldout_ids": heldout.ids,
+            "loop_seconds": round(loop_seconds, 2), "seconds": round(time.perf_counter() - t_start, 2),
+            "tokens_per_second": round(tokens_done / loop_seconds, 1) if tokens_done else None,
+            "config": asdict(cfg),
+        }
+        write_json_atomic(summary, out / "train_summary.json")
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    f = lambda x: "-" if x is None else f"{x:.4f}"
+    return (f"{s['weighting']}: {s['steps']} steps, final loss {f(s['final_loss'])} (last epoch "
+            f"{f(s['last_epoch_loss'])}), held-out NLL {f(s['heldout_nll_start'])} -> {f(s['heldout_nll'])}, "
+            f"{s['seconds']}s; model in {s['out']}")
+
+
+def main(argv=None) -> int:
+    cfg = parse(SFTConfig, argv, description=__doc__)
+    try:
+        summary = train(cfg)
+    except (ConfigError, ShardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if summary:
+        print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    sys.exit(main())
