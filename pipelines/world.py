@@ -45,6 +45,9 @@ class WorldConfig:
     target_steps: int = 150  # brief: the base solves only part of the tasks
     behavior_steps: int = 400
     target_error_rate: float = 0.3  # share of the base's pretraining traces with a slip
+    # the base has seen a little of the behavior's style, so that ratios vary token by token
+    # instead of sitting at the clip bound everywhere
+    target_words_share: float = 0.15
     corpus_rows: int = 512
     max_new_tokens: int = 96
     # disjoint seed ranges per use, so no prompt is shared across stages
@@ -217,24 +220,36 @@ def generate_corpus(behavior_dir: Path, tokenizer, tasks: list[dict], max_new_to
 # ---- the build --------------------------------------------------------------------------------
 
 def build(out: Path, cfg: WorldConfig, force: bool = False) -> Path:
-    """Build (or reuse) the world under `out`; returns `out`."""
+    """Build (or reuse) the world under `out`; returns `out`. Safe to call from many processes."""
+    import fcntl
+
+    stamp = {"world_version": WORLD_VERSION, **json.loads(json.dumps(asdict(cfg)))}
+    marker = out / "world.json"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent builders wait, then find it built
+        if not force and marker.exists() and json.loads(marker.read_text()).get("config") == stamp:
+            log.info("embedded world up to date at %s", out)
+            return out
+        marker.unlink(missing_ok=True)
+        _build(out, cfg, stamp)
+    return out
+
+
+def _build(out: Path, cfg: WorldConfig, stamp: dict) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
 
-    stamp = {"world_version": WORLD_VERSION, **json.loads(json.dumps(asdict(cfg)))}
     marker = out / "world.json"
-    if not force and marker.exists() and json.loads(marker.read_text()).get("config") == stamp:
-        log.info("embedded world up to date at %s", out)
-        return out
     t0 = time.time()
-    out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     offsets = dict(cfg.seed_offsets)
 
     pre_tasks = make_tasks(cfg.tasks, cfg.pretrain_examples, cfg.seed + offsets["pretrain"])
     rng = random.Random(cfg.seed)
-    target_texts = [scratch_style(t["metadata"]["expression"], rng, cfg.target_error_rate) for t in pre_tasks]
+    target_texts = [words_style(t["metadata"]["expression"]) if rng.random() < cfg.target_words_share
+                    else scratch_style(t["metadata"]["expression"], rng, cfg.target_error_rate) for t in pre_tasks]
     behavior_texts = [words_style(t["metadata"]["expression"]) for t in pre_tasks]
     tokenizer = build_tokenizer([t["question"] for t in pre_tasks] + target_texts + behavior_texts,
                                 cfg.vocab_size, out / "tokenizer")
@@ -259,7 +274,6 @@ def build(out: Path, cfg: WorldConfig, force: bool = False) -> Path:
                                   "build_seconds": round(time.time() - t0, 1)}, indent=1))
     log.info("embedded world built in %.0fs: %d corpus rows, behavior accuracy %.2f",
              time.time() - t0, len(rows), accuracy)
-    return out
 
 
 def main(argv=None):
