@@ -5,8 +5,8 @@ array of the logprobs of `input_ids[prompt_len:]`.
 
 - `TorchScorer`: transformers, the reference. Length-sorted, right-padded batches under a token
   budget, with no attention mask: pads come after every real token, so a causal model needs none
-  and the fused attention kernels apply. The vocabulary projection is chunked (no full
-  (tokens, vocab) float32 tensor).
+  and the fused attention kernels apply (or, as an option, packed rows with attention inside each
+  sequence). The vocabulary projection is chunked (no full (tokens, vocab) float32 tensor).
 - `VllmScorer`: vLLM with `prompt_logprobs=0` on token-id prompts, no detokenization, prefix
   caching off, raw logprobs.
 """
@@ -224,9 +224,7 @@ def packed_attention(model):
     Its forward then needs `position_ids` and `cu_seq_lens_q/k`, `max_length_q/k` (transformers
     passes these keyword arguments down to the attention function).
     """
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(_PACKED, functools.partial(_packed_attention, varlen=_varlen_attention()))
+    _register_packed_attention()
     before = model.config._attn_implementation
     model.config._attn_implementation = _PACKED
     try:
@@ -236,50 +234,64 @@ def packed_attention(model):
 
 
 def _packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                      cu_seq_lens_q=None, max_length_q=None, varlen=None, **kwargs):
+                      cu_seq_lens_q=None, max_length_q=None, varlen=None, per_sequence=None, **kwargs):
     """Causal attention inside each sequence of one packed row (transformers' attention contract).
 
     query (1, H, M, d), key and value (1, Hkv, M, d), `cu_seq_lens_q` (S+1,) int32 sequence boundaries
     -> ((1, M, H, d), None). No mask: transformers builds none for an attention it does not know.
+    `varlen` and `per_sequence` are bound by `_register_packed_attention`.
     """
+    if cu_seq_lens_q is None:
+        raise ValueError("packed attention needs cu_seq_lens_q and max_length_q in the forward call")
+    if varlen is None or not query.is_cuda:
+        return per_sequence(query, key, value, cu_seq_lens_q, scaling), None
+    fn, kw, gqa, has_scale = varlen
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (M, H, d), last dim contiguous
+    if k.shape[1] != q.shape[1] and not gqa:  # this torch's varlen_attn wants as many kv heads as q heads
+        k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+    if has_scale:
+        kw = {**kw, "scale": scaling}
+    out = fn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, **kw)  # (M, H, d)
+    return out[None], None
+
+
+def _sdpa_per_sequence(query, key, value, cu_seq_lens, scaling):
+    """The fallback (CPU, or no varlen_attn): one causal SDPA call per sequence -> (1, M, H, d)."""
     import torch
     import torch.nn.functional as F
 
-    if cu_seq_lens_q is None:
-        raise ValueError("packed attention needs cu_seq_lens_q and max_length_q in the forward call")
-    if varlen is not None and query.is_cuda:
-        fn, kw, gqa, has_scale = varlen
-        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (M, H, d), last dim contiguous
-        if k.shape[1] != q.shape[1] and not gqa:  # this torch's varlen_attn wants as many kv heads as q heads
-            k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
-        if has_scale:
-            kw = {**kw, "scale": scaling}
-        out = fn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, **kw)  # (M, H, d)
-        return out[None], None
-    bounds = cu_seq_lens_q.tolist()  # CPU, or no varlen_attn: one causal SDPA call per sequence
+    bounds = cu_seq_lens.tolist()
     gqa = key.shape[1] != query.shape[1]
-    out = torch.cat([F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
-                                                    scale=scaling, enable_gqa=gqa)
+    out = torch.cat([F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
+                                                    is_causal=True, scale=scaling, enable_gqa=gqa)
                      for a, b in zip(bounds[:-1], bounds[1:])], dim=2)  # (1, H, M, d)
-    return out.transpose(1, 2), None
+    return out.transpose(1, 2)
 
 
 @functools.lru_cache(maxsize=None)
-def _varlen_attention():
-    """(varlen_attn, causal kwargs, takes GQA, takes scale) for this torch, or None where it has none.
+def _register_packed_attention():
+    """Register `_packed_attention` once per process: torch.compile guards on the function's identity.
 
-    Its signature moved between torch releases (is_causal -> window_size, then enable_gqa).
+    It is bound to this torch's varlen_attn, whose signature moved between releases (is_causal, then
+    window_size, then enable_gqa), as (varlen_attn, causal kwargs, takes GQA, takes scale) or None.
     """
+    import torch
+    from transformers import AttentionInterface
+
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return None
-    params = inspect.signature(varlen_attn).parameters
-    kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    gqa = "enable_gqa" in params
-    if gqa:
-        kw["enable_gqa"] = True
-    return varlen_attn, kw, gqa, "scale" in params
+        varlen = None
+    else:
+        params = inspect.signature(varlen_attn).parameters
+        kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+        gqa = "enable_gqa" in params
+        if gqa:
+            kw["enable_gqa"] = True
+        varlen = (varlen_attn, kw, gqa, "scale" in params)
+    # the fallback's Python loop over sequences stays out of compiled graphs (it would recompile per batch)
+    per_sequence = torch.compiler.disable(_sdpa_per_sequence)
+    AttentionInterface.register(_PACKED, functools.partial(_packed_attention, varlen=varlen, per_sequence=per_sequence))
 
 
 def length_sorted_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
