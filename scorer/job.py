@@ -47,7 +47,8 @@ class ScoreConfig:
     target: str = field("artifacts/world/target", "target policy: a Hugging Face model folder")
     behavior: str = field("artifacts/world/behavior",
                           "behavior policy folder, used for rows without behavior_logprobs; 'none' for no model")
-    backend: str = field("auto", "scoring backend: vllm, torch, or auto (vllm where installed)")
+    backend: str = field("auto", "scoring backend: vllm, torch, or auto (torch: the fastest measured, "
+                                 "see bench/RESULTS.md)")
     variant: str = field("token", "PEAR variant: sequence, token, block or none")
     gamma: float = field(0.999, "discount of the token and block variants")
     block_size: int = field(4, "tokens per block (block variant)")
@@ -61,7 +62,9 @@ class ScoreConfig:
     actors: int = field(1, "scoring actors (each holds its own engines)")
     gpus_per_actor: float = field(-1.0, "GPUs per actor; -1: 1 where the cluster has GPUs, else 0")
     cpus_per_actor: float = field(0.5, "logical CPUs per actor (a whole CPU each can starve Ray Data on 2 cores)")
-    token_budget: int = field(32768, "torch backend: padded tokens per forward batch")
+    token_budget: int = field(0, "torch backend: tokens per forward batch; 0: 65536 on GPU, 32768 on CPU")
+    torch_attention: str = field("", "torch backend: padded or packed; empty: packed on GPU, padded on CPU")
+    torch_compile: str = field("auto", "torch backend: torch.compile the layers: true, false or auto (on GPU)")
     dtype: str = field("", "model dtype; empty: bfloat16 on GPU, float32 on CPU")
     overwrite: bool = field(False, "delete shards made with other settings instead of refusing")
 
@@ -70,9 +73,9 @@ class ScoreConfig:
                             tuple(self.log_weight_clip))
 
     def resolved_backend(self) -> str:
-        if self.backend == "auto":
-            return "vllm" if vllm_available() else "torch"
-        return self.backend
+        # torch measured faster than vLLM's prompt logprobs on the CPU (tiny model) and is the only
+        # backend measured on a GPU; vLLM stays one flag away
+        return "torch" if self.backend == "auto" else self.backend
 
     @property
     def behavior_model(self) -> str | None:
@@ -95,7 +98,9 @@ class ShardScorer:
         self.vocab_size = AutoConfig.from_pretrained(self.cfg.target).vocab_size
         backend = self.cfg.resolved_backend()
         self.max_len = job_meta["max_len"]  # the config's, capped at the model's context window
-        kw = dict(max_model_len=self.max_len, dtype=self.cfg.dtype or None, token_budget=self.cfg.token_budget)
+        compile_ = {"auto": None, "true": True, "false": False}[self.cfg.torch_compile.lower()]
+        kw = dict(max_model_len=self.max_len, dtype=self.cfg.dtype or None, token_budget=self.cfg.token_budget or None,
+                  attention=self.cfg.torch_attention or None, compile=compile_)
         self._make = lambda model: make_scorer(backend, model, **kw)
         self.target = self._make(self.cfg.target)
         self._behavior = None  # loaded on first use: most corpora carry their behavior logprobs
@@ -249,6 +254,8 @@ def check_inputs(cfg: ScoreConfig) -> tuple[list[Path], dict, bytes]:
         raise ConfigError(str(e)) from None
     if cfg.backend not in ("auto", "vllm", "torch"):
         raise ConfigError(f"backend must be auto, vllm or torch, got {cfg.backend!r}")
+    if cfg.torch_compile.lower() not in ("auto", "true", "false") or cfg.torch_attention not in ("", "padded", "packed"):
+        raise ConfigError("torch_compile must be auto/true/false and torch_attention padded/packed")
     if cfg.executor not in ("ray", "local"):
         raise ConfigError(f"executor must be ray or local, got {cfg.executor!r}")
     if cfg.resolved_backend() == "vllm" and not vllm_available():
