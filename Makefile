@@ -11,7 +11,7 @@ opt = $(if $(2),--$(1) $(2))
 SCORE_ARGS = $(call opt,data,$(DATA)) $(call opt,out,$(OUT)) $(call opt,target,$(TARGET)) \
              $(call opt,behavior,$(BEHAVIOR)) $(call opt,variant,$(VARIANT)) $(call opt,backend,$(BACKEND))
 
-.PHONY: setup demo world score reweight inspect test test-fast bench lint clean
+.PHONY: setup demo world score reweight inspect sft rl eval experiment experiment-smoke test test-fast bench bench-sft bench-gpu lint clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,22 @@ reweight: setup
 
 inspect: setup
 	$(PY) -m scorer.inspect --scores $(or $(SCORES),runs/score)
+
+sft: setup
+	$(PY) -m pipelines.sft --scores $(or $(SCORES),runs/score) --out $(or $(OUT),runs/sft) \
+	  $(call opt,weighting,$(WEIGHTING)) $(call opt,variant,$(VARIANT)) $(call opt,model,$(MODEL)) \
+	  $(call opt,epochs,$(EPOCHS)) $(call opt,lr,$(LR)) $(if $(OVERWRITE),--overwrite true)
+
+bench: setup
+	$(PY) bench/score_cpu.py
+	$(PY) -m bench.bench_sft --scores $(or $(SCORES),runs/score)
+
+bench-sft: setup
+	$(PY) -m bench.bench_sft --scores $(or $(SCORES),runs/score)
+
+# one script, every GPU measurement (a few minutes on an H100/H200); results in bench/results/
+bench-gpu: setup
+	$(PY) bench/gpu_bench.py
 
 test: setup
 	$(PY) -m pytest -q

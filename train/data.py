@@ -13,7 +13,6 @@ The data position of a run is (epoch, micro-batch index in the epoch's plan).
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +21,6 @@ import torch
 
 from scorer.shards import ShardError, check_shard, list_shards
 from scorer.weights import WeightParams
-
-log = logging.getLogger("pear.train")
 
 # shard metadata that must agree across shards: one weighting, one target, one tokenizer
 SAME_ACROSS_SHARDS = ("variant", "gamma", "block_size", "delta_clip", "log_weight_clip", "target_model",

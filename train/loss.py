@@ -1,10 +1,12 @@
-"""Loss math for weighted SFT: pure functions over tensors.
+"""Loss math for weighted SFT: pure functions over tensors (and the learning-rate schedule).
 
 The vocabulary projection is chunked so that no (tokens, vocab) float32 tensor is ever held in
 full: for each chunk of hidden states the logits are computed, reduced to the logprob of the
 label token, and dropped (under autograd the chunk is recomputed in backward by checkpointing).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -76,3 +78,26 @@ def flat_pear_weights(
     behavior[rows, resp_pos] = behavior_logprobs.detach().double()
     mask[rows, resp_pos] = True
     return pear_weights(target, behavior, mask, params)[rows, resp_pos]  # (N,) float32
+
+
+def cosine_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr_ratio: float) -> float:
+    """LR of optimizer step `step` (0-based): linear warm-up to peak, then cosine to min_lr_ratio * peak."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return peak_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def token_weights(weighting: str, batch, token_lp: torch.Tensor, params) -> torch.Tensor:
+    """Weights (N,) of a micro-batch's response tokens (a train.data.Batch) for one weighting.
+
+    `token_lp` (N,) are the current model's logprobs; `params` a WeightParams to recompute with,
+    or None for the stored weights.
+    """
+    if weighting == "uniform":
+        return torch.ones_like(token_lp)
+    if weighting == "pear" and params is None:
+        return batch.weights
+    # pear with --variant: the stored target logprobs; pear-live: this forward pass's, detached
+    target = token_lp.detach() if weighting == "pear-live" else batch.target_logprobs
+    return flat_pear_weights(target, batch.behavior_logprobs, batch.rows, batch.resp_pos, batch.num_rows, params)

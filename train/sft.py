@@ -2,6 +2,7 @@
 
     python -m train.sft --scores runs/score --out runs/sft [--weighting pear|uniform|pear-live]
     torchrun --nproc-per-node 8 -m train.sft --scores runs/score --out runs/sft   # DDP, same result
+    torchrun --nproc-per-node 8 -m train.sft ... --fsdp true                      # sharded (FSDP2)
     python -m train.sft --config recipe.yaml --lr 2e-5                            # YAML, flags override
 
 loss = sum_t stopgrad(w_t) * NLL_t / (response tokens in the global batch), with
@@ -37,7 +38,7 @@ from scorer.shards import ShardError, fingerprint, list_shards, read_meta, token
 from scorer.weights import WeightParams
 from train.data import Batch, Rows, collate, idle_batch, load_rows, plan_epoch, rank_share, shard_params, \
     split_heldout, steps_of
-from train.loss import effective_sample_size, flat_pear_weights, token_logprobs, weighted_nll
+from train.loss import cosine_lr, effective_sample_size, token_logprobs, token_weights, weighted_nll
 
 log = logging.getLogger("pear.train")
 WEIGHTINGS = ("uniform", "pear", "pear-live")
@@ -76,6 +77,9 @@ class SFTConfig:
     loss_chunk: int = field(2048, "tokens per chunk of the vocabulary projection (no full logits tensor)")
     heldout_fraction: float = field(0.05, "share of rows held out (by hash of id) for the held-out NLL")
     precision: str = field("auto", "auto (bf16 autocast on GPU, float32 on CPU), bf16 or fp32")
+    fsdp: bool = field(False, "with several ranks, shard parameters, gradients and optimizer state (FSDP2) "
+                              "instead of replicating them (DDP): for models whose training state does not fit "
+                              "one device")
     seed: int = field(0, "seed of the data order and of torch")
     save_every: int = field(50, "checkpoint every N optimizer steps (and at the end); 0: only at the end")
     keep_checkpoints: int = field(2, "checkpoints kept (the newest)")
@@ -95,26 +99,7 @@ class SFTConfig:
 NOT_TRAJECTORY = ("out", "save_every", "keep_checkpoints", "overwrite", "threads", "progress")
 
 
-# ---- math ------------------------------------------------------------------------------------
-
-def cosine_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr_ratio: float) -> float:
-    """LR of optimizer step `step` (0-based): linear warm-up to peak, then cosine to min_lr_ratio * peak."""
-    if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return peak_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def token_weights(weighting: str, batch: Batch, token_lp: torch.Tensor, params: WeightParams | None) -> torch.Tensor:
-    """Weights (N,) of a micro-batch's response tokens; `token_lp` are the current model's logprobs."""
-    if weighting == "uniform":
-        return torch.ones_like(token_lp)
-    if weighting == "pear" and params is None:
-        return batch.weights
-    # pear with --variant: the stored target logprobs; pear-live: this forward pass's, detached
-    target = token_lp.detach() if weighting == "pear-live" else batch.target_logprobs
-    return flat_pear_weights(target, batch.behavior_logprobs, batch.rows, batch.resp_pos, batch.num_rows, params)
-
+# ---- the model's side of the loss --------------------------------------------------------------
 
 class ResponseLogprobs(torch.nn.Module):
     """Causal LM -> logprobs of the response tokens only, with a chunked vocabulary projection.
@@ -145,20 +130,32 @@ def micro_batch_loss(net, batch: Batch, weighting: str, params, global_tokens: i
     return loss, stats
 
 
-def optimizer_step(ddp, optimizer, batches: list[Batch], weighting: str, params, global_tokens: int, world: int,
+def grad_sync(model, sync: bool):
+    """Reduce gradients over ranks only on a rank's last micro-batch of a step (DDP and FSDP2 differ)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return nullcontext() if sync else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    return nullcontext()
+
+
+def optimizer_step(model, optimizer, batches: list[Batch], weighting: str, params, global_tokens: int, world: int,
                    max_grad_norm: float, autocast, device) -> tuple[torch.Tensor, float]:
-    """One optimizer step over this rank's micro-batches; returns (stats (6,) summed over ranks, grad norm)."""
+    """One optimizer step over this rank's micro-batches; returns (stats (6,) summed over ranks, grad norm).
+
+    `model` is the ResponseLogprobs module, DDP-wrapped or FSDP-sharded with several ranks.
+    """
     stats = torch.zeros(6, dtype=torch.float64, device=device)
     for j, batch in enumerate(batches):
-        last = j == len(batches) - 1
-        with ddp.no_sync() if world > 1 and not last else nullcontext():
-            loss, s = micro_batch_loss(ddp, batch.to(device), weighting, params, global_tokens, autocast)
+        with grad_sync(model, j == len(batches) - 1):
+            loss, s = micro_batch_loss(model, batch.to(device), weighting, params, global_tokens, autocast)
             # DDP averages gradients over ranks; the loss is already normalised by the global
             # token count, so scaling by the world size turns that average into the sum.
             (loss * world).backward()
         stats += s
     params_ = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params_, max_grad_norm or float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if world > 1:
@@ -233,14 +230,30 @@ def latest_checkpoint(out: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def save_checkpoint(out: Path, step: int, net, tokenizer, optimizer, state: dict, keep: int) -> Path:
+def full_state(net, optimizer, fsdp: bool) -> tuple[dict | None, dict | None]:
+    """(model state dict, or None: the module's own; optimizer state dict, or None without an
+    optimizer), complete on rank 0.
+
+    Under FSDP every rank must call it: the shards are gathered (to CPU). The FSDP optimizer state
+    is keyed by parameter name, so it loads on any number of ranks.
+    """
+    if not fsdp:
+        return None, optimizer.state_dict() if optimizer else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = {k.removeprefix("lm."): v for k, v in get_model_state_dict(net, options=opts).items()}
+    return model_sd, get_optimizer_state_dict(net, optimizer, options=opts) if optimizer else None
+
+
+def save_checkpoint(out: Path, step: int, net, tokenizer, model_sd, optim_sd: dict, state: dict, keep: int) -> Path:
     """An HF folder plus trainer_state.pt, written under a temporary name and renamed (rank 0)."""
     folder = out / "checkpoints" / f"step-{step:06d}"
     tmp = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    net.lm.save_pretrained(tmp)
+    net.lm.save_pretrained(tmp, state_dict=model_sd)
     tokenizer.save_pretrained(tmp)
-    torch.save({**state, "optimizer": optimizer.state_dict()}, tmp / "trainer_state.pt")
+    torch.save({**state, "optimizer": optim_sd}, tmp / "trainer_state.pt")
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     for old in sorted((out / "checkpoints").glob("step-*"))[:-max(1, keep)]:
@@ -254,11 +267,15 @@ def heldout_nll(net, rows: Rows, cfg: SFTConfig, device, rank: int, world: int, 
     if len(rows) == 0:
         return None
     sums = torch.zeros(2, dtype=torch.float64, device=device)
-    for index in plan_epoch(rows.lengths, cfg.token_budget, 0, 0)[rank::world]:
-        b = collate(rows, index).to(device)
+    plan = plan_epoch(rows.lengths, cfg.token_budget, 0, 0)
+    mine = [collate(rows, index) for index in plan[rank::world]]
+    mine += [idle_batch()] * (math.ceil(len(plan) / world) - len(mine))  # FSDP: equal forward counts
+    for b in mine:
+        b = b.to(device)
         with autocast:
             lp = net(b.input_ids, b.rows, b.cols, b.labels)
-        sums += torch.stack([-lp.double().sum(), lp.new_tensor(lp.numel(), dtype=torch.float64)])
+        if not b.idle:
+            sums += torch.stack([-lp.double().sum(), lp.new_tensor(lp.numel(), dtype=torch.float64)])
     if world > 1:
         dist.all_reduce(sums)
     return float(sums[0] / sums[1])
@@ -272,6 +289,10 @@ def train(cfg: SFTConfig) -> dict:
     from transformers import AutoModelForCausalLM
 
     t_start = time.perf_counter()
+    if not cfg.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars
     rank, world, device = init_distributed(cfg)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
@@ -316,14 +337,32 @@ def train(cfg: SFTConfig) -> dict:
              total_steps, cfg.micro_batches, world, cfg.weighting)
 
     # 4. model and optimizer
-    lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device)
+    fsdp = cfg.fsdp and world > 1
+    lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     lm.config.use_cache = False
     net = ResponseLogprobs(lm, cfg.loss_chunk)
-    ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else net
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        # shard on the host, then move the shards: the full model never sits on one device
+        for layer in getattr(lm.get_decoder(), "layers", []):
+            fully_shard(layer)  # one all-gather per layer: one layer's full weights at a time
+        fully_shard(net)
+        model = net.to(device)
+    elif world > 1:
+        # buffers (rotary tables) are constants: no broadcast, which would also need equal forward counts
+        model = torch.nn.parallel.DistributedDataParallel(
+            net.to(device), device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    else:
+        model = net.to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if state:
-        optimizer.load_state_dict(state["optimizer"])
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(net, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
     nll_start = state["heldout_nll_start"] if state else heldout_nll(net, heldout, cfg, device, rank, world, autocast)
 
@@ -339,7 +378,9 @@ def train(cfg: SFTConfig) -> dict:
 
     # 6. the loop: one optimizer step over `micro_batches` micro-batches shared out over the ranks
     net.train()
-    plan, plan_epoch_no, t_loop, tokens_done = None, -1, time.perf_counter(), 0
+    plan, plan_epoch_no, t_loop = None, -1, time.perf_counter()
+    # totals over the whole run, resumed segments included
+    tokens_done, seconds_before = (state["tokens_done"], state["loop_seconds"]) if state else (0, 0.0)
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
         epoch, k = divmod(step, steps_per_epoch)
@@ -348,12 +389,15 @@ def train(cfg: SFTConfig) -> dict:
         this_step = steps_of(len(plan), cfg.micro_batches)[k]
         # every rank knows the plan, so the global token count needs no communication
         global_tokens = int(sum(resp_lengths[plan[i]].sum() for i in this_step))
-        batches = [collate(rows, plan[i]) for i in rank_share(this_step, rank, world)] or [idle_batch()]
+        batches = [collate(rows, plan[i]) for i in rank_share(this_step, rank, world)]
+        # every rank runs as many micro-batches as the busiest (a short step leaves some without
+        # one): FSDP gathers weights in each forward, so all ranks must run the same number
+        batches += [idle_batch()] * (math.ceil(len(this_step) / world) - len(batches))
         lr = cosine_lr(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        stats, grad_norm = optimizer_step(ddp, optimizer, batches, cfg.weighting, params, global_tokens, world,
+        stats, grad_norm = optimizer_step(model, optimizer, batches, cfg.weighting, params, global_tokens, world,
                                           cfg.max_grad_norm, autocast, device)
 
         sum_nll, sum_wnll, sum_w, sum_w2, n_tok, real_tok = stats.tolist()
@@ -373,24 +417,27 @@ def train(cfg: SFTConfig) -> dict:
                             tok_s=f"{metrics['tokens_per_s']:.0f}")
         done = step + 1 == total_steps
         if done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            model_sd, optim_sd = full_state(net, optimizer, fsdp)  # every rank: FSDP gathers
             if rank == 0:
                 nxt = divmod(step + 1, steps_per_epoch)
-                save_checkpoint(out, step + 1, net, tokenizer, optimizer, {
+                save_checkpoint(out, step + 1, net, tokenizer, model_sd, optim_sd, {
                     "step": step + 1, "data_position": {"epoch": nxt[0], "step_in_epoch": nxt[1],
                                                         "micro_batch": nxt[1] * cfg.micro_batches},
                     "config": trajectory, "data_fingerprint": rows.fingerprint(),
-                    "torch_rng": torch.get_rng_state(), "heldout_nll_start": nll_start}, cfg.keep_checkpoints)
+                    "torch_rng": torch.get_rng_state(), "heldout_nll_start": nll_start, "tokens_done": tokens_done,
+                    "loop_seconds": seconds_before + time.perf_counter() - t_loop}, cfg.keep_checkpoints)
             if world > 1:
                 dist.barrier()
     bar.close()
-    loop_seconds = time.perf_counter() - t_loop
+    loop_seconds = seconds_before + time.perf_counter() - t_loop
 
     # 7. held-out NLL, the final HF folder and the summary
     net.eval()
     nll_end = heldout_nll(net, heldout, cfg, device, rank, world, autocast)
+    model_sd, _ = full_state(net, None, fsdp)
     summary = {}
     if rank == 0:
-        net.lm.save_pretrained(out)
+        net.lm.save_pretrained(out, state_dict=model_sd)
         tokenizer.save_pretrained(out)
         steps = [json.loads(line) for line in metrics_path.read_text().splitlines()]
         last_epoch = [m for m in steps if math.ceil(m["epoch"]) == math.ceil(steps[-1]["epoch"])] if steps else []
@@ -407,7 +454,11 @@ def train(cfg: SFTConfig) -> dict:
             "last_epoch_loss": sum(m["loss"] * m["response_tokens"] for m in last_epoch) / epoch_tokens
             if epoch_tokens else None,
             "heldout_nll_start": nll_start, "heldout_nll": nll_end,
+            "mean_weight": sum(m["mean_weight"] * m["response_tokens"] for m in steps)
+            / max(1, sum(m["response_tokens"] for m in steps)),
+            "mean_ess_fraction": sum(m["ess_fraction"] for m in steps) / max(1, len(steps)),
             "train_rows": len(rows), "heldout_rows": len(heldout), "heldout_ids": heldout.ids,
+            # training time over all segments of the run; `seconds`: this invocation's wall time
             "loop_seconds": round(loop_seconds, 2), "seconds": round(time.perf_counter() - t_start, 2),
             "tokens_per_second": round(tokens_done / loop_seconds, 1) if tokens_done else None,
             "config": asdict(cfg),
@@ -420,7 +471,7 @@ def format_summary(s: dict) -> str:
     f = lambda x: "-" if x is None else f"{x:.4f}"
     return (f"{s['weighting']}: {s['steps']} steps, final loss {f(s['final_loss'])} (last epoch "
             f"{f(s['last_epoch_loss'])}), held-out NLL {f(s['heldout_nll_start'])} -> {f(s['heldout_nll'])}, "
-            f"{s['seconds']}s; model in {s['out']}")
+            f"{s['loop_seconds']}s training; model in {s['out']}")
 
 
 def main(argv=None) -> int:

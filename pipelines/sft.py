@@ -1,0 +1,92 @@
+"""`make sft`: score the embedded corpus when needed, then weighted SFT once per weighting.
+
+    python -m pipelines.sft [--scores runs/score] [--out runs/sft] [--weighting uniform,pear] [train.sft flags]
+
+Default: plain SFT (uniform) then PEAR on the same tokens, the same batches and the same held-out
+rows, each into `out/<weighting>/`, then a table of final loss and held-out NLL side by side.
+With a single weighting the model folder is `out` itself. Any other flag goes to `train.sft`
+(e.g. --epochs 2 --lr 1e-4 --variant block --model path). Exit code 2 on bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from scorer.shards import list_shards, read_meta
+from train import sft
+
+log = logging.getLogger("pear.pipelines")
+WORLD = Path("artifacts/world")  # built by pipelines.score when needed
+DEFAULT_SCORES = "runs/score"
+# The embedded target is a 2-layer, 128-wide model: it needs a far higher learning rate than
+# train.sft's default (set for billion-parameter models), small micro-batches to take enough steps
+# in one epoch, and one CPU thread (its matrices are too small to gain from two, and two threads
+# stall badly when anything else runs on a 2-core machine). Command-line flags come later and win.
+EMBEDDED_RECIPE = ["--lr", "1e-3", "--token-budget", "1024", "--threads", "1"]
+
+
+def ensure_scores(scores: str) -> None:
+    """The default folder: run `pipelines.score` (builds the world and scores only what is missing;
+    nothing when all is cached). Another folder must already hold shards."""
+    if Path(scores) != Path(DEFAULT_SCORES):
+        if not (Path(scores).is_dir() and list_shards(scores)):
+            raise FileNotFoundError(f"no shards in {scores}; run `make score OUT={scores}` first")
+        return
+    log.info("making sure %s holds the scored embedded corpus", scores)
+    # a child process: an in-process vLLM engine pins the CPU threads that training needs next
+    subprocess.run([sys.executable, "-m", "pipelines.score", "--out", scores, "--executor", "local"], check=True)
+
+
+def uses_world_model(scores: str, rest: list[str]) -> bool:
+    """Is the model to train the embedded target (no --model, shards scored against it)?"""
+    if any(a == "--model" or a.startswith("--model=") for a in rest):
+        return False
+    target = read_meta(list_shards(scores)[0]).get("target_model", {}).get("path", "")
+    return bool(target) and Path(target).resolve().is_relative_to(WORLD.resolve())
+
+
+def format_table(summaries: list[dict]) -> str:
+    f = lambda x: "-" if x is None else f"{x:.3f}"
+    lines = [f"{'weighting':10} {'steps':>5} {'final loss':>10} {'last epoch':>10} {'held-out NLL':>17} "
+             f"{'mean w':>7} {'ESS':>6} {'train s':>7}"]
+    for s in summaries:
+        lines.append(f"{s['weighting']:10} {s['steps']:5d} {f(s['final_loss']):>10} {f(s['last_epoch_loss']):>10} "
+                     f"{f(s['heldout_nll_start']) + ' -> ' + f(s['heldout_nll']):>17} {s['mean_weight']:7.3f} "
+                     f"{s['mean_ess_fraction']:6.1%} {s['loop_seconds']:7.1f}")
+    lines.append("(loss and held-out NLL: plain mean NLL per response token, comparable across weightings; "
+                 "ESS: mean per-step share of tokens)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scores", default=DEFAULT_SCORES, help="scoring output folder")
+    p.add_argument("--out", default="runs/sft", help="output folder (out/<weighting>/ for several weightings)")
+    p.add_argument("--weighting", default="uniform,pear", help="comma-separated: uniform, pear, pear-live")
+    args, rest = p.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        ensure_scores(args.scores)
+    except (FileNotFoundError, subprocess.CalledProcessError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    recipe = EMBEDDED_RECIPE if uses_world_model(args.scores, rest) else []
+    arms = [w.strip() for w in args.weighting.split(",") if w.strip()]
+    summaries = []
+    for arm in arms:
+        out = Path(args.out) if len(arms) == 1 else Path(args.out) / arm
+        rc = sft.main(recipe + ["--scores", args.scores, "--out", str(out), "--weighting", arm] + rest)
+        if rc:
+            return rc
+        summaries.append(json.loads((out / "train_summary.json").read_text()))
+    print(format_table(summaries))
+    print(f"models in {', '.join(s['out'] for s in summaries)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""pass@k against brute-force enumeration, bootstrap intervals, the held-out check, one real evaluation."""
+import itertools
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from train.eval import (ConfigError, EvalConfig, bootstrap_ci, evaluate, held_out, pass_at_k, prompt_texts,
+                        seen_prompt_sets, summarize)
+
+
+def brute_force_pass_at_k(n: int, c: int, k: int) -> float:
+    """Share of the k-subsets of n samples (the first c pass) that contain a passing sample."""
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(i < c for i in s) for s in subsets) / len(subsets)
+
+
+def test_pass_at_k_equals_enumeration():
+    for n in range(1, 8):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                expected = brute_force_pass_at_k(n, c, k)
+                assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12), (n, c, k)
+                assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), abs=1e-12)
+
+
+def test_pass_at_k_by_hand():
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    assert pass_at_k(16, 0, 8) == 0.0
+    assert pass_at_k(16, 9, 8) == 1.0  # only 7 failures: every 8-subset holds a pass
+    assert pass_at_k(200, 3, 1) == pytest.approx(3 / 200)  # pass@1 is the pass rate
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)
+
+
+def test_bootstrap_ci():
+    assert bootstrap_ci(np.full(10, 0.3), 500, seed=0) == pytest.approx((0.3, 0.3))
+    v = np.random.default_rng(1).random(200)
+    lo, hi = bootstrap_ci(v, 2000, seed=0)
+    assert lo < v.mean() < hi
+    # the standard error of a mean of 200 uniforms is 0.0204: the 95% interval is about +-1.96 of it
+    assert hi - lo == pytest.approx(2 * 1.96 * v.std() / math.sqrt(200), rel=0.15)
+    assert bootstrap_ci(v, 2000, seed=0) == bootstrap_ci(v, 2000, seed=0)
+    lo_small, hi_small = bootstrap_ci(v[:20], 2000, seed=0)
+    assert hi_small - lo_small > hi - lo  # fewer prompts, wider interval
+
+
+def test_summarize_by_hand():
+    rewards = np.array([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.5, 0.0]])
+    s = summarize(rewards, rewards >= 1.0, [1, 2, 4], resamples=200, seed=0)
+    assert s["prompts"] == 2
+    assert s["mean_reward"]["mean"] == pytest.approx((0.25 + 0.625) / 2)
+    assert s["pass@1"]["mean"] == pytest.approx((0.25 + 0.5) / 2)
+    assert s["pass@2"]["mean"] == pytest.approx((0.5 + (1 - 1 / 6)) / 2)
+    assert s["pass@4"]["mean"] == 1.0
+    lo, hi = s["pass@1"]["ci95"]
+    assert 0.25 <= lo <= hi <= 0.5
+
+
+def test_held_out_drops_and_reads_prompt_sets(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "rl.jsonl").write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"prompt": "b "}) + "\n")
+    pq.write_table(pa.table({"question": ["c", "d"]}), tmp_path / "sft.parquet")
+    seen = prompt_texts(tmp_path / "rl.jsonl") | prompt_texts(tmp_path / "sft.parquet")
+    assert seen == {"a", "b", "c", "d"}
+    kept, dropped = held_out([{"prompt": p} for p in ["a", "b", "x", "d", "y"]], seen)
+    assert [e["prompt"] for e in kept] == ["x", "y"] and dropped == 3
+    with pytest.raises(FileNotFoundError):
+        prompt_texts(tmp_path / "missing.parquet")
+
+
+def test_provenance_finds_rl_and_sft_prompts(tmp_path):
+    """RL folder -> rl_prompts.jsonl, and through rl_summary.json the SFT folder -> its shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    scores, sft, rl = tmp_path / "scores", tmp_path / "sft", tmp_path / "rl"
+    for d in (scores, sft, rl):
+        d.mkdir()
+    pq.write_table(pa.table({"prompt": ["s1", "s2"]}), scores / "corpus-00000.parquet")
+    (sft / "train_summary.json").write_text(json.dumps({"scores": str(scores)}))
+    (rl / "rl_summary.json").write_text(json.dumps({"model": str(sft)}))
+    (rl / "rl_prompts.jsonl").write_text(json.dumps({"prompt": "r1"}) + "\n")
+    assert seen_prompt_sets(rl) == [rl / "rl_prompts.jsonl", scores]
+    assert set().union(*map(prompt_texts, seen_prompt_sets(rl))) == {"s1", "s2", "r1"}
+
+
+def test_default_split_is_disjoint_by_seed(world):
+    """The world's eval seed range gives prompts outside the SFT corpus and the RL pool, up to chance repeats."""
+    from train.rl import RLConfig
+    from train.rollout import reasoning_gym_examples
+
+    cfg, rl = EvalConfig(), RLConfig()
+    assert cfg.prompt_seed != rl.prompt_seed
+    evals = reasoning_gym_examples(cfg.tasks, cfg.num_prompts, cfg.prompt_seed, cfg.task_kwargs)
+    pool = reasoning_gym_examples(rl.tasks, rl.num_prompts, rl.prompt_seed, rl.task_kwargs)
+    seen = {e["prompt"] for e in pool} | prompt_texts(world / "corpus.parquet")
+    kept, dropped = held_out(evals, seen)
+    assert not {e["prompt"] for e in kept} & seen
+    # the 1-digit 2-term space is small (200 questions), so a few repeats are expected, not many
+    assert 0.5 * len(evals) < len(kept) < len(evals) and dropped == len(evals) - len(kept)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_evaluate_end_to_end(world, tmp_path):
+    """A real evaluation of a fake 'RL output' (the world target plus RL provenance files)."""
+    model = tmp_path / "rl_model"
+    shutil.copytree(world / "target", model)
+    from train.rollout import reasoning_gym_examples
+
+    rl_prompts = reasoning_gym_examples(["chain_sum"], 64, 30_000, EvalConfig().task_kwargs)[:10]
+    (model / "rl_prompts.jsonl").write_text("".join(json.dumps({"prompt": e["prompt"]}) + "\n" for e in rl_prompts))
+    (model / "rl_summary.json").write_text(json.dumps({"model": str(world / "target"),
+                                                       "prompt_source": {"tasks": ["chain_sum"], "seed": 20_000}}))
+    out = tmp_path / "eval"
+    cfg = EvalConfig(model=str(model), out=str(out), num_prompts=40, n=4, k=(1, 2, 4, 8), max_new_tokens=48,
+                     bootstrap=200, exclude=(str(world / "corpus.parquet"),))
+    report = evaluate(cfg)
+
+    assert report["k"] == [1, 2, 4]  # 8 > n is skipped
+    assert report["held_out"]["dropped_overlapping"] >= 10  # the planted RL prompts were removed
+    assert str(model / "rl_prompts.jsonl") in report["held_out"]["checked_against"]
+    evaluated = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(evaluated) == report["prompts"] and not {e["prompt"] for e in evaluated} & {e["prompt"] for e in rl_prompts}
+    g = report["groups"]["all"]
+    p = [g[f"pass@{k}"]["mean"] for k in (1, 2, 4)]
+    assert p[0] <= p[1] <= p[2] <= 1.0 and 0.0 < p[2]  # the base model solves part of the tasks
+    assert g["pass@1"]["ci95"][0] <= p[0] <= g["pass@1"]["ci95"][1]
+    # pass@1 is the pass rate of the samples
+    rate = np.mean([[r >= 1.0 for r in e["rewards"]] for e in evaluated])
+    assert p[0] == pytest.approx(rate)
+    md = (out / "eval.md").read_text()
+    assert "| pass@4 |" in md and "| mean_reward |" in md
+    assert json.loads((out / "eval.json").read_text())["prompts"] == report["prompts"]
+
+    # evaluating on the RL seed is refused: the split is by seed
+    with pytest.raises(ConfigError, match="split is by seed"):
+        evaluate(EvalConfig(model=str(model), out=str(out), prompt_seed=20_000, exclude=()))

@@ -1,0 +1,175 @@
+"""The RL stage: token layout, weight sync into the running engine, a real run killed and resumed."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from train.rl import pack, response_logprobs, step_prompts
+from train.rollout import WORLD_TASK_KWARGS, prompt_token_ids, reasoning_gym_examples
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_pack_layout_by_hand():
+    input_ids, label_mask, response_mask = pack([[1, 2], [3]], [[4, 5, 6], [7]])
+    assert input_ids.tolist() == [[1, 2, 4, 5, 6], [3, 7, 0, 0, 0]]
+    # hidden state t predicts token t + 1: rows 0 predicts 4, 5, 6 from positions 1, 2, 3
+    assert label_mask.tolist() == [[False, True, True, True], [True, False, False, False]]
+    assert response_mask.tolist() == [[True, True, True], [True, False, False]]
+    assert input_ids[:, 1:][label_mask].tolist() == [4, 5, 6, 7]
+
+
+def test_response_logprobs_match_a_plain_forward(world):
+    """Padded, masked, chunked logprobs equal log_softmax of each unpadded sequence on its own."""
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(world / "target", dtype=torch.float32).eval()
+    prompts, responses = [[3, 17, 40, 9], [5, 6]], [[11, 12], [30, 31, 32, 1]]
+    ids, label_mask, response_mask = pack(prompts, responses)
+    with torch.no_grad():
+        lp = response_logprobs(lm, ids, label_mask, response_mask, chunk=3)  # chunk < tokens: several chunks
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            x = torch.tensor([p + r])
+            ref = lm(x).logits[0, :-1].log_softmax(-1).gather(1, x[0, 1:, None])[:, 0][len(p) - 1:]
+            torch.testing.assert_close(lp[i, : len(r)], ref, atol=1e-5, rtol=0)
+    assert (lp[~response_mask] == 0).all()
+
+
+def test_step_prompts_cover_the_pool_each_pass():
+    steps = [step_prompts(20, 4, seed=0, step=s) for s in range(5)]  # one pass
+    assert sorted(i for s in steps for i in s) == list(range(20))
+    assert step_prompts(20, 4, 0, 3) == steps[3]  # a function of the step alone: resumable
+    assert step_prompts(20, 4, 0, 5) != steps[0]  # the next pass is reshuffled
+    assert step_prompts(20, 4, 1, 0) != steps[0]
+
+
+@pytest.mark.vllm
+def test_weights_reach_the_running_engine(world, tokenizer):
+    """After an optimizer step and a push, the engine's logprobs equal the trainer's (float32: < 1e-3)."""
+    from transformers import AutoModelForCausalLM
+
+    from train.rl_math import clipped_policy_loss, tis_weights
+    from train.rollout import RolloutEngine
+
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_pretrained(world / "target", dtype=torch.float32).eval()
+    engine = RolloutEngine(str(world / "target"), max_model_len=256, seed=0)
+    try:
+        prompts = [prompt_token_ids(tokenizer, e["prompt"])
+                   for e in reasoning_gym_examples(["chain_sum"], 4, 20_000, WORLD_TASK_KWARGS)]
+
+        def sample_and_compare():
+            """Sampling logprobs vs the trainer's on the same sampled tokens: (B, T) each."""
+            samples = [s for g in engine.generate(prompts, 2, 1.0, 24) for s in g]
+            ids, label_mask, response_mask = pack([p for p in prompts for _ in range(2)], [s.token_ids for s in samples])
+            sampling = torch.zeros(response_mask.shape)
+            for i, s in enumerate(samples):
+                sampling[i, : len(s.logprobs)] = torch.from_numpy(s.logprobs)
+            with torch.no_grad():
+                trainer = response_logprobs(lm, ids, label_mask, response_mask, 4096)
+            return samples, (ids, label_mask, response_mask), trainer, sampling
+
+        samples, batch, old_lp, sampling = sample_and_compare()
+        assert (old_lp - sampling)[batch[2]].abs().max() < 1e-3
+        torch.testing.assert_close(tis_weights(old_lp, sampling, 2.0)[batch[2]],
+                                   torch.ones(int(batch[2].sum())), atol=2e-3, rtol=0)
+
+        # one real RL optimizer step, with made-up advantages
+        opt = torch.optim.AdamW(lm.parameters(), lr=1e-2)
+        adv = torch.tensor([1.0, -1.0] * 4)
+        loss, _ = clipped_policy_loss(response_logprobs(lm, *batch, 4096), old_lp, adv, batch[2])
+        loss.backward()
+        opt.step()
+
+        fixed, plen = prompts[0] + samples[0].token_ids, len(prompts[0])
+        before = engine.score([fixed], [plen])[0]
+        engine.push_weights(lm)
+        after = engine.score([fixed], [plen])[0]
+        ids, label_mask, response_mask = pack([prompts[0]], [samples[0].token_ids])
+        with torch.no_grad():
+            trainer = response_logprobs(lm, ids, label_mask, response_mask, 4096)[0].numpy()
+        assert np.abs(after - trainer).max() < 1e-3
+        assert np.abs(before - trainer).max() > 1e-2  # the step did move them: the check is not vacuous
+
+        # fresh samples now carry the updated policy's logprobs
+        _, batch, new_lp, sampling = sample_and_compare()
+        assert (new_lp - sampling)[batch[2]].abs().max() < 1e-3
+    finally:
+        engine.close()
+
+
+REWARD = '''
+def score(completion, example):
+    """Rewards odd lengths (so every group has signal); raises on some rows, which must count as 0."""
+    if len(completion) % 7 == 0:
+        raise ValueError("unlucky length")
+    return float(len(completion) % 2)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_rl_run_killed_then_resumed(world, tmp_path):
+    """A real run: killed after its second checkpoint, rerun to the end; every parameter has moved."""
+    from transformers import AutoModelForCausalLM
+
+    reward = tmp_path / "odd_reward.py"
+    reward.write_text(REWARD)
+    out = tmp_path / "rl"
+    steps = 8
+    cmd = [sys.executable, "-m", "train.rl", "--model", str(world / "target"), "--out", str(out),
+           "--steps", str(steps), "--prompts-per-step", "4", "--samples-per-prompt", "4", "--num-prompts", "32",
+           "--max-new-tokens", "24", "--save-every", "1", "--lr", "1e-3", "--reward", f"{reward}:score",
+           "--progress", "false"]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "ERROR"}
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while not (out / "checkpoints" / "step-000002").exists():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "no checkpoint within 180 s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    killed_at = int(sorted((out / "checkpoints").glob("step-*"))[-1].name.split("-")[1])
+    assert killed_at < steps and not (out / "rl_summary.json").exists()
+
+    # other settings on the same folder are refused, before any work
+    bad = subprocess.run(cmd[:-2] + ["--lr", "5e-4"], cwd=ROOT, env=env, timeout=120, capture_output=True, text=True)
+    assert bad.returncode == 2 and "other settings (lr)" in bad.stderr
+
+    done = subprocess.run(cmd, cwd=ROOT, env=env, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((out / "rl_summary.json").read_text())
+    assert summary["resumed_from_step"] == killed_at
+
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))  # no step lost, none twice
+    for key in ("mean_reward", "pass_rate", "response_length", "ratio_mean", "clip_fraction", "kl_ref", "tis_mean",
+                "tis_capped_fraction", "logprob_gap_mean", "tokens_per_s", "reward_errors"):
+        assert all(m[key] is not None for m in metrics), key
+    assert all(m["logprob_gap_mean"] < 1e-3 for m in metrics)  # engine and trainer agree in float32
+    assert all(0.99 < m["tis_mean"] < 1.01 for m in metrics)
+    assert len(list((out / "checkpoints").glob("step-*"))) <= 2  # keep_checkpoints
+
+    # a raising reward counted as 0 and was logged with its row; the run went on
+    errors = [json.loads(x) for x in (out / "reward_errors.jsonl").read_text().splitlines()]
+    assert sum(m["reward_errors"] for m in metrics) == len(errors) > 0
+    assert all(len(e["completion"]) % 7 == 0 and "unlucky length" in e["error"] for e in errors)
+
+    # the output is a HF folder whose every parameter moved away from the start
+    start = AutoModelForCausalLM.from_pretrained(world / "target", dtype=torch.float32).state_dict()
+    end = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    assert start.keys() == end.keys()
+    for name in start:
+        assert not torch.equal(start[name], end[name]), f"{name} did not change"
+    assert (out / "tokenizer.json").exists() and (out / "rl_prompts.jsonl").exists()

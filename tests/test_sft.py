@@ -1,0 +1,302 @@
+"""The SFT trainer end to end: a tiny run, weightings, resume, two ranks over gloo, bad input."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch.testing import assert_close
+
+from scorer.shards import list_shards, read_meta, write_atomic
+from train import sft
+from train.data import collate, is_heldout, load_rows, plan_epoch, shard_params, split_heldout, steps_of
+from train.loss import token_weights
+from train.sft import SFTConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def scores(world, tmp_path_factory):
+    """96 rows of the embedded corpus scored with the torch backend, in two shards."""
+    from scorer.job import ScoreConfig, run
+
+    tmp = tmp_path_factory.mktemp("sft_scores")
+    pl.read_parquet(world / "corpus.parquet").head(96).write_parquet(tmp / "corpus.parquet")
+    out = tmp / "scores"
+    run(ScoreConfig(data=str(tmp / "corpus.parquet"), out=str(out), target=str(world / "target"),
+                    behavior=str(world / "behavior"), backend="torch", executor="local", rows_per_shard=48),
+        progress=False)
+    return out
+
+
+def cfg_for(scores, out, **kw) -> SFTConfig:
+    base = dict(scores=str(scores), out=str(out), lr=2e-3, token_budget=512, heldout_fraction=0.1,
+                warmup_ratio=0.1, progress=False, threads=1, save_every=0)
+    return SFTConfig(**{**base, **kw})
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def params_of(folder):
+    from transformers import AutoModelForCausalLM
+
+    return dict(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).named_parameters())
+
+
+# ---- a tiny run --------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_tiny_run_loss_falls_and_writes_an_hf_folder(world, scores, tmp_path):
+    out = tmp_path / "pear"
+    s = train(cfg_for(scores, out, epochs=2))
+    m = metrics(out)
+    assert [x["step"] for x in m] == list(range(1, s["steps"] + 1))
+    assert set(m[0]) >= {"loss", "weighted_loss", "mean_weight", "ess", "ess_fraction", "lr", "tokens_per_s"}
+    first_epoch = [x["loss"] for x in m if x["epoch"] <= 1]
+    assert s["last_epoch_loss"] < 0.8 * np.mean(first_epoch)
+    assert s["heldout_nll"] < s["heldout_nll_start"]
+    # PEAR weights are below 1 here (the target is less sure than the behavior model)
+    assert all(0 < x["mean_weight"] < 1 and 0 < x["ess_fraction"] <= 1 for x in m)
+    assert all(x["weighted_loss"] < x["loss"] for x in m)
+
+    # held-out rows are the hash split, recorded by id
+    rows, _ = load_rows(scores, 10_000)
+    assert s["heldout_ids"] == [i for i in rows.ids if is_heldout(i, 0.1)] and s["heldout_ids"]
+    assert s["train_rows"] + s["heldout_rows"] == 96
+
+    # a plain HF folder: every parameter moved, and the tokenizer is there
+    from transformers import AutoTokenizer
+
+    before, after = params_of(world / "target"), params_of(out)
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(world / "target").get_vocab()
+    assert (out / "checkpoints" / f"step-{s['steps']:06d}" / "trainer_state.pt").exists()
+    assert json.loads((out / "train_summary.json").read_text())["final_loss"] == m[-1]["loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_loads_the_trained_checkpoint(scores, tmp_path):
+    from scorer.engines import TorchScorer, VllmScorer
+
+    out = tmp_path / "uniform"
+    train(cfg_for(scores, out, weighting="uniform", max_steps=3))
+    rows, _ = load_rows(scores, 10_000)
+    ids = [x.tolist() for x in rows.input_ids[:6]]
+    plens = [int(p) for p in rows.prompt_lens[:6]]
+    engine = VllmScorer(str(out), max_model_len=512, dtype="float32")
+    try:
+        by_vllm = engine.score(ids, plens)
+    finally:
+        engine.close()
+    by_torch = TorchScorer(str(out)).score(ids, plens)
+    # the trained weights, not the base model's: vLLM and torch agree on the new checkpoint
+    assert max(np.abs(a - b).max() for a, b in zip(by_vllm, by_torch)) < 1e-3
+
+
+@pytest.mark.slow
+def test_uniform_and_variant_weightings(scores, tmp_path):
+    uni = train(cfg_for(scores, tmp_path / "u", weighting="uniform", max_steps=4))
+    m = metrics(tmp_path / "u")
+    assert all(x["mean_weight"] == 1.0 and x["ess_fraction"] == 1.0 for x in m)
+    assert all(x["loss"] == pytest.approx(x["weighted_loss"]) for x in m)
+    assert uni["weight_params"] is None
+
+    stored = train(cfg_for(scores, tmp_path / "p", max_steps=4))
+    # --variant with the shards' own settings recomputes exactly the stored weights
+    own = shard_params(read_meta(list_shards(scores)[0]))
+    again = train(cfg_for(scores, tmp_path / "v", max_steps=4, variant=own.variant, gamma=own.gamma,
+                          block_size=own.block_size, delta_clip=own.delta_clip, log_weight_clip=own.log_weight_clip))
+    for a, b in zip(metrics(tmp_path / "p"), metrics(tmp_path / "v")):
+        assert a["mean_weight"] == pytest.approx(b["mean_weight"], rel=1e-5)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    assert again["final_loss"] == pytest.approx(stored["final_loss"], rel=1e-4)
+    # another variant gives other weights
+    train(cfg_for(scores, tmp_path / "s", max_steps=4, variant="sequence"))
+    assert metrics(tmp_path / "s")[0]["mean_weight"] != pytest.approx(metrics(tmp_path / "p")[0]["mean_weight"])
+
+    # pear-live: step 1 sees the unchanged model, whose logprobs are the stored target logprobs; then
+    # the weights follow the model. (A wide delta clip: with the default one, every delta of this
+    # young model sits at the lower bound and the weights depend on the response length alone.)
+    wide = dict(max_steps=4, variant="token", delta_clip=(-5.0, 5.0))
+    train(cfg_for(scores, tmp_path / "w", **wide))
+    train(cfg_for(scores, tmp_path / "l", weighting="pear-live", **wide))
+    live, fixed = metrics(tmp_path / "l"), metrics(tmp_path / "w")
+    assert live[0]["mean_weight"] == pytest.approx(fixed[0]["mean_weight"], rel=1e-3)
+    assert live[-1]["mean_weight"] != pytest.approx(fixed[-1]["mean_weight"], rel=1e-2)
+
+
+def test_recomputed_weights_match_the_stored_ones_on_a_batch(scores):
+    rows, meta = load_rows(scores, 10_000)
+    batch = collate(rows, range(16))
+    recomputed = token_weights("pear", batch, batch.target_logprobs, shard_params(meta))
+    assert_close(recomputed, batch.weights, rtol=1e-5, atol=1e-7)
+
+
+# ---- resume ----------------------------------------------------------------------------------
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_final_loss(scores, tmp_path, monkeypatch):
+    cfg = cfg_for(scores, tmp_path / "whole", epochs=2, save_every=3)
+    whole = train(cfg)
+    assert whole["steps"] > 7
+
+    # the second run dies right after its checkpoint at step 6
+    save = sft.save_checkpoint
+
+    def save_then_die(out, step, *a, **kw):
+        folder = save(out, step, *a, **kw)
+        if step == 6:
+            raise Killed
+        return folder
+
+    monkeypatch.setattr(sft, "save_checkpoint", save_then_die)
+    cut = replace(cfg, out=str(tmp_path / "cut"))
+    with pytest.raises(Killed):
+        train(cut)
+    monkeypatch.setattr(sft, "save_checkpoint", save)
+    state = torch.load(tmp_path / "cut" / "checkpoints" / "step-000006" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 6 and state["data_position"]["micro_batch"] == 6 % whole["steps_per_epoch"]
+    assert len(list((tmp_path / "cut" / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
+
+    resumed = train(cut)
+    assert resumed["resumed_from_step"] == 6
+    assert resumed["final_loss"] == pytest.approx(whole["final_loss"], rel=1e-6)
+    assert resumed["heldout_nll"] == pytest.approx(whole["heldout_nll"], rel=1e-6)
+    assert [m["step"] for m in metrics(tmp_path / "cut")] == list(range(1, whole["steps"] + 1))
+    a, b = params_of(tmp_path / "whole"), params_of(tmp_path / "cut")
+    for k in a:
+        assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+    # other settings on the same folder: refused, not silently mixed
+    assert sft.main(["--scores", str(scores), "--out", str(tmp_path / "cut"), "--lr", "1e-4", "--threads", "1",
+                     "--progress", "false"]) == 2
+
+
+# ---- two ranks -------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_ranks_over_gloo_match_one_rank(scores, tmp_path, fsdp):
+    # 5 micro-batches per step over 2 ranks: 3 on rank 0, 2 on rank 1 (uneven accumulation); 11
+    # micro-batches per epoch, so each epoch's last step has one and rank 1 runs an idle one
+    budget, per_step = 384, 5
+    rows, _ = load_rows(scores, 10_000)
+    train_rows, _ = split_heldout(rows, 0.1)
+    n_micro = len(plan_epoch(train_rows.lengths, budget, 0, 0))
+    assert n_micro % per_step == 1, n_micro
+    common = dict(weighting="pear", micro_batches=per_step, epochs=2, token_budget=budget, fsdp=fsdp)
+    one = train(cfg_for(scores, tmp_path / "one", **common))
+    assert one["steps"] == 2 * len(steps_of(n_micro, per_step))
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "train.sft",
+           "--scores", str(scores), "--out", str(tmp_path / "two"), "--lr", "2e-3", "--token-budget", str(budget),
+           "--heldout-fraction", "0.1", "--warmup-ratio", "0.1", "--progress", "false", "--threads", "1",
+           "--save-every", "0", "--weighting", "pear", "--micro-batches", str(per_step), "--epochs", "2",
+           "--fsdp", str(fsdp)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "train_summary.json").read_text())
+    assert two["world_size"] == 2 and two["steps"] == one["steps"]
+    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
+        assert a["response_tokens"] == b["response_tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["weighted_loss"] == pytest.approx(b["weighted_loss"], rel=1e-5)
+        assert a["ess"] == pytest.approx(b["ess"], rel=1e-5)
+        # the summed (not averaged) gradient: Adam hides a gradient scale, the norm does not
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert two["heldout_nll"] == pytest.approx(one["heldout_nll"], rel=1e-5)
+    p1, p2 = params_of(tmp_path / "one"), params_of(tmp_path / "two")
+    for k in p1:
+        assert_close(p1[k], p2[k], rtol=1e-4, atol=1e-5)
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+def broken_copy(scores, tmp_path, edit):
+    """A copy of the shards where `edit(table, meta) -> (table, meta)` changed the second shard."""
+    out = tmp_path / "broken"
+    out.mkdir()
+    paths = list_shards(scores)
+    for p in paths:
+        table, meta = pq.read_table(p), read_meta(p)
+        if p == paths[1]:
+            table, meta = edit(table, meta)
+        write_atomic(table, out / p.name, meta)
+    return out, out / paths[1].name
+
+
+def set_row(table, column, row, value):
+    import pyarrow as pa
+
+    values = table.column(column).to_pylist()
+    values[row] = value
+    i = table.column_names.index(column)
+    return table.set_column(i, column, pa.array(values, table.schema.field(column).type))
+
+
+def _bad_edits():
+    def version(t, m):
+        return t, {**m, "schema_version": 99}
+
+    def missing(t, m):
+        return t.drop_columns(["weights"]), m
+
+    def short_weights(t, m):
+        return set_row(t, "weights", 3, t.column("weights")[3].as_py()[:-1]), m
+
+    def out_of_vocab(t, m):
+        ids = t.column("input_ids")[5].as_py()
+        return set_row(t, "input_ids", 5, ids[:-1] + [50_000]), m
+
+    return {"schema_version": (version, "schema_version 99", None), "missing": (missing, "missing columns", None),
+            "short_weights": (short_weights, "weights has", 3), "vocab": (out_of_vocab, "vocabulary", 5)}
+
+
+@pytest.mark.parametrize("case", sorted(_bad_edits()))
+def test_bad_shards_exit_2_naming_file_and_row(scores, tmp_path, capsys, case):
+    edit, words, row = _bad_edits()[case]
+    folder, bad_file = broken_copy(scores, tmp_path, edit)
+    rc = sft.main(["--scores", str(folder), "--out", str(tmp_path / "o"), "--progress", "false"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert str(bad_file) in err and words in err
+    if row is not None:
+        assert f"row {row} " in err
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_bad_settings_exit_2(scores, tmp_path, capsys):
+    assert sft.main(["--scores", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert sft.main(["--scores", str(scores), "--out", str(tmp_path / "o"), "--weighting", "magic"]) == 2
+    assert "weighting" in capsys.readouterr().err
+    assert sft.main(["--scores", str(scores), "--out", str(tmp_path / "o"), "--model", str(tmp_path)]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_cli_exit_code_is_2(scores, tmp_path):
+    def drop(t, m):
+        return t.drop_columns(["prompt_len"]), m
+
+    folder, bad_file = broken_copy(scores, tmp_path, drop)
+    proc = subprocess.run([sys.executable, "-m", "train.sft", "--scores", str(folder), "--out", str(tmp_path / "o")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 2
+    assert f"error: {bad_file}: missing columns ['prompt_len']" in proc.stderr

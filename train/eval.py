@@ -1,0 +1,276 @@
+"""Evaluation on held-out prompts: n samples each, unbiased pass@k, mean reward, bootstrap 95% CIs.
+
+    python -m train.eval --model runs/rl/pear --out runs/eval/pear [--tasks chain_sum] [--n 16] [--k 1,2,4,8]
+    python -m train.eval --model runs/sft/pear --out runs/eval/sft-pear --prompts heldout.jsonl
+
+Held-out means never seen in SFT or RL. The prompts come from their own seed range (reasoning-gym
+tasks with `--prompt-seed`, 30000 by default: the world's eval range), and that is checked, by
+prompt text, against every prompt set the model saw: the `--exclude` files (the embedded SFT
+corpus by default) and, following the model folder's provenance, the RL run's `rl_prompts.jsonl`
+and the scored shards its SFT run trained on. A prompt that the seed split happens to share with
+those (small task spaces collide) is dropped and counted; a remaining overlap is an error.
+
+pass@k per prompt with c of n samples passing is the unbiased 1 - C(n-c, k) / C(n, k) (Chen et
+al., 2021), averaged over prompts; the 95% intervals are percentile bootstraps over prompts.
+Writes out/eval.json, out/eval.md (a Markdown table) and out/samples.jsonl (per-prompt rewards).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from scorer.config import field, parse
+from scorer.shards import write_json_atomic
+from train.rewards import load_reward, safe_score
+from train.rollout import WORLD_TASK_KWARGS, RolloutEngine, prompt_token_ids, read_prompt_file, \
+    reasoning_gym_examples
+
+log = logging.getLogger("pear.eval")
+
+
+class ConfigError(Exception):
+    """Bad input found before any sampling: one line for the user, exit code 2."""
+
+
+@dataclass
+class EvalConfig:
+    """n samples per held-out prompt; pass@k and mean reward with bootstrap intervals."""
+
+    model: str = field("runs/rl/pear", "model to evaluate (HF folder)")
+    out: str = field("runs/eval/pear", "output folder: eval.json, eval.md, samples.jsonl")
+    tasks: tuple[str, ...] = field(("chain_sum",), "reasoning-gym task names")
+    task_kwargs: str = field(WORLD_TASK_KWARGS, "JSON: task name -> reasoning-gym dataset settings")
+    num_prompts: int = field(200, "held-out prompts to generate (before dropping any seen ones)")
+    prompt_seed: int = field(30_000, "seed of the held-out prompts (the world's eval range; RL uses 20000)")
+    prompts: str = field("", "Parquet/JSONL with `prompt` and `answer` instead of reasoning-gym tasks")
+    exclude: tuple[str, ...] = field(("artifacts/world/corpus.parquet",),
+                                     "prompt sets the eval prompts must not contain (Parquet/JSONL/shard folder "
+                                     "with a `prompt` or `question` column); the model's own RL and SFT "
+                                     "prompts are found from its folder and added")
+    reward: str = field("default", "default, reasoning_gym, math, or 'module:function' / 'file.py:function'")
+    pass_threshold: float = field(1.0, "a sample passes when its reward is at least this")
+    n: int = field(16, "samples per prompt")
+    k: tuple[int, ...] = field((1, 2, 4, 8), "pass@k for each k (those above n are skipped)")
+    temperature: float = field(1.0, "sampling temperature")
+    top_p: float = field(1.0, "nucleus sampling")
+    max_new_tokens: int = field(64, "longest response")
+    bootstrap: int = field(2000, "bootstrap resamples over prompts for the 95% intervals")
+    seed: int = field(0, "seed of the engine's sampler and of the bootstrap")
+
+
+# ---- math ------------------------------------------------------------------------------------
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from c passing samples out of n: 1 - C(n-c, k) / C(n, k).
+
+    Computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i), which needs no big binomials (Chen et al., 2021).
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:  # every k-subset holds a passing sample
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def bootstrap_ci(values: np.ndarray, resamples: int, seed: int, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (one per prompt), resampling prompts."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)  # (resamples,)
+    alpha = (1.0 - level) / 2
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
+
+
+def summarize(rewards: np.ndarray, passed: np.ndarray, ks: list[int], resamples: int, seed: int) -> dict:
+    """Metrics of one set of prompts: rewards and passed are (P, n)."""
+    n = rewards.shape[1]
+    c = passed.sum(axis=1)  # (P,)
+    per_prompt = {"mean_reward": rewards.mean(axis=1)}
+    for k in ks:
+        per_prompt[f"pass@{k}"] = np.array([pass_at_k(n, int(ci), k) for ci in c])
+    out = {"prompts": int(rewards.shape[0])}
+    for name, v in per_prompt.items():
+        lo, hi = bootstrap_ci(v, resamples, seed)
+        out[name] = {"mean": float(v.mean()), "ci95": [lo, hi]}
+    return out
+
+
+# ---- held-out check ----------------------------------------------------------------------------
+
+def prompt_texts(path: str | Path) -> set[str]:
+    """The prompt texts of a Parquet file/folder/glob or a JSONL file (column `prompt` or `question`)."""
+    p = Path(path)
+    if p.suffix in (".jsonl", ".json"):
+        rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        return {(r.get("prompt") or r.get("question") or "").strip() for r in rows} - {""}
+    import pyarrow.parquet as pq
+
+    files = sorted(p.glob("*.parquet")) if p.is_dir() else sorted(p.parent.glob(p.name))
+    if not files:
+        raise FileNotFoundError(f"no prompt set at {path}")
+    texts: set[str] = set()
+    for f in files:
+        names = pq.read_schema(f).names
+        col = "prompt" if "prompt" in names else "question" if "question" in names else None
+        if col is None:
+            raise ValueError(f"{f}: no `prompt` or `question` column to check overlap against")
+        texts |= {str(x).strip() for x in pq.read_table(f, columns=[col]).column(col).to_pylist() if x}
+    return texts
+
+
+def seen_prompt_sets(model_dir: str | Path) -> list[Path]:
+    """Prompt sets the model was trained on, found from its folder: RL prompts, then its SFT shards.
+
+    An RL folder has rl_prompts.jsonl and rl_summary.json (-> the starting model); an SFT folder
+    has train_summary.json (-> the scored shards, which keep the prompt text).
+    """
+    found, folder, hops = [], Path(model_dir), 0
+    while hops < 4:  # RL -> SFT -> scores; a short chain, bounded against loops
+        hops += 1
+        if (folder / "rl_prompts.jsonl").exists():
+            found.append(folder / "rl_prompts.jsonl")
+        if (folder / "train_summary.json").exists():
+            scores = Path(json.loads((folder / "train_summary.json").read_text()).get("scores", ""))
+            if scores.is_dir() and list(scores.glob("*.parquet")):
+                found.append(scores)
+        parent = None
+        if (folder / "rl_summary.json").exists():
+            parent = json.loads((folder / "rl_summary.json").read_text()).get("model")
+        if not parent or not Path(parent).is_dir():
+            break
+        folder = Path(parent)
+    return found
+
+
+def held_out(examples: list[dict], seen: set[str]) -> tuple[list[dict], int]:
+    """(examples whose prompt is not in `seen`, how many were dropped)."""
+    kept = [ex for ex in examples if ex["prompt"].strip() not in seen]
+    return kept, len(examples) - len(kept)
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+def markdown(report: dict) -> str:
+    """The metrics as a Markdown table: one row per metric, one column per prompt set."""
+    groups = report["groups"]
+    names = list(groups)
+    lines = [f"Model `{report['model']}`: {report['prompts']} held-out prompts x {report['n']} samples "
+             f"(temperature {report['config']['temperature']}), 95% bootstrap intervals over prompts.", "",
+             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for metric in ["mean_reward"] + [f"pass@{k}" for k in report["k"]]:
+        cells = []
+        for g in names:
+            m = groups[g][metric]
+            cells.append(f"{m['mean']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]")
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    lines.append(f"| prompts | " + " | ".join(str(groups[g]["prompts"]) for g in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """One evaluation; returns the report (also written to out/eval.json and out/eval.md)."""
+    from transformers import AutoTokenizer
+
+    t0 = time.perf_counter()
+    # 1. inputs: model, prompts, reward, and the prompt sets the eval must avoid
+    if not (Path(cfg.model) / "config.json").exists():
+        raise ConfigError(f"model not found: {cfg.model!r} has no config.json")
+    ks = sorted({k for k in cfg.k if 1 <= k <= cfg.n})
+    if len(ks) < len(cfg.k):
+        log.warning("pass@k needs k <= n = %d: skipping k in %s", cfg.n, sorted(set(cfg.k) - set(ks)))
+    try:
+        examples = read_prompt_file(cfg.prompts) if cfg.prompts else \
+            reasoning_gym_examples(cfg.tasks, cfg.num_prompts, cfg.prompt_seed, cfg.task_kwargs)
+        reward_fn = load_reward(cfg.reward)
+        sources = [Path(x) for x in cfg.exclude if x] + seen_prompt_sets(cfg.model)
+        seen: set[str] = set()
+        for src in sources:
+            seen |= prompt_texts(src)
+    except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
+        raise ConfigError(str(e)) from None
+    rl_summary = Path(cfg.model) / "rl_summary.json"
+    rl_source = json.loads(rl_summary.read_text()).get("prompt_source") if rl_summary.exists() else None
+    if isinstance(rl_source, dict) and not cfg.prompts:  # task k draws from seed + k
+        rl_seeds = {rl_source["seed"] + k for k in range(len(rl_source["tasks"]))}
+        if rl_seeds & {cfg.prompt_seed + k for k in range(len(cfg.tasks))}:
+            raise ConfigError(f"--prompt-seed {cfg.prompt_seed} shares seeds with the RL prompts "
+                              f"(seed {rl_source['seed']}): the split is by seed")
+
+    # 2. the split is by seed; prompts it shares by chance with a training set are dropped, then checked
+    examples, dropped = held_out(examples, seen)
+    if {ex["prompt"].strip() for ex in examples} & seen:  # cannot happen after held_out; kept as the check
+        raise RuntimeError("eval prompts overlap training prompts")
+    if dropped:
+        log.info("dropped %d eval prompts also found in training prompt sets", dropped)
+    if not examples:
+        raise ConfigError("no held-out prompts left after removing those seen in training")
+    log.info("%d held-out prompts, checked against %d training prompts from %s", len(examples), len(seen),
+             ", ".join(map(str, sources)) or "nothing")
+
+    # 3. n samples per prompt, rewards
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    prompt_ids = [prompt_token_ids(tokenizer, ex["prompt"]) for ex in examples]
+    engine = RolloutEngine(cfg.model, max(map(len, prompt_ids)) + cfg.max_new_tokens, seed=cfg.seed)
+    try:
+        groups = engine.generate(prompt_ids, cfg.n, cfg.temperature, cfg.max_new_tokens, cfg.top_p)
+    finally:
+        engine.close()
+    rewards = np.zeros((len(examples), cfg.n))  # (P, n)
+    errors = 0
+    samples_path = Path(cfg.out) / "samples.jsonl"
+    samples_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(samples_path, "w") as f:
+        for i, (ex, group) in enumerate(zip(examples, groups)):
+            texts = [tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in group]
+            row_errors = []
+            for j, text in enumerate(texts):
+                rewards[i, j], err = safe_score(reward_fn, text, ex)
+                if err:
+                    row_errors.append({"sample": j, "error": err})
+            errors += len(row_errors)
+            f.write(json.dumps({"prompt": ex["prompt"], "answer": ex["answer"], "task": ex.get("task"),
+                                "rewards": rewards[i].tolist(), "first_completion": texts[0],
+                                "reward_errors": row_errors}) + "\n")
+    passed = rewards >= cfg.pass_threshold
+
+    # 4. metrics for all prompts, and per task when there are several
+    report_groups = {"all": summarize(rewards, passed, ks, cfg.bootstrap, cfg.seed)}
+    tasks = [ex.get("task") for ex in examples]
+    if len(set(tasks)) > 1:
+        for t in sorted(set(tasks), key=str):
+            idx = np.array([x == t for x in tasks])
+            report_groups[str(t)] = summarize(rewards[idx], passed[idx], ks, cfg.bootstrap, cfg.seed)
+    report = {
+        "model": cfg.model, "n": cfg.n, "k": ks, "prompts": len(examples), "groups": report_groups,
+        "held_out": {"checked_against": [str(s) for s in sources], "training_prompts": len(seen),
+                     "dropped_overlapping": dropped, "overlap_after_check": 0},
+        "reward_errors": errors, "seconds": round(time.perf_counter() - t0, 2), "config": asdict(cfg),
+    }
+    write_json_atomic(report, Path(cfg.out) / "eval.json")
+    (Path(cfg.out) / "eval.md").write_text(markdown(report))
+    return report
+
+
+def main(argv=None) -> int:
+    cfg = parse(EvalConfig, argv, description=__doc__)
+    try:
+        report = evaluate(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(markdown(report))
+    print(f"report in {cfg.out}/eval.json and {cfg.out}/eval.md")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    sys.exit(main())

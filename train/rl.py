@@ -1,0 +1,428 @@
+"""RL from an SFT checkpoint: group-normalised advantages, PPO-clipped policy loss, vLLM rollouts.
+
+    python -m train.rl --model runs/sft/pear --out runs/rl/pear [--tasks chain_sum,countdown] [--steps 50]
+    python -m train.rl --prompts my_prompts.parquet --reward my_pkg.rewards:score   # own data and reward
+    python -m train.rl --config recipe.yaml --lr 5e-4                               # YAML, flags override
+
+Each step: P prompts -> n samples each from a vLLM engine in this process (token ids and the
+engine's sampling logprobs) -> rewards `score(completion, example)` -> advantages normalised
+within each prompt's group -> the trainer's logprobs of the sampled tokens -> clipped policy loss,
+each token weighted by the truncated importance ratio min(pi_trainer / pi_engine, tis_cap) that
+corrects the engine/trainer mismatch, plus an optional KL to the starting model -> one optimizer
+step per mini-batch -> the new weights go into the running engine. The math is `train/rl_math.py`.
+
+`out` becomes a HF model folder with `metrics.jsonl` (one line per step), `rl_summary.json`,
+`rl_prompts.jsonl` (the prompt pool, so evaluation can prove it holds other prompts),
+`reward_errors.jsonl` (rows whose reward raised; they count as 0) and `checkpoints/step-N/` (HF
+folder + `trainer_state.pt`: optimizer, step, RNG). A rerun with the same settings resumes from
+the last checkpoint. Bad input prints one line, exit code 2.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scorer.config import field, parse
+from scorer.shards import write_json_atomic
+from train.loss import token_logprobs
+from train.rewards import load_reward, safe_score
+from train.rl_math import (ADVANTAGE_SCALES, AGGREGATIONS, aggregate, clipped_policy_loss, group_advantages, kl_k3,
+                           masked_mean, tis_weights)
+from train.rollout import WORLD_TASK_KWARGS, RolloutEngine, prompt_token_ids, read_prompt_file, \
+    reasoning_gym_examples
+
+log = logging.getLogger("pear.rl")
+
+
+class ConfigError(Exception):
+    """Bad input found before training starts: one line for the user, exit code 2."""
+
+
+@dataclass
+class RLConfig:
+    """RL (GRPO-style) from an SFT checkpoint, with rollouts by an in-process vLLM engine."""
+
+    model: str = field("runs/sft/pear", "starting model (HF folder); also the reference of the KL term")
+    out: str = field("runs/rl/pear", "output: HF model folder, metrics.jsonl, rl_summary.json, checkpoints/")
+    tasks: tuple[str, ...] = field(("chain_sum",), "reasoning-gym task names for the prompt pool")
+    task_kwargs: str = field(WORLD_TASK_KWARGS, "JSON: task name -> reasoning-gym dataset settings")
+    num_prompts: int = field(1024, "size of the reasoning-gym prompt pool")
+    prompt_seed: int = field(20_000, "seed of the reasoning-gym prompt pool (the world's RL range; eval uses 30000)")
+    prompts: str = field("", "Parquet/JSONL with `prompt` and `answer` (optional `task`, `metadata`) instead of "
+                             "reasoning-gym tasks")
+    reward: str = field("default", "default (reasoning-gym checker, else math-verify), reasoning_gym, math, "
+                                   "or 'module:function' / 'file.py:function'")
+    pass_threshold: float = field(1.0, "a sample passes when its reward is at least this")
+    steps: int = field(50, "RL steps (each: one batch of rollouts, `mini_batches` optimizer steps)")
+    prompts_per_step: int = field(8, "prompts per step")
+    samples_per_prompt: int = field(8, "samples per prompt (the group of the advantage)")
+    temperature: float = field(1.0, "sampling temperature; the loss is on the untempered policy, so 1.0 "
+                                    "keeps the rollouts on-policy")
+    top_p: float = field(1.0, "nucleus sampling")
+    max_new_tokens: int = field(64, "longest response")
+    lr: float = field(1e-3, "learning rate (AdamW, constant)")
+    weight_decay: float = field(0.0, "AdamW weight decay")
+    max_grad_norm: float = field(1.0, "gradient clipping by global norm; 0: off")
+    mini_batches: int = field(1, "optimizer steps per batch of rollouts (>1: later ones are off-policy and clipped)")
+    clip_low: float = field(0.2, "policy ratio clipped below at 1 - clip_low")
+    clip_high: float = field(0.2, "policy ratio clipped above at 1 + clip_high (0.28: DAPO's clip-higher)")
+    aggregation: str = field("token", "token (mean over all response tokens) or sequence (mean per response, "
+                                      "then over responses)")
+    advantage_scale: str = field("std", "std (GRPO) or none (centred rewards only, Dr. GRPO)")
+    kl_coef: float = field(0.0, "weight of the k3 KL penalty to the starting model; 0: none")
+    track_kl: bool = field(True, "log the KL to the starting model even when kl_coef is 0 (one more forward)")
+    tis_cap: float = field(2.0, "cap of the truncated importance weight pi_trainer / pi_engine; 0: no correction")
+    loss_chunk: int = field(4096, "tokens per chunk of the vocabulary projection")
+    seed: int = field(0, "seed of torch, of the prompt order and of the engine's sampler")
+    save_every: int = field(10, "checkpoint every N steps (and at the end); 0: only at the end")
+    keep_checkpoints: int = field(2, "checkpoints kept (the newest)")
+    overwrite: bool = field(False, "start afresh instead of resuming from checkpoints made with other settings")
+    threads: int = field(0, "CPU threads; 0: all cores")
+    gpu_memory_utilization: float = field(0.3, "share of the GPU the engine may take (the trainer shares it)")
+    progress: bool = field(True, "progress bar")
+
+
+# settings a resumed run may change: they do not alter what a step computes
+NOT_TRAJECTORY = ("out", "steps", "save_every", "keep_checkpoints", "overwrite", "threads", "progress")
+
+
+# ---- pieces of a step ----------------------------------------------------------------------------
+
+def step_prompts(num_prompts: int, per_step: int, seed: int, step: int) -> list[int]:
+    """Pool indices of a step's prompts: a fresh seeded permutation each pass, a function of the step alone."""
+    steps_per_pass = max(1, num_prompts // per_step)
+    epoch, k = divmod(step, steps_per_pass)
+    order = np.random.default_rng([seed, epoch]).permutation(num_prompts)
+    return [int(i) for i in order[k * per_step: (k + 1) * per_step]]
+
+
+def pack(prompts: list[list[int]], responses: list[list[int]]):
+    """Right-padded (B, L) ids and the masks that place each response.
+
+    Returns input_ids (B, L), label_mask (B, L - 1): hidden state t predicts a response token at
+    t + 1, and response_mask (B, T): the first len(response) entries of each row.
+    """
+    B = len(prompts)
+    L = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    T = max(1, max(len(r) for r in responses))
+    input_ids = torch.zeros(B, L, dtype=torch.long)
+    label_mask = torch.zeros(B, L - 1, dtype=torch.bool)
+    response_mask = torch.zeros(B, T, dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        input_ids[i, : len(p) + len(r)] = torch.tensor(list(p) + list(r))
+        label_mask[i, len(p) - 1: len(p) + len(r) - 1] = True
+        response_mask[i, : len(r)] = True
+    return input_ids, label_mask, response_mask
+
+
+def response_logprobs(lm, input_ids, label_mask, response_mask, chunk: int) -> torch.Tensor:
+    """The model's logprobs of the response tokens, (B, T) laid out like `response_mask` (0 elsewhere).
+
+    Right padding and a causal model: no attention mask needed. Both masks are read row-major, so
+    the flat response tokens land in order.
+    """
+    hidden = lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, L, D)
+    flat = token_logprobs(hidden[:, :-1][label_mask], lm.get_output_embeddings().weight,
+                          input_ids[:, 1:][label_mask], chunk)  # (N,)
+    return torch.zeros(response_mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(response_mask, flat)
+
+
+def score_groups(reward_fn, texts: list[list[str]], examples: list[dict]):
+    """Rewards (P, n) and the rows whose reward raised (each counted as 0)."""
+    rewards, errors = [], []
+    for i, (group, ex) in enumerate(zip(texts, examples)):
+        row = []
+        for j, text in enumerate(group):
+            value, err = safe_score(reward_fn, text, ex)
+            row.append(value)
+            if err:
+                errors.append({"prompt": ex["prompt"], "answer": ex["answer"], "sample": j, "completion": text,
+                               "error": err, "group": i})
+        rewards.append(row)
+    return torch.tensor(rewards, dtype=torch.float32), errors
+
+
+# ---- setup -------------------------------------------------------------------------------------
+
+def check_inputs(cfg: RLConfig):
+    """Everything that can fail before training: (tokenizer, examples, reward function)."""
+    from transformers import AutoTokenizer
+
+    if cfg.aggregation not in AGGREGATIONS:
+        raise ConfigError(f"aggregation must be one of {AGGREGATIONS}, got {cfg.aggregation!r}")
+    if cfg.advantage_scale not in ADVANTAGE_SCALES:
+        raise ConfigError(f"advantage_scale must be one of {ADVANTAGE_SCALES}, got {cfg.advantage_scale!r}")
+    if min(cfg.steps, cfg.prompts_per_step, cfg.samples_per_prompt, cfg.max_new_tokens, cfg.mini_batches) < 1:
+        raise ConfigError("steps, prompts_per_step, samples_per_prompt, max_new_tokens, mini_batches must be >= 1")
+    if (cfg.prompts_per_step * cfg.samples_per_prompt) % cfg.mini_batches:
+        raise ConfigError("mini_batches must divide prompts_per_step * samples_per_prompt")
+    if not (Path(cfg.model) / "config.json").exists():
+        raise ConfigError(f"model not found: {cfg.model!r} has no config.json")
+    if cfg.temperature != 1.0:
+        log.warning("temperature %.2f: the engine samples the tempered policy, the loss and the TIS ratio use "
+                    "the untempered one, so the rollouts are slightly off-policy", cfg.temperature)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    try:
+        if cfg.prompts:
+            examples = read_prompt_file(cfg.prompts)
+        else:
+            from train.rewards import is_reasoning_gym_task
+
+            bad = [t for t in cfg.tasks if not is_reasoning_gym_task(t)]
+            if bad:
+                raise ValueError(f"not reasoning-gym tasks: {bad}")
+            examples = reasoning_gym_examples(cfg.tasks, cfg.num_prompts, cfg.prompt_seed, cfg.task_kwargs)
+        reward_fn = load_reward(cfg.reward)
+    except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
+        raise ConfigError(str(e)) from None
+    if len(examples) < cfg.prompts_per_step:
+        raise ConfigError(f"{len(examples)} prompts, fewer than prompts_per_step={cfg.prompts_per_step}")
+    for ex in examples:
+        ex["prompt_ids"] = prompt_token_ids(tokenizer, ex["prompt"])
+    return tokenizer, examples, reward_fn
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted((out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else []
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(out: Path, step: int, lm, tokenizer, optimizer, state: dict, keep: int) -> Path:
+    """HF folder + trainer_state.pt, written under a temporary name and renamed (a kill leaves no half)."""
+    folder = out / "checkpoints" / f"step-{step:06d}"
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    lm.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save({**state, "optimizer": optimizer.state_dict()}, tmp / "trainer_state.pt")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    for old in sorted((out / "checkpoints").glob("step-*"))[:-max(1, keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def keep_lines_upto(path: Path, step: int) -> None:
+    """Drop the lines of steps after `step` (those a resumed run will redo)."""
+    if path.exists():
+        kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in kept))
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+def train(cfg: RLConfig) -> dict:
+    """One RL run; returns the summary (also written to out/rl_summary.json)."""
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM
+
+    t_start = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.threads or max(1, os.cpu_count() or 1))
+    out = Path(cfg.out)
+
+    # 1. inputs, all checked before anything is written
+    tokenizer, examples, reward_fn = check_inputs(cfg)
+    max_model_len = max(len(ex["prompt_ids"]) for ex in examples) + cfg.max_new_tokens
+
+    # 2. resume from the last checkpoint made with the same settings
+    trajectory = {k: v for k, v in asdict(cfg).items() if k not in NOT_TRAJECTORY}
+    ckpt, state = latest_checkpoint(out), None
+    if ckpt is not None:
+        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+        if state["config"] != trajectory:
+            if not cfg.overwrite:
+                changed = sorted(k for k in trajectory if state["config"].get(k) != trajectory[k])
+                raise ConfigError(f"{ckpt} was made with other settings ({', '.join(changed)}); "
+                                  "use a new --out or --overwrite")
+            state = None
+    if state is None and out.exists():
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    start_step = state["step"] if state else 0
+    source = str(ckpt) if state else cfg.model
+    log.info("%s from %s: %d prompts in the pool, %d steps of %d prompts x %d samples",
+             f"resuming at step {start_step}" if state else "training", source, len(examples), cfg.steps,
+             cfg.prompts_per_step, cfg.samples_per_prompt)
+
+    # 3. models, optimizer, engine. The engine starts from the same weights as the trainer; its
+    # seed moves with the start step so that a resumed run does not replay the first samples.
+    torch.manual_seed(cfg.seed)
+    lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device)
+    lm.config.use_cache = False
+    ref = None
+    if cfg.kl_coef > 0 or cfg.track_kl:
+        ref = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).to(device).eval()
+        ref.requires_grad_(False)
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    engine = RolloutEngine(source, max_model_len, seed=cfg.seed + start_step,
+                           gpu_memory_utilization=cfg.gpu_memory_utilization)
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+    bf16 = device.type == "cuda"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    # 4. output files: the prompt pool, and the metric lines of the steps the checkpoint contains
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path, errors_path = out / "metrics.jsonl", out / "reward_errors.jsonl"
+    for path in (metrics_path, errors_path):
+        if state:
+            keep_lines_upto(path, start_step)
+        else:
+            path.write_text("")
+    with open(out / "rl_prompts.jsonl", "w") as f:
+        for ex in examples:
+            f.write(json.dumps({"prompt": ex["prompt"], "answer": ex["answer"], "task": ex.get("task")}) + "\n")
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="rl", unit="step", disable=not cfg.progress, file=sys.stderr)
+
+    # 5. the loop
+    try:
+        for step in range(start_step, cfg.steps):
+            t0 = time.perf_counter()
+            batch = [examples[i] for i in step_prompts(len(examples), cfg.prompts_per_step, cfg.seed, step)]
+            P, n = len(batch), cfg.samples_per_prompt
+
+            # 5a. rollouts: n samples per prompt, token ids and the engine's logprobs
+            groups = engine.generate([ex["prompt_ids"] for ex in batch], n, cfg.temperature, cfg.max_new_tokens,
+                                     cfg.top_p)
+            t_gen = time.perf_counter() - t0
+            samples = [s for g in groups for s in g]  # (B = P * n), grouped by prompt
+            texts = [[tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in g] for g in groups]
+
+            # 5b. rewards and group-normalised advantages
+            rewards, errors = score_groups(reward_fn, texts, batch)  # (P, n)
+            advantages = group_advantages(rewards, cfg.advantage_scale).reshape(-1).to(device)  # (B,)
+
+            # 5c. the trainer's view of the same tokens: pi_old, the reference, TIS weights
+            input_ids, label_mask, response_mask = pack([ex["prompt_ids"] for ex in batch for _ in range(n)],
+                                                        [s.token_ids for s in samples])
+            input_ids, label_mask, response_mask = input_ids.to(device), label_mask.to(device), response_mask.to(device)
+            sampling_lp = torch.zeros(response_mask.shape, dtype=torch.float32)  # (B, T)
+            for i, s in enumerate(samples):
+                sampling_lp[i, : len(s.logprobs)] = torch.from_numpy(s.logprobs)
+            sampling_lp = sampling_lp.to(device)
+            with torch.no_grad(), autocast:
+                old_lp = response_logprobs(lm, input_ids, label_mask, response_mask, cfg.loss_chunk)  # (B, T)
+                ref_lp = response_logprobs(ref, input_ids, label_mask, response_mask, cfg.loss_chunk) \
+                    if ref is not None else None
+            tis = tis_weights(old_lp, sampling_lp, cfg.tis_cap) if cfg.tis_cap > 0 else None  # (B, T)
+
+            # 5d. optimizer steps over mini-batches; after each, the engine gets the new weights
+            lm.train()
+            stats_sum: dict[str, float] = {}
+            grad_norms = []
+            for mb in torch.arange(len(samples), device=device).chunk(cfg.mini_batches):
+                with autocast:
+                    lp = response_logprobs(lm, input_ids[mb], label_mask[mb], response_mask[mb], cfg.loss_chunk)
+                loss, stats = clipped_policy_loss(lp, old_lp[mb], advantages[mb], response_mask[mb], cfg.clip_low,
+                                                  cfg.clip_high, cfg.aggregation, tis[mb] if tis is not None else None)
+                if cfg.kl_coef > 0:
+                    loss = loss + cfg.kl_coef * aggregate(kl_k3(lp, ref_lp[mb]), response_mask[mb], cfg.aggregation)
+                loss.backward()
+                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(lm.parameters(),
+                                                                       cfg.max_grad_norm or float("inf"))))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                engine.push_weights(lm)
+                for k, v in {"loss": loss.detach(), **stats}.items():
+                    stats_sum[k] = stats_sum.get(k, 0.0) + float(v) / cfg.mini_batches
+            lm.eval()
+
+            # 5e. one metrics line
+            dt = time.perf_counter() - t0
+            lengths = response_mask.sum(-1).float()
+            resp_tokens = int(lengths.sum())
+            passed = (rewards >= cfg.pass_threshold).float()  # (P, n)
+            tis_stats = {"tis_mean": None, "tis_capped_fraction": None}
+            if tis is not None:
+                tis_stats = {"tis_mean": float(masked_mean(tis, response_mask)),
+                             "tis_capped_fraction": float(masked_mean((tis >= cfg.tis_cap).float(), response_mask))}
+            gap = (old_lp - sampling_lp).abs()
+            metrics = {
+                "step": step + 1, "mean_reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+                "pass_rate": float(passed.mean()), "prompt_pass_rate": float(passed.max(-1).values.mean()),
+                "groups_with_signal": float((rewards.std(-1) > 0).float().mean()),
+                "response_length": float(lengths.mean()), "response_length_max": int(lengths.max()),
+                "truncated_fraction": float(np.mean([not s.finished for s in samples])),
+                **{k: round(v, 6) for k, v in stats_sum.items()},
+                "kl_ref": float(masked_mean(kl_k3(old_lp, ref_lp), response_mask)) if ref_lp is not None else None,
+                **tis_stats,
+                "logprob_gap_mean": float(masked_mean(gap, response_mask)),
+                "logprob_gap_max": float(gap[response_mask].max()) if resp_tokens else 0.0,
+                "grad_norm": float(np.mean(grad_norms)), "reward_errors": len(errors),
+                "response_tokens": resp_tokens, "tokens_per_s": round(resp_tokens / dt, 1),
+                "gen_seconds": round(t_gen, 3), "seconds": round(dt, 3),
+            }
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if errors:
+                log.warning("step %d: %d rewards raised and count as 0 (first: %s); rows in %s", step + 1,
+                            len(errors), errors[0]["error"], errors_path)
+                with open(errors_path, "a") as f:
+                    for e in errors:
+                        f.write(json.dumps({"step": step + 1, **e}) + "\n")
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['mean_reward']:.3f}", pass_=f"{metrics['pass_rate']:.2f}",
+                            len=f"{metrics['response_length']:.0f}", tis=f"{metrics['tis_mean'] or 1:.3f}")
+
+            # 5f. checkpoint: HF folder, optimizer, step, RNG
+            if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                save_checkpoint(out, step + 1, lm, tokenizer, optimizer,
+                                {"step": step + 1, "config": trajectory, "torch_rng": torch.get_rng_state()},
+                                cfg.keep_checkpoints)
+    finally:
+        bar.close()
+        engine.close()
+
+    # 6. the final HF folder and the summary
+    lm.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    steps = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    window = max(1, min(5, len(steps) // 4))
+    mean_of = lambda rows, key: float(np.mean([m[key] for m in rows])) if rows else None  # noqa: E731
+    summary = {
+        "model": cfg.model, "out": str(out), "steps": cfg.steps, "resumed_from_step": start_step if state else None,
+        "mean_reward_first": mean_of(steps[:window], "mean_reward"),
+        "mean_reward_last": mean_of(steps[-window:], "mean_reward"),
+        "pass_rate_first": mean_of(steps[:window], "pass_rate"), "pass_rate_last": mean_of(steps[-window:], "pass_rate"),
+        "window_steps": window, "reward_errors": sum(m["reward_errors"] for m in steps),
+        "prompt_pool": len(examples), "prompt_source": cfg.prompts or {"tasks": list(cfg.tasks),
+                                                                       "seed": cfg.prompt_seed,
+                                                                       "size": cfg.num_prompts},
+        "seconds": round(time.perf_counter() - t_start, 2), "config": asdict(cfg),
+    }
+    write_json_atomic(summary, out / "rl_summary.json")
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    return (f"rl: {s['steps']} steps, mean reward {f(s['mean_reward_first'])} -> {f(s['mean_reward_last'])}, "
+            f"pass rate {f(s['pass_rate_first'])} -> {f(s['pass_rate_last'])} (first/last {s['window_steps']} "
+            f"steps), {s['seconds']}s; model in {s['out']}")
+
+
+def main(argv=None) -> int:
+    cfg = parse(RLConfig, argv, description=__doc__)
+    try:
+        summary = train(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    sys.exit(main())
