@@ -49,6 +49,13 @@ sft: setup
 	  $(call opt,weighting,$(WEIGHTING)) $(call opt,variant,$(VARIANT)) $(call opt,model,$(MODEL)) \
 	  $(call opt,epochs,$(EPOCHS)) $(call opt,lr,$(LR)) $(if $(OVERWRITE),--overwrite true)
 
+# the PEAR experiment: 5 arms x 3 seeds, report in results/ (about an hour on 2 cores)
+experiment: setup
+	$(PY) -m pipelines.experiment
+
+experiment-smoke: setup
+	$(PY) -m pipelines.experiment --smoke
+
 bench: setup
 	$(PY) bench/score_cpu.py
 	$(PY) -m bench.bench_sft --scores $(or $(SCORES),runs/score)
