@@ -80,6 +80,9 @@ class SFTConfig:
     fsdp: bool = field(False, "with several ranks, shard parameters, gradients and optimizer state (FSDP2) "
                               "instead of replicating them (DDP): for models whose training state does not fit "
                               "one device")
+    gradient_checkpointing: bool = field(False, "recompute each decoder layer's activations in backward: "
+                                                "about a quarter of the peak memory for about 10-20% more step time "
+                                                "(bench/RESULTS.md)")
     seed: int = field(0, "seed of the data order and of torch")
     save_every: int = field(50, "checkpoint every N optimizer steps (and at the end); 0: only at the end")
     keep_checkpoints: int = field(2, "checkpoints kept (the newest)")
@@ -96,7 +99,7 @@ class SFTConfig:
 
 
 # settings that do not change what a run computes: a resumed run may change them
-NOT_TRAJECTORY = ("out", "save_every", "keep_checkpoints", "overwrite", "threads", "progress")
+NOT_TRAJECTORY = ("out", "save_every", "keep_checkpoints", "overwrite", "threads", "progress", "gradient_checkpointing")
 
 
 # ---- the model's side of the loss --------------------------------------------------------------
@@ -340,6 +343,8 @@ def train(cfg: SFTConfig) -> dict:
     fsdp = cfg.fsdp and world > 1
     lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     lm.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     net = ResponseLogprobs(lm, cfg.loss_chunk)
     if fsdp:
         from torch.distributed.fsdp import fully_shard
