@@ -466,6 +466,24 @@ save()
 # ---- torch.compile, second round: the other attention, a larger budget, and a profile ---------------
 bench_compiled(f"compiled.{other}.32k.c8k.fp32", est_s=90 if cuda else 40)
 bench_compiled("compiled.packed.64k.c8k.fp32", est_s=3 * unit_s)
+
+# ---- the vLLM backend on the same model and data, where vllm is installed ------------------------
+try:
+    import vllm  # noqa: F401
+except Exception as e:  # not installed (the GPU image has none), or a build that cannot run here
+    R["skipped"]["vllm"] = f"vllm not importable: {type(e).__name__}"
+    print("vllm: not installed here, line skipped", flush=True)
+else:
+    if fits("scoring", "vllm", 4 * unit_s):
+        import tempfile
+
+        from scorer.engines import VllmScorer
+
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)  # vLLM loads from a folder; no tokenizer needed for token ids
+            v = VllmScorer(tmp, max_model_len=4096, dtype="bfloat16" if cuda else "float32")
+            bench_scoring("vllm prompt_logprobs", lambda batch: v.score(batch, [1] * len(batch)), est_s=3 * unit_s)
+            v.close()
 best_c = max((k for k in COMPILED if tps(k)), key=tps, default=None)
 if best_c and fits("profile", f"profile {best_c}", 2 * unit_s):
     try:
