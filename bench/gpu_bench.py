@@ -479,11 +479,14 @@ else:
 
         from scorer.engines import VllmScorer
 
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)  # vLLM loads from a folder; no tokenizer needed for token ids
-            v = VllmScorer(tmp, max_model_len=4096, dtype="bfloat16" if cuda else "float32")
-            bench_scoring("vllm prompt_logprobs", lambda batch: v.score(batch, [1] * len(batch)), est_s=3 * unit_s)
-            v.close()
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                model.save_pretrained(tmp)  # vLLM loads from a folder; no tokenizer needed for token ids
+                v = VllmScorer(tmp, max_model_len=4096, dtype="bfloat16" if cuda else "float32")
+                bench_scoring("vllm prompt_logprobs", lambda batch: v.score(batch, [1] * len(batch)), est_s=3 * unit_s)
+                v.close()
+        except Exception as e:  # an engine that cannot start here is a reported line, not a crash
+            failed("scoring", "vllm prompt_logprobs", e)
 best_c = max((k for k in COMPILED if tps(k)), key=tps, default=None)
 if best_c and fits("profile", f"profile {best_c}", 2 * unit_s):
     try:
