@@ -19,7 +19,7 @@ from pathlib import Path
 from pipelines import score
 
 ARMS = ("uniform", "pear")
-RL_FLAGS = ["--steps", "15", "--prompts-per-step", "8", "--samples-per-prompt", "8", "--lr", "5e-4"]
+RL_FLAGS = ["--steps", "15", "--prompts-per-step", "16", "--samples-per-prompt", "8", "--lr", "1e-4"]
 EVAL_FLAGS = ["--num-prompts", "64", "--n", "8", "--k", "1,8"]
 
 

@@ -13,6 +13,8 @@ those (small task spaces collide) is dropped and counted; a remaining overlap is
 pass@k per prompt with c of n samples passing is the unbiased 1 - C(n-c, k) / C(n, k) (Chen et
 al., 2021), averaged over prompts; the 95% intervals are percentile bootstraps over prompts.
 Writes out/eval.json, out/eval.md (a Markdown table) and out/samples.jsonl (per-prompt rewards).
+To compare models on the same prompts, give every one the same exclusions, e.g. the SFT model with
+`--exclude artifacts/world/corpus.parquet,runs/rl/pear/rl_prompts.jsonl`.
 """
 from __future__ import annotations
 
