@@ -1,5 +1,6 @@
 # PEAR pipeline. Two commands on a fresh machine:  make demo   then   make test
 # Variables (all optional): DATA OUT TARGET BEHAVIOR VARIANT BACKEND SCORES MODEL WEIGHTING EPOCHS LR
+#                            TASKS STEPS CONFIG N K
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -48,6 +49,14 @@ sft: setup
 	$(PY) -m pipelines.sft --scores $(or $(SCORES),runs/score) --out $(or $(OUT),runs/sft) \
 	  $(call opt,weighting,$(WEIGHTING)) $(call opt,variant,$(VARIANT)) $(call opt,model,$(MODEL)) \
 	  $(call opt,epochs,$(EPOCHS)) $(call opt,lr,$(LR)) $(if $(OVERWRITE),--overwrite true)
+
+rl: setup
+	$(PY) -m pipelines.rl rl $(call opt,model,$(MODEL)) $(call opt,out,$(OUT)) $(call opt,tasks,$(TASKS)) \
+	  $(call opt,steps,$(STEPS)) $(call opt,config,$(CONFIG))
+
+eval: setup
+	$(PY) -m pipelines.rl eval $(call opt,model,$(MODEL)) $(call opt,out,$(OUT)) $(call opt,tasks,$(TASKS)) \
+	  $(call opt,n,$(N)) $(call opt,k,$(K))
 
 # the PEAR experiment: 5 arms x 3 seeds, report in results/ (about an hour on 2 cores)
 experiment: setup

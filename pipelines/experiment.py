@@ -69,7 +69,7 @@ def stage(cmd: list[str], done: Path, log_file: Path, env: dict) -> None:
 
 
 def run_arm(arm: str, seed: int, root: Path, scores: Path, recipe: dict, env: dict) -> None:
-    """SFT (unless no-sft) -> eval -> RL -> eval, for one arm and one seed."""
+    """SFT (unless no-sft) -> RL -> evaluation of the SFT model and of the RL model, for one arm and seed."""
     d = root / arm / f"seed{seed}"
     s = ["--seed", str(seed)]
     if ARMS[arm] is None:
@@ -78,10 +78,12 @@ def run_arm(arm: str, seed: int, root: Path, scores: Path, recipe: dict, env: di
         start = str(d / "sft")
         stage(["train.sft", "--scores", str(scores), "--out", start, "--progress", "false", *ARMS[arm],
                *recipe["sft"], *s], d / "sft" / "train_summary.json", d / "sft.log", env)
-    stage(["train.eval", "--model", start, "--out", str(d / "eval-sft"), *recipe["eval"], *s],
-          d / "eval-sft" / "eval.json", d / "eval-sft.log", env)
     stage(["train.rl", "--model", start, "--out", str(d / "rl"), "--progress", "false", *recipe["rl"], *s],
           d / "rl" / "rl_summary.json", d / "rl.log", env)
+    # before and after RL on the same held-out prompts: both drop what the RL run saw
+    exclude = f"{WORLD / 'corpus.parquet'},{d / 'rl' / 'rl_prompts.jsonl'}"
+    stage(["train.eval", "--model", start, "--out", str(d / "eval-sft"), "--exclude", exclude, *recipe["eval"], *s],
+          d / "eval-sft" / "eval.json", d / "eval-sft.log", env)
     stage(["train.eval", "--model", str(d / "rl"), "--out", str(d / "eval-rl"), *recipe["eval"], *s],
           d / "eval-rl" / "eval.json", d / "eval-rl.log", env)
 

@@ -223,7 +223,7 @@ def keep_lines_upto(path: Path, step: int) -> None:
 def train(cfg: RLConfig) -> dict:
     """One RL run; returns the summary (also written to out/rl_summary.json)."""
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     t_start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -234,6 +234,9 @@ def train(cfg: RLConfig) -> dict:
     # 1. inputs, all checked before anything is written
     tokenizer, examples, reward_fn = check_inputs(cfg)
     max_model_len = max(len(ex["prompt_ids"]) for ex in examples) + cfg.max_new_tokens
+    limit = getattr(AutoConfig.from_pretrained(cfg.model), "max_position_embeddings", None)
+    if limit and max_model_len > limit:
+        raise ConfigError(f"longest prompt + max_new_tokens = {max_model_len} tokens, over the model's {limit}")
 
     # 2. resume from the last checkpoint made with the same settings
     trajectory = {k: v for k, v in asdict(cfg).items() if k not in NOT_TRAJECTORY}

@@ -1,0 +1,121 @@
+"""`make rl` and `make eval`: build what the embedded default needs, then run the stage.
+
+    python -m pipelines.rl rl   [--model runs/sft/pear] [--out runs/rl/pear] [any train.rl flag]
+    python -m pipelines.rl eval [--model runs/rl/pear] [--out runs/eval/pear] [any train.eval flag]
+
+rl: with the default model (runs/sft/pear) missing, the embedded world is built (cached) and the
+PEAR SFT checkpoint is made first by `python -m pipelines.sft`; where that pipeline is not there
+yet, RL starts from the world's target model, with a warning. A model made from the embedded
+world gets the embedded recipe (`EMBEDDED_RECIPE`; flags override it, a --config YAML replaces it).
+eval: with the default model (runs/rl/pear) missing, the default RL run is made first.
+Exit code 2 on bad input, with one line that says what is wrong.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from pipelines.world import WorldConfig, build
+from scorer.config import parse
+from train import eval as evaluation
+from train import rl
+
+log = logging.getLogger("pear.pipelines")
+WORLD = Path("artifacts/world")
+SFT_TIMEOUT_S = 3600  # scoring + two SFT runs take minutes on 2 cores; an hour means something hangs
+# train.rl's learning rate suits billion-parameter models; the embedded 2-layer, 128-wide model
+# needs a far higher one. From 2e-4 up its RL could collapse (KL to the start > 1, responses running to
+# the length limit): Adam moves every weight by about lr per step, however noisy the gradient,
+# so a larger batch (32 prompts x 8) buys more than more steps.
+EMBEDDED_RECIPE = ["--lr", "1e-4", "--prompts-per-step", "32"]
+
+
+def from_world(model: str) -> bool:
+    """Is `model` the embedded target, or an SFT checkpoint trained from it?"""
+    folder, world = Path(model).resolve(), WORLD.resolve()
+    if folder.is_relative_to(world):
+        return True
+    summary = folder / "train_summary.json"
+    start = json.loads(summary.read_text()).get("model", "") if summary.exists() else ""
+    return bool(start) and Path(start).resolve().is_relative_to(world)
+
+
+def gave(argv, flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def ensure_sft_model(model: str) -> str:
+    """The starting model for RL: `model` when it exists; the default one is built when missing."""
+    if (Path(model) / "config.json").exists() or Path(model) != Path(rl.RLConfig.model):
+        return model
+    build(WORLD, WorldConfig())
+    if importlib.util.find_spec("pipelines.sft") is None:
+        log.warning("%s is missing and pipelines.sft is not available: RL starts from the world's target model "
+                    "%s instead of a PEAR SFT checkpoint", model, WORLD / "target")
+        return str(WORLD / "target")
+    log.info("%s is missing: making the embedded scores and SFT checkpoints first (python -m pipelines.sft)", model)
+    subprocess.run([sys.executable, "-m", "pipelines.sft"], check=True, timeout=SFT_TIMEOUT_S)
+    if not (Path(model) / "config.json").exists():
+        raise FileNotFoundError(f"pipelines.sft finished but wrote no model at {model}")
+    return model
+
+
+def run_rl(argv) -> int:
+    cfg = parse(rl.RLConfig, argv, description=rl.__doc__)
+    if Path(cfg.model).resolve().is_relative_to(WORLD.resolve()):
+        build(WORLD, WorldConfig())
+    try:
+        model = ensure_sft_model(cfg.model)
+    except (FileNotFoundError, subprocess.SubprocessError) as e:
+        print(f"error: could not make the starting model: {e}", file=sys.stderr)
+        return 2
+    # the recipe comes first, so that flags given on the command line win; a YAML recipe is the
+    # user's whole recipe, so the embedded one is left out then
+    recipe = EMBEDDED_RECIPE if from_world(model) and not gave(argv, "--config") else []
+    cfg = parse(rl.RLConfig, recipe + list(argv) + ["--model", model], description=rl.__doc__)
+    if recipe:
+        log.info("embedded model: recipe %s", " ".join(recipe))
+    try:
+        summary = rl.train(cfg)
+    except rl.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(rl.format_summary(summary))
+    return 0
+
+
+def run_eval(argv) -> int:
+    cfg = parse(evaluation.EvalConfig, argv, description=evaluation.__doc__)
+    build(WORLD, WorldConfig())  # the default held-out check reads the world's SFT corpus
+    if not (Path(cfg.model) / "config.json").exists() and Path(cfg.model) == Path(evaluation.EvalConfig.model):
+        log.info("%s is missing: running the default RL first", cfg.model)
+        rc = run_rl(["--out", cfg.model])
+        if rc:
+            return rc
+    try:
+        report = evaluation.evaluate(cfg)
+    except evaluation.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(evaluation.markdown(report))
+    print(f"report in {cfg.out}/eval.json and {cfg.out}/eval.md")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if not argv or argv[0] not in ("rl", "eval"):
+        print("usage: python -m pipelines.rl {rl,eval} [flags]  (see --help of each)", file=sys.stderr)
+        return 2
+    verb, rest = argv[0], argv[1:]
+    rc = run_rl(rest) if verb == "rl" else run_eval(rest)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
