@@ -12,6 +12,10 @@ import typing
 from pathlib import Path
 
 
+class ConfigError(Exception):
+    """Bad input found before any work starts: the entry points print its one line and exit 2."""
+
+
 def field(default, help: str, **kw):
     """A dataclass field with help text (mutable defaults become factories)."""
     if isinstance(default, (list, dict)):

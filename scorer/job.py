@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from scorer import __version__
-from scorer.config import field, parse
+from scorer.config import ConfigError, field, parse
 from scorer.corpus import CONSUMED, RowError, count_rows, encode_row, file_schema, list_inputs, read_rows, row_id
 from scorer.engines import make_scorer, vllm_available
 from scorer.shards import (CORE_NAMES, REJECT_SCHEMA, SCHEMA_VERSION, core_table, fingerprint, list_shards, read_meta,
@@ -33,9 +33,6 @@ from scorer.weights import WeightParams, ragged_weights
 
 log = logging.getLogger("pear.scorer")
 
-
-class ConfigError(Exception):
-    """Bad input found before any work starts: one line for the user, exit code 2."""
 
 
 @dataclass

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scorer.config import field, parse
+from scorer.config import ConfigError, field, parse
 from scorer.shards import write_json_atomic
 from train.rewards import load_reward, safe_score
 from train.rollout import WORLD_TASK_KWARGS, RolloutEngine, prompt_token_ids, read_prompt_file, \
@@ -35,9 +35,6 @@ from train.rollout import WORLD_TASK_KWARGS, RolloutEngine, prompt_token_ids, re
 
 log = logging.getLogger("pear.eval")
 
-
-class ConfigError(Exception):
-    """Bad input found before any sampling: one line for the user, exit code 2."""
 
 
 @dataclass

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scorer.config import field, parse
+from scorer.config import ConfigError, field, parse
 from scorer.shards import write_json_atomic
 from train.loss import token_logprobs
 from train.rewards import load_reward, safe_score
@@ -42,9 +42,6 @@ from train.rollout import WORLD_TASK_KWARGS, RolloutEngine, prompt_token_ids, re
 
 log = logging.getLogger("pear.rl")
 
-
-class ConfigError(Exception):
-    """Bad input found before training starts: one line for the user, exit code 2."""
 
 
 @dataclass

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from scorer.config import field, parse
+from scorer.config import ConfigError, field, parse
 from scorer.shards import ShardError, fingerprint, list_shards, read_meta, tokenizer_sha256, write_json_atomic
 from scorer.weights import WeightParams
 from train.data import Batch, Rows, collate, idle_batch, load_rows, plan_epoch, rank_share, shard_params, \
@@ -43,9 +43,6 @@ from train.loss import cosine_lr, effective_sample_size, token_logprobs, token_w
 log = logging.getLogger("pear.train")
 WEIGHTINGS = ("uniform", "pear", "pear-live")
 
-
-class ConfigError(Exception):
-    """Bad input found before training starts: one line for the user, exit code 2."""
 
 
 @dataclass
