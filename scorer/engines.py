@@ -30,7 +30,9 @@ def _vllm_env():
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # ERROR: with skip_tokenizer_init, vLLM's start-up warm-up logs a harmless chat-template
+    # traceback at WARNING level on every engine start
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 
 def vllm_available() -> bool:
