@@ -242,7 +242,7 @@ if ref is not None:
 
 bench_scoring("padded.32k.c8k.fp32 (pre-change TorchScorer code)", before_change, est_s=1.2 * unit_s)
 EAGER = {  # name -> TorchScorer options; budgets in units of K tokens (1024 here, 16 with --tiny)
-    "padded.32k.c8k.fp32 (TorchScorer default)": dict(),
+    "TorchScorer defaults": dict(),
     "padded.32k.c4k.fp32": dict(chunk_size=4 * K),
     "padded.32k.c4k.native": dict(chunk_size=4 * K, upcast_logits=False),
     "padded.64k.c4k.native": dict(token_budget=64 * K, chunk_size=4 * K, upcast_logits=False),
