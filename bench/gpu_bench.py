@@ -306,7 +306,7 @@ def profile(name, score):
 
 ok = {k: v for k, v in R["scoring"].items() if isinstance(v, dict) and k in EAGER and (v["peak_GiB"] or 0) <= 10}
 best = max(ok, key=lambda k: ok[k]["tok_per_s"]) if ok else None
-for name in dict.fromkeys([best, "padded.32k.c8k.fp32 (TorchScorer default)"]):
+for name in dict.fromkeys([best, "TorchScorer defaults"]):
     if name and fits("profile", f"profile {name}", 1.0 * unit_s):
         try:
             profile(name, torch_scorer(**{"token_budget": 32 * K, "chunk_size": 8 * K, **EAGER[name]}))
