@@ -76,16 +76,9 @@ def run_rl(argv) -> int:
     # the recipe comes first, so that flags given on the command line win; a YAML recipe is the
     # user's whole recipe, so the embedded one is left out then
     recipe = EMBEDDED_RECIPE if from_world(model) and not gave(argv, "--config") else []
-    cfg = parse(rl.RLConfig, recipe + list(argv) + ["--model", model], description=rl.__doc__)
     if recipe:
         log.info("embedded model: recipe %s", " ".join(recipe))
-    try:
-        summary = rl.train(cfg)
-    except rl.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(rl.format_summary(summary))
-    return 0
+    return rl.main(recipe + list(argv) + ["--model", model])
 
 
 def run_eval(argv) -> int:
@@ -96,14 +89,7 @@ def run_eval(argv) -> int:
         rc = run_rl(["--out", cfg.model])
         if rc:
             return rc
-    try:
-        report = evaluation.evaluate(cfg)
-    except evaluation.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(evaluation.markdown(report))
-    print(f"report in {cfg.out}/eval.json and {cfg.out}/eval.md")
-    return 0
+    return evaluation.main(argv)
 
 
 def main(argv=None) -> int:

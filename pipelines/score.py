@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 from pipelines.world import WorldConfig, build
+from scorer import job
 from scorer.config import parse
-from scorer.job import ConfigError, ScoreConfig, format_summary, run
+from scorer.job import ScoreConfig
 
 WORLD = Path("artifacts/world")
 
@@ -29,14 +30,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if uses_world(cfg):
         build(WORLD, WorldConfig())
-    try:
-        summary = run(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_summary(summary))
-    print(f"shards in {cfg.out}/  (polars: pl.read_parquet('{cfg.out}/*.parquet'))")
-    return 0
+    rc = job.main(argv)
+    if rc == 0:
+        print(f"shards in {cfg.out}/  (polars: pl.read_parquet('{cfg.out}/*.parquet'))")
+    return rc
 
 
 if __name__ == "__main__":
