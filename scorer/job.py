@@ -161,7 +161,7 @@ class ShardScorer:
         keep = [keep[i] for i in good]
         target_lps = [target_lps[i] for i in good]
         behavior_lps = [behavior_lps[i] for i in good]
-        from_model = sum(1 for i in need if i in set(good))
+        from_model = len(set(need) & set(good))
 
         weights, _ = ragged_weights(target_lps, behavior_lps, self.params)
         out = core_table([ex.id for ex in examples], [ex.input_ids for ex in examples],
