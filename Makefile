@@ -1,6 +1,6 @@
 # PEAR pipeline. Two commands on a fresh machine:  make demo   then   make test
 # Variables (all optional): DATA OUT TARGET BEHAVIOR VARIANT BACKEND SCORES MODEL WEIGHTING EPOCHS LR
-#                            TASKS STEPS CONFIG N K
+#                            TASKS STEPS CONFIG N K BASELINE
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -52,11 +52,11 @@ sft: setup
 
 rl: setup
 	$(PY) -m pipelines.rl rl $(call opt,model,$(MODEL)) $(call opt,out,$(OUT)) $(call opt,tasks,$(TASKS)) \
-	  $(call opt,steps,$(STEPS)) $(call opt,config,$(CONFIG))
+	  $(call opt,steps,$(STEPS)) $(call opt,lr,$(LR)) $(call opt,config,$(CONFIG))
 
 eval: setup
 	$(PY) -m pipelines.rl eval $(call opt,model,$(MODEL)) $(call opt,out,$(OUT)) $(call opt,tasks,$(TASKS)) \
-	  $(call opt,n,$(N)) $(call opt,k,$(K))
+	  $(call opt,n,$(N)) $(call opt,k,$(K)) $(call opt,baseline,$(BASELINE))
 
 # the PEAR experiment: 5 arms x 3 seeds, report in results/ (about an hour on 2 cores)
 experiment: setup

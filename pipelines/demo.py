@@ -3,9 +3,12 @@
     python -m pipelines.demo
 
 score (runs/score) -> SFT, uniform and PEAR (runs/sft/{uniform,pear}) -> RL from each
-(runs/rl/{uniform,pear}) -> evaluation before and after RL (runs/eval/...) -> one table.
-Every stage is cached or resumes, so a second run only prints the table. A short RL budget keeps
-the demo to a few minutes on 2 cores; `make experiment` is the controlled comparison.
+(runs/rl/{uniform,pear}) -> evaluation before and after RL on the same held-out prompts
+(runs/eval/...) -> one table: did RL raise pass@1, with a paired 95% interval, for each arm.
+The stages are the commands a user types (`pipelines.sft`, `pipelines.rl rl|eval`), so the demo
+runs the embedded recipe of the experiment, one seed; `make experiment` is the controlled
+comparison (more arms, seeds, and its power stated). Every stage is cached or resumes, so a second
+run only prints the table.
 """
 from __future__ import annotations
 
@@ -19,8 +22,6 @@ from pathlib import Path
 from pipelines import score
 
 ARMS = ("uniform", "pear")
-RL_FLAGS = ["--steps", "15", "--prompts-per-step", "16", "--samples-per-prompt", "8", "--lr", "1e-4"]
-EVAL_FLAGS = ["--num-prompts", "64", "--n", "8", "--k", "1,8"]
 
 
 def step(title: str, args: list[str], done: Path) -> None:
@@ -43,22 +44,25 @@ def main() -> int:
          Path("runs/sft/pear/train_summary.json"))
     rows = []
     for arm in ARMS:
-        sft, rl = f"runs/sft/{arm}", f"runs/rl/{arm}"
-        step(f"eval {arm} before RL", ["train.eval", "--model", sft, "--out", f"runs/eval/sft-{arm}", *EVAL_FLAGS],
-             Path(f"runs/eval/sft-{arm}/eval.json"))
-        step(f"rl from {arm}", ["train.rl", "--model", sft, "--out", rl, *RL_FLAGS], Path(rl) / "rl_summary.json")
-        step(f"eval {arm} after RL", ["train.eval", "--model", rl, "--out", f"runs/eval/rl-{arm}", *EVAL_FLAGS],
-             Path(f"runs/eval/rl-{arm}/eval.json"))
-        before = json.loads(Path(f"runs/eval/sft-{arm}/eval.json").read_text())["groups"]["all"]
-        after = json.loads(Path(f"runs/eval/rl-{arm}/eval.json").read_text())["groups"]["all"]
-        rows.append((arm, before, after))
+        sft, rl, before, after = f"runs/sft/{arm}", f"runs/rl/{arm}", f"runs/eval/sft-{arm}", f"runs/eval/rl-{arm}"
+        step(f"eval {arm} before RL", ["pipelines.rl", "eval", "--model", sft, "--out", before],
+             Path(before) / "eval.json")
+        step(f"rl from {arm}", ["pipelines.rl", "rl", "--model", sft, "--out", rl], Path(rl) / "rl_summary.json")
+        step(f"eval {arm} after RL", ["pipelines.rl", "eval", "--model", rl, "--out", after, "--baseline", before],
+             Path(after) / "eval.json")
+        rows.append((arm, json.loads((Path(after) / "eval.json").read_text())))
 
-    print("\n| arm | pass@1 before RL | pass@8 before RL | pass@1 after RL | pass@8 after RL |")
-    print("|---|---|---|---|---|")
-    for arm, before, after in rows:
-        cells = [f"{g[k]['mean']:.3f}" for g in (before, after) for k in ("pass@1", "pass@8")]
-        print(f"| {arm} | " + " | ".join(cells) + " |")
-    print(f"\n(held-out prompts, 8 samples each; RL {RL_FLAGS[1]} steps; bootstrap intervals in runs/eval/*/eval.md)")
+    print("\n| SFT | prompts | pass@1 before RL | pass@1 after RL | difference [95% paired] | RL raised pass@1 | "
+          "pass@8 before | pass@8 after |")
+    print("|---|---|---|---|---|---|---|---|")
+    for arm, report in rows:
+        vs = report["vs_baseline"]
+        d, p8 = vs["pass@1"], vs["pass@8"]
+        raised = "yes" if d["ci95"][0] > 0 else "no (lower)" if d["ci95"][1] < 0 else "not distinguishable"
+        print(f"| {arm} | {vs['shared_prompts']} | {d['before']:.3f} | {d['after']:.3f} | {d['mean']:+.3f} "
+              f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | {raised} | {p8['before']:.3f} | {p8['after']:.3f} |")
+    print(f"\n(the same held-out prompts before and after RL, {rows[0][1]['n']} samples each; details in "
+          "runs/eval/*/eval.md; `make experiment` compares more arms over seeds)")
     print(f"== demo done in {time.time() - t0:.0f}s")
     return 0
 

@@ -25,8 +25,10 @@ DEFAULT_SCORES = "runs/score"
 # The embedded target is a 2-layer, 128-wide model: it needs a far higher learning rate than
 # train.sft's default (set for billion-parameter models), small micro-batches to take enough steps
 # in one epoch, and one CPU thread (its matrices are too small to gain from two, and two threads
-# stall badly when anything else runs on a 2-core machine). Command-line flags come later and win.
-EMBEDDED_RECIPE = ["--lr", "1e-3", "--token-budget", "1024", "--threads", "1"]
+# stall badly when anything else runs on a 2-core machine). Three epochs: one epoch left held-out
+# pass@1 below the base's (the model takes the behavior's style before it can carry it out).
+# Command-line flags come later and win.
+EMBEDDED_RECIPE = ["--lr", "1e-3", "--token-budget", "1024", "--epochs", "3", "--threads", "1"]
 
 
 def ensure_scores(scores: str) -> None:

@@ -4,11 +4,22 @@
 
 It writes ordinary Hugging Face folders and a Parquet corpus:
     tokenizer/  a byte-level BPE tokenizer with a chat template
-    target/     a tiny Llama pretrained on arithmetic chains in a terse "scratch" style
-    behavior/   a tiny Llama trained longer, on correct traces in a verbose "words" style
+    target/     a tiny Llama pretrained on arithmetic chains answered in two ways: mostly a quick
+                guess ("Answer: 7", usually wrong), sometimes a careful step-by-step "scratch"
+                procedure that is right, and a little of the behavior's "words" style
+    behavior/   a tiny Llama trained on correct traces, mostly in the verbose "words" style and
+                sometimes in the careful procedure
     corpus.parquet  reasoning-gym prompts answered by the behavior model with vLLM, with the
-                    sampled `response_ids` and their sampling `behavior_logprobs`
+                    sampled `response_ids` and their sampling `behavior_logprobs`, filtered to
+                    correct answers (rejection sampling; the Parquet metadata `world_corpus`
+                    records the filter and its counts)
+    corpus-unfiltered.parquet  every sample, right or wrong (`make score DATA=...` takes it)
 Everything is a function of the seed; the build is skipped when `world.json` matches the config.
+
+Why a guess beside a careful procedure: RL with verifiable rewards mostly sharpens what a model
+already samples now and then. A base that guesses most of the time but sometimes works the sum
+out has a success mode that RL can find in a few dozen steps on 2 CPU cores, so the question
+the project exists for (does PEAR-weighted SFT help that RL?) can be asked here at all.
 """
 from __future__ import annotations
 
@@ -29,7 +40,7 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 
 
 @dataclass
@@ -41,14 +52,18 @@ class WorldConfig:
     vocab_size: int = 512
     hidden_size: int = 128
     num_layers: int = 2
-    pretrain_examples: int = 3000
-    target_steps: int = 150  # brief: the base solves only part of the tasks
-    behavior_steps: int = 400
-    target_error_rate: float = 0.3  # share of the base's pretraining traces with a slip
-    # the base has seen a little of the behavior's style, so that ratios vary token by token
-    # instead of sitting at the clip bound everywhere
-    target_words_share: float = 0.15
-    corpus_rows: int = 512
+    pretrain_examples: int = 6000
+    target_steps: int = 1500
+    behavior_steps: int = 800
+    # the base's pretraining mix: a quick guess most of the time, the careful procedure
+    # sometimes, and a little of the behavior's style, so that ratios vary token by token
+    target_careful_share: float = 0.3
+    target_words_share: float = 0.1
+    guess_accuracy: float = 0.25  # share of the guesses that happen to be right
+    # the behavior (a teacher) writes mostly its verbose style, sometimes the careful procedure
+    behavior_careful_share: float = 0.25
+    corpus_rows: int = 768  # prompts the behavior answers; the corpus keeps the correct ones
+    filter_correct: bool = True
     max_new_tokens: int = 96
     # disjoint seed ranges per use, so no prompt is shared across stages
     seed_offsets: tuple = (("pretrain", 0), ("corpus", 10_000), ("rl", 20_000), ("eval", 30_000))
@@ -84,17 +99,28 @@ def _steps(expression: str) -> list[tuple[int, str, int, int]]:
     return out
 
 
-def scratch_style(expression: str, rng: random.Random | None = None, error_rate: float = 0.0) -> str:
-    """The base model's own terse style, optionally with an arithmetic slip."""
-    lines, acc = [], None
-    for a, op, b, c in _steps(expression):
-        a = acc if acc is not None else a
-        c = a + b if op == "+" else a - b
-        if rng is not None and rng.random() < error_rate:
-            c += rng.choice([-2, -1, 1, 2])
-        lines.append(f"{a}{op}{b}={c}")
-        acc = c
-    return "\n".join(lines) + f"\nAnswer: {acc}"
+def scratch_style(expression: str) -> str:
+    """The base model's careful procedure: one line per operation, then the answer."""
+    lines = [f"{a}{op}{b}={c}" for a, op, b, c in _steps(expression)]
+    return "\n".join(lines) + f"\nAnswer: {_steps(expression)[-1][3]}"
+
+
+def guess_style(expression: str, rng: random.Random, accuracy: float) -> str:
+    """The base model's quick guess: an answer with no working, right with probability `accuracy`."""
+    answer = _steps(expression)[-1][3]
+    if rng.random() >= accuracy:
+        answer += rng.choice([-4, -3, -2, -1, 1, 2, 3, 4])
+    return f"Answer: {answer}"
+
+
+def target_text(expression: str, rng: random.Random, cfg: "WorldConfig") -> str:
+    """One pretraining trace of the base: careful, words or a guess, in the config's shares."""
+    u = rng.random()
+    if u < cfg.target_careful_share:
+        return scratch_style(expression)
+    if u < cfg.target_careful_share + cfg.target_words_share:
+        return words_style(expression)
+    return guess_style(expression, rng, cfg.guess_accuracy)
 
 
 def words_style(expression: str) -> str:
@@ -106,12 +132,6 @@ def words_style(expression: str) -> str:
         parts.append(f"{verb} {b} to get {c}.")
     parts.append(f"The answer is {steps[-1][3]}.")
     return " ".join(parts)
-
-
-def extract_answer(completion: str) -> str | None:
-    """The last integer in a completion, which both styles end with."""
-    nums = re.findall(r"-?\d+", completion)
-    return nums[-1] if nums else None
 
 
 # ---- tokenizer and models ---------------------------------------------------------------------
@@ -190,6 +210,7 @@ def pretrain(model, examples: list[tuple[list[int], int]], steps: int, seed: int
 def generate_corpus(behavior_dir: Path, tokenizer, tasks: list[dict], max_new_tokens: int, seed: int) -> list[dict]:
     """The behavior model answers every task once with vLLM at temperature 1; logprobs recorded."""
     from scorer.engines import make_vllm_engine, shutdown_vllm
+    from train.rewards import score
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -204,14 +225,15 @@ def generate_corpus(behavior_dir: Path, tokenizer, tasks: list[dict], max_new_to
         c = out.outputs[0]
         ids = list(c.token_ids)
         lps = [c.logprobs[i][tok].logprob for i, tok in enumerate(ids)]
-        answer = extract_answer(tokenizer.decode(ids, skip_special_tokens=True))
+        text = tokenizer.decode(ids, skip_special_tokens=True)
         rows.append({
             # the text is the ids' own decoding (vLLM's streaming detokenizer drops a dangling
             # partial UTF-8 byte that a plain decode keeps), so the row is self-consistent
-            "prompt": task["question"], "response": tokenizer.decode(ids, skip_special_tokens=True),
+            "prompt": task["question"], "response": text,
             "response_ids": ids,
             "behavior_logprobs": lps, "task": task["task"], "answer": task["answer"],
-            "correct": answer == task["answer"], "finished": c.finish_reason == "stop",
+            "correct": score(text, {**task, "prompt": task["question"]}) == 1.0,
+            "finished": c.finish_reason == "stop",
         })
     shutdown_vllm(llm)
     return rows
@@ -237,8 +259,6 @@ def build(out: Path, cfg: WorldConfig, force: bool = False) -> Path:
 
 
 def _build(out: Path, cfg: WorldConfig, stamp: dict) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     import torch
 
     marker = out / "world.json"
@@ -248,9 +268,9 @@ def _build(out: Path, cfg: WorldConfig, stamp: dict) -> None:
 
     pre_tasks = make_tasks(cfg.tasks, cfg.pretrain_examples, cfg.seed + offsets["pretrain"])
     rng = random.Random(cfg.seed)
-    target_texts = [words_style(t["metadata"]["expression"]) if rng.random() < cfg.target_words_share
-                    else scratch_style(t["metadata"]["expression"], rng, cfg.target_error_rate) for t in pre_tasks]
-    behavior_texts = [words_style(t["metadata"]["expression"]) for t in pre_tasks]
+    target_texts = [target_text(t["metadata"]["expression"], rng, cfg) for t in pre_tasks]
+    behavior_texts = [scratch_style(t["metadata"]["expression"]) if rng.random() < cfg.behavior_careful_share
+                      else words_style(t["metadata"]["expression"]) for t in pre_tasks]
     tokenizer = build_tokenizer([t["question"] for t in pre_tasks] + target_texts + behavior_texts,
                                 cfg.vocab_size, out / "tokenizer")
 
@@ -268,12 +288,27 @@ def _build(out: Path, cfg: WorldConfig, stamp: dict) -> None:
     rows = generate_corpus(out / "behavior", tokenizer, corpus_tasks, cfg.max_new_tokens, cfg.seed)
     for i, r in enumerate(rows):
         r["id"] = f"world-{cfg.seed}-{i:06d}"
-    pq.write_table(pa.Table.from_pylist(rows), out / "corpus.parquet", compression="zstd")
+    kept = [r for r in rows if r["correct"]] if cfg.filter_correct else rows
+    filter_meta = {"filter": "correct" if cfg.filter_correct else "none", "reward": "full credit (train.rewards.score)",
+                   "rows_generated": len(rows), "rows_kept": len(kept)}
+    write_corpus(rows, out / "corpus-unfiltered.parquet", {**filter_meta, "filter": "none", "rows_kept": len(rows)})
+    write_corpus(kept, out / "corpus.parquet", filter_meta)
     accuracy = sum(r["correct"] for r in rows) / len(rows)
-    marker.write_text(json.dumps({"config": stamp, "corpus_rows": len(rows), "behavior_accuracy": accuracy,
-                                  "build_seconds": round(time.time() - t0, 1)}, indent=1))
-    log.info("embedded world built in %.0fs: %d corpus rows, behavior accuracy %.2f",
-             time.time() - t0, len(rows), accuracy)
+    marker.write_text(json.dumps({"config": stamp, "corpus_rows": len(kept), "corpus_rows_generated": len(rows),
+                                  "behavior_accuracy": accuracy, "build_seconds": round(time.time() - t0, 1)},
+                                 indent=1))
+    log.info("embedded world built in %.0fs: behavior accuracy %.2f, %d of %d corpus rows kept (%s)",
+             time.time() - t0, accuracy, len(kept), len(rows), filter_meta["filter"])
+
+
+def write_corpus(rows: list[dict], path: Path, meta: dict) -> None:
+    """The corpus as zstd Parquet, with how it was filtered under the metadata key `world_corpus`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"world_corpus": json.dumps(meta)})
+    pq.write_table(table, path, compression="zstd")
 
 
 def main(argv=None):

@@ -3,7 +3,8 @@ import math
 
 import pytest
 
-from train.rewards import extract_final_answer, load_reward, safe_score, score, score_math, score_reasoning_gym
+from train.rewards import (extract_final_answer, load_reward, safe_score, score, score_math, score_reasoning_gym,
+                           score_reasoning_gym_partial)
 
 CHAIN = {"task": "chain_sum", "prompt": "State the final answer to the following arithmetic problem: 4 + 6 + 2 =",
          "question": "State the final answer to the following arithmetic problem: 4 + 6 + 2 =", "answer": "12",
@@ -31,8 +32,14 @@ def test_reasoning_gym_checker_right_wrong_malformed():
     assert score_reasoning_gym("Answer: 13", CHAIN) == 0.0
     assert score_reasoning_gym("4+6=10\n10+2=12", CHAIN) == 0.0  # right number, never stated
     assert score_reasoning_gym("", CHAIN) == 0.0
-    # reasoning-gym's checker gives partial credit when the answer contains the oracle
-    assert score_reasoning_gym("Answer: 112", CHAIN) == pytest.approx(2 / 3)
+    # reasoning-gym's checker gives partial credit when the answer contains the oracle; the
+    # default counts full credit only, the partial reward is an explicit option
+    assert score_reasoning_gym_partial("Answer: 112", CHAIN) == pytest.approx(2 / 3)
+    assert score_reasoning_gym("Answer: 112", CHAIN) == 0.0
+    assert score("Answer: 112", CHAIN) == 0.0
+    assert score_reasoning_gym_partial("Answer: 12", CHAIN) == 1.0
+    assert load_reward("reasoning_gym_partial") is score_reasoning_gym_partial
+    assert load_reward("default") is score
 
 
 def test_reasoning_gym_checker_uses_metadata():

@@ -13,8 +13,13 @@ those (small task spaces collide) is dropped and counted; a remaining overlap is
 pass@k per prompt with c of n samples passing is the unbiased 1 - C(n-c, k) / C(n, k) (Chen et
 al., 2021), averaged over prompts; the 95% intervals are percentile bootstraps over prompts.
 Writes out/eval.json, out/eval.md (a Markdown table) and out/samples.jsonl (per-prompt rewards).
-To compare models on the same prompts, give every one the same exclusions, e.g. the SFT model with
-`--exclude artifacts/world/corpus.parquet,runs/rl/pear/rl_prompts.jsonl`.
+The RL stage's default prompt pool is left out of every evaluation (`--exclude-rl-pool`), so the
+same command before and after RL scores the same prompts; `--baseline <earlier eval folder>` then
+adds the paired difference per metric (same prompts, per-prompt differences, paired bootstrap
+95% interval) to eval.json and eval.md:
+
+    python -m train.eval --model runs/sft/uniform --out runs/eval/before
+    python -m train.eval --model runs/rl/uniform --out runs/eval/after --baseline runs/eval/before
 """
 from __future__ import annotations
 
@@ -30,8 +35,8 @@ import numpy as np
 from scorer.config import ConfigError, field, parse
 from scorer.shards import write_json_atomic
 from train.rewards import load_reward, safe_score
-from train.rollout import WORLD_TASK_KWARGS, RolloutEngine, prompt_token_ids, read_prompt_file, \
-    reasoning_gym_examples
+from train.rollout import RL_POOL_SIZE, RL_PROMPT_SEED, WORLD_TASK_KWARGS, RolloutEngine, prompt_token_ids, \
+    read_prompt_file, reasoning_gym_examples
 
 log = logging.getLogger("pear.eval")
 
@@ -48,11 +53,17 @@ class EvalConfig:
     num_prompts: int = field(200, "held-out prompts to generate (before dropping any seen ones)")
     prompt_seed: int = field(30_000, "seed of the held-out prompts (the world's eval range; RL uses 20000)")
     prompts: str = field("", "Parquet/JSONL with `prompt` and `answer` instead of reasoning-gym tasks")
-    exclude: tuple[str, ...] = field(("artifacts/world/corpus.parquet",),
+    exclude: tuple[str, ...] = field(("artifacts/world/corpus-unfiltered.parquet",),
                                      "prompt sets the eval prompts must not contain (Parquet/JSONL/shard folder "
                                      "with a `prompt` or `question` column); the model's own RL and SFT "
                                      "prompts are found from its folder and added")
-    reward: str = field("default", "default, reasoning_gym, math, or 'module:function' / 'file.py:function'")
+    exclude_rl_pool: bool = field(True, "also leave out the RL stage's default prompt pool (these tasks, seed "
+                                        f"{RL_PROMPT_SEED}, {RL_POOL_SIZE} prompts), so that a model evaluated "
+                                        "before RL and after it sees the same prompts")
+    baseline: str = field("", "an earlier eval folder (e.g. of the model before RL): adds the paired difference "
+                              "of each metric on the prompts both share, with a paired bootstrap 95% interval")
+    reward: str = field("default", "default (0/1), reasoning_gym, reasoning_gym_partial, math, or "
+                                   "'module:function' / 'file.py:function'")
     pass_threshold: float = field(1.0, "a sample passes when its reward is at least this")
     n: int = field(16, "samples per prompt")
     k: tuple[int, ...] = field((1, 2, 4, 8), "pass@k for each k (those above n are skipped)")
@@ -88,15 +99,28 @@ def bootstrap_ci(values: np.ndarray, resamples: int, seed: int, level: float = 0
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
 
 
-def summarize(rewards: np.ndarray, passed: np.ndarray, ks: list[int], resamples: int, seed: int) -> dict:
-    """Metrics of one set of prompts: rewards and passed are (P, n)."""
+def paired_difference(after: np.ndarray, before: np.ndarray, resamples: int, seed: int) -> dict:
+    """Mean of per-prompt differences `after - before` (same prompts, same order) with its paired
+    percentile bootstrap 95% interval (prompts resampled together, so prompt difficulty cancels)."""
+    d = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)  # (P,)
+    lo, hi = bootstrap_ci(d, resamples, seed)
+    return {"mean": float(d.mean()) if d.size else float("nan"), "ci95": [lo, hi], "prompts": int(d.size)}
+
+
+def per_prompt_metrics(rewards: np.ndarray, passed: np.ndarray, ks: list[int]) -> dict[str, np.ndarray]:
+    """Each metric per prompt: mean reward and unbiased pass@k, from (P, n) rewards and passes."""
     n = rewards.shape[1]
     c = passed.sum(axis=1)  # (P,)
-    per_prompt = {"mean_reward": rewards.mean(axis=1)}
+    out = {"mean_reward": rewards.mean(axis=1)}
     for k in ks:
-        per_prompt[f"pass@{k}"] = np.array([pass_at_k(n, int(ci), k) for ci in c])
+        out[f"pass@{k}"] = np.array([pass_at_k(n, int(ci), k) for ci in c])
+    return out
+
+
+def summarize(rewards: np.ndarray, passed: np.ndarray, ks: list[int], resamples: int, seed: int) -> dict:
+    """Metrics of one set of prompts: rewards and passed are (P, n)."""
     out = {"prompts": int(rewards.shape[0])}
-    for name, v in per_prompt.items():
+    for name, v in per_prompt_metrics(rewards, passed, ks).items():
         lo, hi = bootstrap_ci(v, resamples, seed)
         out[name] = {"mean": float(v.mean()), "ci95": [lo, hi]}
     return out
@@ -155,6 +179,55 @@ def held_out(examples: list[dict], seen: set[str]) -> tuple[list[dict], int]:
     return kept, len(examples) - len(kept)
 
 
+def read_baseline(folder: str) -> dict:
+    """An earlier eval: its per-prompt rewards (prompt text -> (n,) array) and its pass threshold."""
+    samples, report = Path(folder) / "samples.jsonl", Path(folder) / "eval.json"
+    if not (samples.exists() and report.exists()):
+        raise FileNotFoundError(f"baseline {folder!r} is not an eval folder (no samples.jsonl and eval.json)")
+    rows = [json.loads(x) for x in samples.read_text().splitlines() if x.strip()]
+    keys = occurrence_keys([r["prompt"] for r in rows])
+    meta = json.loads(report.read_text())
+    return {"folder": folder, "model": meta["model"], "threshold": meta["config"]["pass_threshold"],
+            "rewards": {key: np.asarray(r["rewards"], dtype=np.float64) for key, r in zip(keys, rows)}}
+
+
+def occurrence_keys(prompts: list[str]) -> list[tuple[str, int]]:
+    """(prompt text, how many times it came before): a task generator can repeat a prompt, and each
+    repeat pairs with the same repeat of another evaluation."""
+    seen: dict[str, int] = {}
+    keys = []
+    for text in prompts:
+        text = text.strip()
+        keys.append((text, seen.get(text, 0)))
+        seen[text] = seen.get(text, 0) + 1
+    return keys
+
+
+def compare_with_baseline(examples: list[dict], rewards: np.ndarray, passed: np.ndarray, ks: list[int],
+                          baseline: dict, cfg: EvalConfig) -> dict:
+    """This model minus the baseline, per metric, on the prompts both evaluated (paired by prompt)."""
+    keys = occurrence_keys([ex["prompt"] for ex in examples])
+    shared = [i for i, key in enumerate(keys) if key in baseline["rewards"]]
+    base_rewards = [baseline["rewards"][keys[i]] for i in shared]
+    if not shared or len({len(r) for r in base_rewards}) != 1:
+        raise ConfigError(f"baseline {baseline['folder']} shares no prompts with this evaluation"
+                          if not shared else f"baseline {baseline['folder']} has uneven samples per prompt")
+    base_rewards = np.stack(base_rewards)  # (S, n_base)
+    ks_both = [k for k in ks if k <= base_rewards.shape[1]]
+    here = per_prompt_metrics(rewards[shared], passed[shared], ks_both)
+    there = per_prompt_metrics(base_rewards, base_rewards >= baseline["threshold"], ks_both)
+    out = {"baseline": baseline["folder"], "baseline_model": baseline["model"], "shared_prompts": len(shared),
+           "prompts_only_here": len(examples) - len(shared),
+           "prompts_only_in_baseline": len(baseline["rewards"]) - len(shared)}
+    for name in here:
+        out[name] = {"before": float(there[name].mean()), "after": float(here[name].mean()),
+                     **paired_difference(here[name], there[name], cfg.bootstrap, cfg.seed)}
+    if out["prompts_only_here"] or out["prompts_only_in_baseline"]:
+        log.warning("baseline comparison on the %d shared prompts only (%d only here, %d only in the baseline)",
+                    len(shared), out["prompts_only_here"], out["prompts_only_in_baseline"])
+    return out
+
+
 # ---- the run -----------------------------------------------------------------------------------
 
 def markdown(report: dict) -> str:
@@ -171,6 +244,15 @@ def markdown(report: dict) -> str:
             cells.append(f"{m['mean']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]")
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     lines.append(f"| prompts | " + " | ".join(str(groups[g]["prompts"]) for g in names) + " |")
+    vs = report.get("vs_baseline")
+    if vs:
+        lines += ["", f"Against the baseline `{vs['baseline_model']}` ({vs['baseline']}), paired on the "
+                      f"{vs['shared_prompts']} prompts both evaluated (95% paired bootstrap over prompts):", "",
+                  "| metric | baseline | this model | difference |", "|---|---|---|---|"]
+        for metric in ["mean_reward"] + [f"pass@{k}" for k in report["k"] if f"pass@{k}" in vs]:
+            m = vs[metric]
+            lines.append(f"| {metric} | {m['before']:.3f} | {m['after']:.3f} | {m['mean']:+.3f} "
+                         f"[{m['ci95'][0]:+.3f}, {m['ci95'][1]:+.3f}] |")
     return "\n".join(lines) + "\n"
 
 
@@ -193,6 +275,11 @@ def evaluate(cfg: EvalConfig) -> dict:
         seen: set[str] = set()
         for src in sources:
             seen |= prompt_texts(src)
+        if cfg.exclude_rl_pool and not cfg.prompts:
+            pool = reasoning_gym_examples(cfg.tasks, RL_POOL_SIZE, RL_PROMPT_SEED, cfg.task_kwargs)
+            seen |= {ex["prompt"].strip() for ex in pool}
+            sources.append(f"RL pool ({', '.join(cfg.tasks)}, seed {RL_PROMPT_SEED}, {RL_POOL_SIZE} prompts)")
+        baseline = read_baseline(cfg.baseline) if cfg.baseline else None
     except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
         raise ConfigError(str(e)) from None
     rl_summary = Path(cfg.model) / "rl_summary.json"
@@ -253,6 +340,8 @@ def evaluate(cfg: EvalConfig) -> dict:
                      "dropped_overlapping": dropped, "overlap_after_check": 0},
         "reward_errors": errors, "seconds": round(time.perf_counter() - t0, 2), "config": asdict(cfg),
     }
+    if baseline is not None:
+        report["vs_baseline"] = compare_with_baseline(examples, rewards, passed, ks, baseline, cfg)
     write_json_atomic(report, Path(cfg.out) / "eval.json")
     (Path(cfg.out) / "eval.md").write_text(markdown(report))
     return report

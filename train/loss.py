@@ -88,14 +88,15 @@ def cosine_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float, mi
     return peak_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def token_weights(weighting: str, batch, token_lp: torch.Tensor, params) -> torch.Tensor:
+def token_weights(weighting: str, batch, token_lp: torch.Tensor, params, uniform_weight: float = 1.0) -> torch.Tensor:
     """Weights (N,) of a micro-batch's response tokens (a train.data.Batch) for one weighting.
 
     `token_lp` (N,) are the current model's logprobs; `params` a WeightParams to recompute with,
-    or None for the stored weights.
+    or None for the stored weights; `uniform_weight` the one weight of every token of `uniform`
+    (1: plain SFT; a PEAR run's mean weight: the control with PEAR's average step and no shape).
     """
     if weighting == "uniform":
-        return torch.ones_like(token_lp)
+        return torch.full_like(token_lp, uniform_weight)
     if weighting == "pear" and params is None:
         return batch.weights
     # pear with --variant: the stored target logprobs; pear-live: this forward pass's, detached

@@ -7,8 +7,10 @@
 Built in:
     score                 the default: reasoning-gym's own checker when `example["task"]` is one
                           of its datasets, else math-verify
-    score_reasoning_gym   the final answer (see `extract_final_answer`) through the dataset's
-                          `score_answer` (partial credit where the dataset gives it)
+    score_reasoning_gym   1.0 when the dataset's own `score_answer` gives the final answer (see
+                          `extract_final_answer`) full credit, else 0.0
+    score_reasoning_gym_partial  the dataset's `score_answer` as it is, partial credit included
+                          (chain_sum gives 0.5 for "-2" against "2"); an explicit option only
     score_math            math-verify: the gold `answer` against the completion's `\\boxed{}` or
                           final-answer statement, equal as mathematical objects (1/2 == 0.5)
 
@@ -82,11 +84,20 @@ def is_reasoning_gym_task(name) -> bool:
     return isinstance(name, str) and name in DATASETS
 
 
-def score_reasoning_gym(completion: str, example: dict) -> float:
-    """reasoning-gym's checker for `example["task"]` on the extracted final answer."""
+def score_reasoning_gym_partial(completion: str, example: dict) -> float:
+    """reasoning-gym's checker for `example["task"]` on the extracted final answer, partial credit kept."""
     entry = {"question": example.get("question", example.get("prompt", "")), "answer": str(example["answer"]),
              "metadata": example.get("metadata") or {}}
     return float(_rg_checker(example["task"])(extract_final_answer(completion), entry))
+
+
+def score_reasoning_gym(completion: str, example: dict) -> float:
+    """1.0 when reasoning-gym's checker gives the final answer full credit, else 0.0.
+
+    Partial credit (a near miss scored 0.5, say) becomes a full-size advantage once GRPO divides
+    by the group's spread, so the default counts only what pass@k counts: fully correct answers.
+    """
+    return 1.0 if score_reasoning_gym_partial(completion, example) >= 1.0 else 0.0
 
 
 def score_math(completion: str, example: dict) -> float:
@@ -106,22 +117,22 @@ def score_math(completion: str, example: dict) -> float:
 
 
 def score(completion: str, example: dict) -> float:
-    """The default reward: reasoning-gym's checker for its tasks, math-verify for everything else."""
+    """The default reward, 0 or 1: reasoning-gym's checker (full credit) for its tasks, math-verify otherwise."""
     if is_reasoning_gym_task(example.get("task")):
         return score_reasoning_gym(completion, example)
     return score_math(completion, example)
 
 
+BUILT_IN: dict[str, Reward] = {"default": score, "": score, "reasoning_gym": score_reasoning_gym,
+                                "reasoning_gym_partial": score_reasoning_gym_partial, "math": score_math}
+
+
 def load_reward(spec: str) -> Reward:
-    """A reward by name: default, reasoning_gym, math, or 'module.path:function' / 'file.py:function'."""
-    if spec in ("", "default"):
-        return score
-    if spec == "reasoning_gym":
-        return score_reasoning_gym
-    if spec == "math":
-        return score_math
+    """A reward by name (see BUILT_IN) or 'module.path:function' / 'file.py:function'."""
+    if spec in BUILT_IN:
+        return BUILT_IN[spec]
     if ":" not in spec:
-        raise ValueError(f"reward must be default, reasoning_gym, math or 'module:function', got {spec!r}")
+        raise ValueError(f"reward must be one of {', '.join(BUILT_IN)} or 'module:function', got {spec!r}")
     module_name, func_name = spec.rsplit(":", 1)
     if module_name.endswith(".py"):
         path = Path(module_name)

@@ -37,8 +37,8 @@ from train.loss import token_logprobs
 from train.rewards import load_reward, safe_score
 from train.rl_math import (ADVANTAGE_SCALES, AGGREGATIONS, aggregate, clipped_policy_loss, group_advantages, kl_k3,
                            masked_mean, tis_weights)
-from train.rollout import WORLD_TASK_KWARGS, RolloutEngine, prompt_token_ids, read_prompt_file, \
-    reasoning_gym_examples
+from train.rollout import RL_POOL_SIZE, RL_PROMPT_SEED, WORLD_TASK_KWARGS, RolloutEngine, prompt_token_ids, \
+    read_prompt_file, reasoning_gym_examples
 
 log = logging.getLogger("pear.rl")
 
@@ -52,11 +52,12 @@ class RLConfig:
     out: str = field("runs/rl/pear", "output: HF model folder, metrics.jsonl, rl_summary.json, checkpoints/")
     tasks: tuple[str, ...] = field(("chain_sum",), "reasoning-gym task names for the prompt pool")
     task_kwargs: str = field(WORLD_TASK_KWARGS, "JSON: task name -> reasoning-gym dataset settings")
-    num_prompts: int = field(512, "size of the reasoning-gym prompt pool")
-    prompt_seed: int = field(20_000, "seed of the reasoning-gym prompt pool (the world's RL range; eval uses 30000)")
+    num_prompts: int = field(RL_POOL_SIZE, "size of the reasoning-gym prompt pool")
+    prompt_seed: int = field(RL_PROMPT_SEED, "seed of the reasoning-gym prompt pool (the world's RL range; eval uses 30000)")
     prompts: str = field("", "Parquet/JSONL with `prompt` and `answer` (optional `task`, `metadata`) instead of "
                              "reasoning-gym tasks")
-    reward: str = field("default", "default (reasoning-gym checker, else math-verify), reasoning_gym, math, "
+    reward: str = field("default", "default (0/1: reasoning-gym checker at full credit, else math-verify), "
+                                   "reasoning_gym, reasoning_gym_partial (partial credit), math, "
                                    "or 'module:function' / 'file.py:function'")
     pass_threshold: float = field(1.0, "a sample passes when its reward is at least this")
     steps: int = field(60, "RL steps (each: one batch of rollouts, `mini_batches` optimizer steps)")

@@ -82,6 +82,10 @@ class RolloutEngine:
 # The embedded world's task settings (as in pipelines/world.py): the tiny models know 1-digit
 # chains of 2-4 terms. A JSON object so that any reasoning-gym task can take its own settings.
 WORLD_TASK_KWARGS = '{"chain_sum": {"min_terms": 2, "max_terms": 4, "min_digits": 1, "max_digits": 1}}'
+# The RL stage's default reasoning-gym prompt pool (seed and size); evaluation leaves it out too,
+# so that a model evaluated before RL and after it is scored on the same held-out prompts.
+RL_PROMPT_SEED = 20_000
+RL_POOL_SIZE = 512
 
 
 def reasoning_gym_examples(tasks, size: int, seed: int, task_kwargs: str | dict = "") -> list[dict]:

@@ -54,6 +54,9 @@ class SFTConfig:
     model: str = field("", "model to train (HF folder); empty: the target model the shards were scored with")
     tokenizer: str = field("", "tokenizer copied into the output; empty: the model folder's")
     weighting: str = field("pear", "pear (stored weights), uniform (plain SFT) or pear-live (current-model delta)")
+    uniform_weight: float = field(1.0, "with --weighting uniform: the weight of every token (1: plain SFT; a PEAR "
+                                       "run's mean weight: a control with PEAR's average loss scale and no "
+                                       "per-token shape)")
     variant: str = field("", "recompute weights with this PEAR variant (sequence, token, block, none); "
                              "empty: the stored weights (pear) or the shards' own settings (pear-live)")
     gamma: float = field(0.999, "discount of the token and block variants (with --variant)")
@@ -116,11 +119,12 @@ class ResponseLogprobs(torch.nn.Module):
         return token_logprobs(hidden[rows, cols], self.lm.get_output_embeddings().weight, labels, self.chunk)
 
 
-def micro_batch_loss(net, batch: Batch, weighting: str, params, global_tokens: int, autocast):
+def micro_batch_loss(net, batch: Batch, weighting: str, params, global_tokens: int, autocast,
+                     uniform_weight: float = 1.0):
     """(loss with grad, stats (6,) float64: sum nll, sum w*nll, sum w, sum w^2, tokens, real tokens)."""
     with autocast:
         token_lp = net(batch.input_ids, batch.rows, batch.cols, batch.labels)  # (N,) float32
-    w = token_weights(weighting, batch, token_lp, params)  # (N,)
+    w = token_weights(weighting, batch, token_lp, params, uniform_weight)  # (N,)
     loss = weighted_nll(token_lp, w, global_tokens)
     nll, w = -token_lp.detach().double(), w.detach().double()
     stats = torch.stack([nll.sum(), (w * nll).sum(), w.sum(), (w * w).sum(),
@@ -140,7 +144,7 @@ def grad_sync(model, sync: bool):
 
 
 def optimizer_step(model, optimizer, batches: list[Batch], weighting: str, params, global_tokens: int, world: int,
-                   max_grad_norm: float, autocast, device) -> tuple[torch.Tensor, float]:
+                   max_grad_norm: float, autocast, device, uniform_weight: float = 1.0) -> tuple[torch.Tensor, float]:
     """One optimizer step over this rank's micro-batches; returns (stats (6,) summed over ranks, grad norm).
 
     `model` is the ResponseLogprobs module, DDP-wrapped or FSDP-sharded with several ranks.
@@ -148,7 +152,8 @@ def optimizer_step(model, optimizer, batches: list[Batch], weighting: str, param
     stats = torch.zeros(6, dtype=torch.float64, device=device)
     for j, batch in enumerate(batches):
         with grad_sync(model, j == len(batches) - 1):
-            loss, s = micro_batch_loss(model, batch.to(device), weighting, params, global_tokens, autocast)
+            loss, s = micro_batch_loss(model, batch.to(device), weighting, params, global_tokens, autocast,
+                                       uniform_weight)
             # DDP averages gradients over ranks; the loss is already normalised by the global
             # token count, so scaling by the world size turns that average into the sum.
             (loss * world).backward()
@@ -188,6 +193,10 @@ def check_inputs(cfg: SFTConfig):
         raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {cfg.weighting!r}")
     if cfg.variant and cfg.weighting == "uniform":
         raise ConfigError("--variant recomputes PEAR weights; it does not apply to --weighting uniform")
+    if cfg.uniform_weight != 1.0 and cfg.weighting != "uniform":
+        raise ConfigError("--uniform-weight applies to --weighting uniform only")
+    if not 0.0 < cfg.uniform_weight < float("inf"):
+        raise ConfigError(f"--uniform-weight must be a positive number, got {cfg.uniform_weight}")
     try:
         cfg.weight_params()
     except ValueError as e:
@@ -400,7 +409,7 @@ def train(cfg: SFTConfig) -> dict:
             group["lr"] = lr
 
         stats, grad_norm = optimizer_step(model, optimizer, batches, cfg.weighting, params, global_tokens, world,
-                                          cfg.max_grad_norm, autocast, device)
+                                          cfg.max_grad_norm, autocast, device, cfg.uniform_weight)
 
         sum_nll, sum_wnll, sum_w, sum_w2, n_tok, real_tok = stats.tolist()
         dt = time.perf_counter() - t0
