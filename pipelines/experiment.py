@@ -6,9 +6,9 @@
 Arms (`ARMS`): no SFT (RL from the base), uniform SFT, PEAR sequence, token and block, pear-live
 (delta from the model being trained), and a learning-rate control: uniform SFT at the learning
 rate times the mean stored PEAR weight of the pear-token arm (PEAR's average step, no per-token
-shape). The control scales the learning rate, not the loss: under AdamW a constant loss scale
-cancels out (`--uniform-weight` gives the same model as plain uniform SFT, tested), so "every token
-weighs the mean weight" would be uniform SFT again. Every arm then runs the same RL recipe with the same budget and is evaluated on the same
+shape). The control scales the learning rate, not the loss: AdamW divides a constant loss scale
+out (with `--uniform-weight 0.25` the parameters move about as far as with 1; tests/test_sft.py),
+so "every token weighs the mean weight" would not give PEAR's smaller average step. Every arm then runs the same RL recipe with the same budget and is evaluated on the same
 held-out prompts after SFT and after RL. The recipes are the ones `make sft`, `make rl` and
 `make eval` give a model of the embedded world, so a user can reproduce any arm by hand.
 

@@ -7,7 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from train.eval import (ConfigError, EvalConfig, bootstrap_ci, evaluate, held_out, pass_at_k, prompt_texts,
+from train.eval import (ConfigError, EvalConfig, bootstrap_ci, compare_with_baseline, evaluate, held_out,
+                        held_out_set, occurrence_keys, paired_difference, pass_at_k, prompt_texts, read_baseline,
                         seen_prompt_sets, summarize)
 
 
@@ -88,6 +89,64 @@ def test_provenance_finds_rl_and_sft_prompts(tmp_path):
     (rl / "rl_prompts.jsonl").write_text(json.dumps({"prompt": "r1"}) + "\n")
     assert seen_prompt_sets(rl) == [rl / "rl_prompts.jsonl", scores]
     assert set().union(*map(prompt_texts, seen_prompt_sets(rl))) == {"s1", "s2", "r1"}
+
+
+def test_paired_difference_by_hand():
+    after, before = np.array([1.0, 0.5, 0.0, 1.0]), np.array([0.0, 0.5, 0.0, 0.5])
+    d = paired_difference(after, before, 500, 0)
+    assert d["mean"] == pytest.approx(0.375) and d["prompts"] == 4
+    assert 0.0 <= d["ci95"][0] <= 0.375 <= d["ci95"][1] <= 1.0  # differences are 1, 0, 0, 0.5
+    same = paired_difference(before + 0.25, before, 500, 0)  # a constant shift has no spread
+    assert same["ci95"] == [pytest.approx(0.25), pytest.approx(0.25)]
+
+
+def test_occurrence_keys_pair_repeated_prompts():
+    assert occurrence_keys(["a", "b ", "a", "a"]) == [("a", 0), ("b", 0), ("a", 1), ("a", 2)]
+
+
+def test_baseline_comparison_pairs_by_prompt_and_repeat(tmp_path):
+    """The baseline's rows are matched by prompt text and repeat, not by position; unshared ones are counted."""
+    base = tmp_path / "base"
+    base.mkdir()
+    rows = [("p", [1, 0]), ("q", [0, 0]), ("p", [0, 0]), ("only-base", [1, 1])]
+    (base / "samples.jsonl").write_text("".join(json.dumps({"prompt": t, "rewards": r}) + "\n" for t, r in rows))
+    (base / "eval.json").write_text(json.dumps({"model": "m0", "config": {"pass_threshold": 1.0}}))
+    examples = [{"prompt": "q"}, {"prompt": "p"}, {"prompt": "p"}, {"prompt": "only-here"}]
+    rewards = np.array([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
+    cfg = EvalConfig(bootstrap=200)
+    vs = compare_with_baseline(examples, rewards, rewards >= 1.0, [1, 2], read_baseline(str(base)), cfg)
+    assert (vs["shared_prompts"], vs["prompts_only_here"], vs["prompts_only_in_baseline"]) == (3, 1, 1)
+    # pairs: q 1.0 vs 0.0, p#0 1.0 vs 0.5, p#1 0.5 vs 0.0 (pass@1 = pass rate)
+    assert vs["pass@1"]["before"] == pytest.approx(0.5 / 3) and vs["pass@1"]["after"] == pytest.approx(2.5 / 3)
+    assert vs["pass@1"]["mean"] == pytest.approx(2.0 / 3)
+    assert vs["pass@2"]["before"] == pytest.approx(1 / 3) and vs["pass@2"]["after"] == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="shares no prompts"):
+        compare_with_baseline([{"prompt": "x"}], rewards[:1], rewards[:1] >= 1, [1], read_baseline(str(base)), cfg)
+    with pytest.raises(FileNotFoundError, match="not an eval folder"):
+        read_baseline(str(tmp_path))
+
+
+def test_same_held_out_prompts_before_and_after_rl(world, tmp_path):
+    """An SFT model and the RL model made from it with the default pool are scored on the same prompts."""
+    from train.rl import RLConfig
+    from train.rollout import reasoning_gym_examples
+
+    sft, rl = tmp_path / "sft", tmp_path / "rl"
+    sft.mkdir(), rl.mkdir()
+    (sft / "train_summary.json").write_text(json.dumps({"scores": str(tmp_path / "no-scores")}))
+    r = RLConfig()
+    pool = reasoning_gym_examples(r.tasks, r.num_prompts, r.prompt_seed, r.task_kwargs)
+    (rl / "rl_prompts.jsonl").write_text("".join(json.dumps({"prompt": e["prompt"]}) + "\n" for e in pool))
+    (rl / "rl_summary.json").write_text(json.dumps({"model": str(sft), "prompt_source": {
+        "tasks": list(r.tasks), "seed": r.prompt_seed, "size": r.num_prompts}}))
+    corpus = (str(world / "corpus-unfiltered.parquet"),)
+    before, _, _, _ = held_out_set(EvalConfig(model=str(sft), exclude=corpus))
+    after, _, sources, _ = held_out_set(EvalConfig(model=str(rl), exclude=corpus))
+    assert [e["prompt"] for e in before] == [e["prompt"] for e in after]
+    assert str(rl / "rl_prompts.jsonl") in map(str, sources)
+    # without the pool left out, the model before RL would be scored on prompts the RL model drops
+    unpooled, _, _, _ = held_out_set(EvalConfig(model=str(sft), exclude=corpus, exclude_rl_pool=False))
+    assert len(unpooled) > len(before)
 
 
 def test_default_split_is_disjoint_by_seed(world):

@@ -1,10 +1,11 @@
-"""The experiment's reduced run: every arm goes through SFT, RL and evaluation, and the report is
-complete and well-formed (pipelines.experiment.check_complete runs at its end)."""
+"""The experiment's statistics by hand, its control arm, and its reduced run: every arm goes through
+SFT, RL and evaluation, and the report is complete and well-formed (check_complete runs at its end)."""
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,3 +28,49 @@ def test_experiment_smoke_writes_a_complete_report(world, tmp_path):
     assert "## What the numbers show" in md
     for png in ("experiment_reward_curves.png", "experiment_offline_vs_rl.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_two_level_bootstrap_counts_the_seed_spread():
+    from pipelines.experiment import Z_POWER, estimate, two_level_bootstrap
+
+    flat = np.full((3, 50), 0.4)
+    assert np.allclose(two_level_bootstrap(flat, 100, 0), 0.4)
+    # prompts agree within a seed, seeds disagree: only resampling seeds shows the spread
+    split = np.array([[0.0] * 20, [1.0] * 20])
+    means = two_level_bootstrap(split, 2000, 0)
+    assert set(np.round(means, 6)) <= {0.0, 0.5, 1.0} and means.min() == 0.0 and means.max() == 1.0
+    e = estimate(split)
+    assert e["mean"] == 0.5 and e["per_seed"] == [0.0, 1.0]
+    assert e["ci95"] == [0.0, 1.0] and e["mdd"] == pytest.approx(Z_POWER * e["se"])
+
+
+def test_lr_control_scales_the_recipe_learning_rate():
+    from pipelines.experiment import ARMS, RECIPE, sft_flags
+
+    flags = sft_flags("lr-control", RECIPE["sft"], 0.5)
+    lr = float(RECIPE["sft"][RECIPE["sft"].index("--lr") + 1])
+    assert flags[-4:] == ["--weighting", "uniform", "--lr", f"{lr * 0.5:.6g}"]  # after the recipe: it wins
+    assert sft_flags("pear-block", RECIPE["sft"], 0.5)[-2:] == ["--variant", "block"]
+    assert ARMS["no-sft"] is None and {"uniform", "pear-live", "lr-control"} <= set(ARMS)
+
+
+def test_mean_stored_weight_streams_every_shard(tmp_path):
+    import pyarrow as pa
+
+    from pipelines.experiment import mean_stored_weight
+    from scorer.shards import write_atomic
+
+    for i, weights in enumerate([[[1.0, 0.5], [0.25]], [[2.0]]]):
+        write_atomic(pa.table({"weights": weights}), tmp_path / f"c-{i:05d}.parquet", {"variant": "token"})
+    assert mean_stored_weight(tmp_path) == pytest.approx((1.0 + 0.5 + 0.25 + 2.0) / 4)
+    write_atomic(pa.table({"weights": [[1.0]]}), tmp_path / "c-00009.parquet", {"variant": "block"})
+    with pytest.raises(ValueError, match="block weights"):
+        mean_stored_weight(tmp_path)
+
+
+def test_incomplete_report_names_what_is_missing(tmp_path):
+    from pipelines.experiment import check_complete
+
+    (tmp_path / "experiment.json").write_text(json.dumps({"arms": {}, "recipe_steps": 3}))
+    with pytest.raises(ValueError, match="arm uniform missing"):
+        check_complete(tmp_path, [0], [1])

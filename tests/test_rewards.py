@@ -69,7 +69,7 @@ def test_math_verify_right_wrong_malformed():
 
 def test_default_score_dispatches_on_task():
     assert score("Answer: 12", CHAIN) == 1.0  # reasoning-gym checker
-    assert score("Answer: 112", CHAIN) == pytest.approx(2 / 3)
+    assert score("Answer: 112", CHAIN) == 0.0  # a partial-credit near miss earns nothing by default
     assert score("Answer: 112", {"prompt": "?", "answer": "12"}) == 0.0  # no task: math-verify
     assert score("\\boxed{12}", {"prompt": "?", "answer": "12", "task": "my_own"}) == 1.0
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from scorer.config import ConfigError
 from scorer.shards import list_shards, read_meta, write_atomic
 from train import sft
 from train.data import collate, is_heldout, load_rows, plan_epoch, shard_params, split_heldout, steps_of
@@ -44,6 +45,11 @@ def cfg_for(scores, out, **kw) -> SFTConfig:
 
 def metrics(out) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def scores_start(scores) -> str:
+    """The model the shards were scored with (where SFT starts)."""
+    return read_meta(list_shards(scores)[0])["target_model"]["path"]
 
 
 def params_of(folder):
@@ -133,6 +139,25 @@ def test_uniform_and_variant_weightings(scores, tmp_path):
     live, fixed = metrics(tmp_path / "l"), metrics(tmp_path / "w")
     assert live[0]["mean_weight"] == pytest.approx(fixed[0]["mean_weight"], rel=1e-3)
     assert live[-1]["mean_weight"] != pytest.approx(fixed[-1]["mean_weight"], rel=1e-2)
+
+
+def test_constant_uniform_weight_scales_the_loss_not_the_adamw_step(scores, tmp_path):
+    """Why the experiment's learning-rate control scales the learning rate: a constant weight on
+    every token scales the loss by that factor, but AdamW divides the gradient scale out, so the
+    parameters move about as far as with weight 1 (only gradient clipping and epsilon tell the
+    two apart), not a quarter as far."""
+    train(cfg_for(scores, tmp_path / "one", weighting="uniform", max_steps=4))
+    train(cfg_for(scores, tmp_path / "quarter", weighting="uniform", uniform_weight=0.25, max_steps=4))
+    one_m, quarter_m = metrics(tmp_path / "one"), metrics(tmp_path / "quarter")
+    assert all(b["mean_weight"] == pytest.approx(0.25) and b["ess_fraction"] == pytest.approx(1.0) for b in quarter_m)
+    assert quarter_m[0]["weighted_loss"] == pytest.approx(0.25 * one_m[0]["weighted_loss"], rel=1e-6)
+    assert [b["loss"] for b in quarter_m] == pytest.approx([a["loss"] for a in one_m], rel=0.05)
+    start = params_of(scores_start(scores))
+    moved = lambda folder: torch.sqrt(sum(((p - start[n]) ** 2).sum() for n, p in params_of(folder).items()))  # noqa: E731
+    ratio = float(moved(tmp_path / "quarter") / moved(tmp_path / "one"))
+    assert 0.7 < ratio < 1.3, ratio
+    with pytest.raises(ConfigError, match="uniform-weight applies"):
+        train(cfg_for(scores, tmp_path / "bad", uniform_weight=0.5))
 
 
 def test_recomputed_weights_match_the_stored_ones_on_a_batch(scores):

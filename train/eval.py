@@ -179,6 +179,44 @@ def held_out(examples: list[dict], seen: set[str]) -> tuple[list[dict], int]:
     return kept, len(examples) - len(kept)
 
 
+def held_out_set(cfg: EvalConfig) -> tuple[list[dict], int, list, set[str]]:
+    """The evaluation's prompts: (examples, how many were dropped, the sets checked against, their texts).
+
+    The split is by seed; prompts it shares by chance with a training set (the --exclude files, the
+    model's own RL and SFT prompts, the default RL pool) are dropped, then the rest is checked.
+    """
+    try:
+        examples = read_prompt_file(cfg.prompts) if cfg.prompts else \
+            reasoning_gym_examples(cfg.tasks, cfg.num_prompts, cfg.prompt_seed, cfg.task_kwargs)
+        sources = [Path(x) for x in cfg.exclude if x] + seen_prompt_sets(cfg.model)
+        seen: set[str] = set()
+        for src in sources:
+            seen |= prompt_texts(src)
+        if cfg.exclude_rl_pool and not cfg.prompts:
+            pool = reasoning_gym_examples(cfg.tasks, RL_POOL_SIZE, RL_PROMPT_SEED, cfg.task_kwargs)
+            seen |= {ex["prompt"].strip() for ex in pool}
+            sources.append(f"RL pool ({', '.join(cfg.tasks)}, seed {RL_PROMPT_SEED}, {RL_POOL_SIZE} prompts)")
+    except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
+        raise ConfigError(str(e)) from None
+    rl_summary = Path(cfg.model) / "rl_summary.json"
+    rl_source = json.loads(rl_summary.read_text()).get("prompt_source") if rl_summary.exists() else None
+    if isinstance(rl_source, dict) and not cfg.prompts:  # task k draws from seed + k
+        rl_seeds = {rl_source["seed"] + k for k in range(len(rl_source["tasks"]))}
+        if rl_seeds & {cfg.prompt_seed + k for k in range(len(cfg.tasks))}:
+            raise ConfigError(f"--prompt-seed {cfg.prompt_seed} shares seeds with the RL prompts "
+                              f"(seed {rl_source['seed']}): the split is by seed")
+    examples, dropped = held_out(examples, seen)
+    if {ex["prompt"].strip() for ex in examples} & seen:  # cannot happen after held_out; kept as the check
+        raise RuntimeError("eval prompts overlap training prompts")
+    if dropped:
+        log.info("dropped %d eval prompts also found in training prompt sets", dropped)
+    if not examples:
+        raise ConfigError("no held-out prompts left after removing those seen in training")
+    log.info("%d held-out prompts, checked against %d training prompts from %s", len(examples), len(seen),
+             ", ".join(map(str, sources)) or "nothing")
+    return examples, dropped, sources, seen
+
+
 def read_baseline(folder: str) -> dict:
     """An earlier eval: its per-prompt rewards (prompt text -> (n,) array) and its pass threshold."""
     samples, report = Path(folder) / "samples.jsonl", Path(folder) / "eval.json"
@@ -268,40 +306,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     if len(ks) < len(cfg.k):
         log.warning("pass@k needs k <= n = %d: skipping k in %s", cfg.n, sorted(set(cfg.k) - set(ks)))
     try:
-        examples = read_prompt_file(cfg.prompts) if cfg.prompts else \
-            reasoning_gym_examples(cfg.tasks, cfg.num_prompts, cfg.prompt_seed, cfg.task_kwargs)
         reward_fn = load_reward(cfg.reward)
-        sources = [Path(x) for x in cfg.exclude if x] + seen_prompt_sets(cfg.model)
-        seen: set[str] = set()
-        for src in sources:
-            seen |= prompt_texts(src)
-        if cfg.exclude_rl_pool and not cfg.prompts:
-            pool = reasoning_gym_examples(cfg.tasks, RL_POOL_SIZE, RL_PROMPT_SEED, cfg.task_kwargs)
-            seen |= {ex["prompt"].strip() for ex in pool}
-            sources.append(f"RL pool ({', '.join(cfg.tasks)}, seed {RL_PROMPT_SEED}, {RL_POOL_SIZE} prompts)")
         baseline = read_baseline(cfg.baseline) if cfg.baseline else None
     except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
         raise ConfigError(str(e)) from None
-    rl_summary = Path(cfg.model) / "rl_summary.json"
-    rl_source = json.loads(rl_summary.read_text()).get("prompt_source") if rl_summary.exists() else None
-    if isinstance(rl_source, dict) and not cfg.prompts:  # task k draws from seed + k
-        rl_seeds = {rl_source["seed"] + k for k in range(len(rl_source["tasks"]))}
-        if rl_seeds & {cfg.prompt_seed + k for k in range(len(cfg.tasks))}:
-            raise ConfigError(f"--prompt-seed {cfg.prompt_seed} shares seeds with the RL prompts "
-                              f"(seed {rl_source['seed']}): the split is by seed")
+    examples, dropped, sources, seen = held_out_set(cfg)
 
-    # 2. the split is by seed; prompts it shares by chance with a training set are dropped, then checked
-    examples, dropped = held_out(examples, seen)
-    if {ex["prompt"].strip() for ex in examples} & seen:  # cannot happen after held_out; kept as the check
-        raise RuntimeError("eval prompts overlap training prompts")
-    if dropped:
-        log.info("dropped %d eval prompts also found in training prompt sets", dropped)
-    if not examples:
-        raise ConfigError("no held-out prompts left after removing those seen in training")
-    log.info("%d held-out prompts, checked against %d training prompts from %s", len(examples), len(seen),
-             ", ".join(map(str, sources)) or "nothing")
-
-    # 3. n samples per prompt, rewards
+    # 2. n samples per prompt, rewards
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     prompt_ids = [prompt_token_ids(tokenizer, ex["prompt"]) for ex in examples]
     engine = RolloutEngine(cfg.model, max(map(len, prompt_ids)) + cfg.max_new_tokens, seed=cfg.seed)
@@ -327,7 +338,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                                 "reward_errors": row_errors}) + "\n")
     passed = rewards >= cfg.pass_threshold
 
-    # 4. metrics for all prompts, and per task when there are several
+    # 3. metrics for all prompts, and per task when there are several
     report_groups = {"all": summarize(rewards, passed, ks, cfg.bootstrap, cfg.seed)}
     tasks = [ex.get("task") for ex in examples]
     if len(set(tasks)) > 1:
