@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import random
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path

@@ -173,3 +173,22 @@ def test_rl_run_killed_then_resumed(world, tmp_path):
     for name in start:
         assert not torch.equal(start[name], end[name]), f"{name} did not change"
     assert (out / "tokenizer.json").exists() and (out / "rl_prompts.jsonl").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_embedded_recipe_raises_the_reward(world, tmp_path):
+    """RL learns in the embedded world: `make rl`'s recipe from the world's base, a few steps, with the
+    0/1 reward. The base mostly guesses and sometimes works the sum out; RL finds the careful way."""
+    from pipelines.rl import EMBEDDED_RECIPE
+
+    out = tmp_path / "rl"
+    recipe = EMBEDDED_RECIPE + ["--steps", "12", "--save-every", "0", "--progress", "false"]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "ERROR"}
+    done = subprocess.run([sys.executable, "-m", "train.rl", "--model", str(world / "target"), "--out", str(out),
+                           *recipe], cwd=ROOT, env=env, timeout=600, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rewards = [json.loads(x)["mean_reward"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert set(np.unique(np.round(np.array(rewards) * 256))) <= set(range(257))  # 0/1 rewards, 256 samples
+    first, last = np.mean(rewards[:3]), np.mean(rewards[-3:])
+    assert last > first + 0.1, rewards
