@@ -247,9 +247,11 @@ def statement(res: dict, ks: list[int]) -> str:
         lines.append(f"- RL from {arm}: pass@1 {arms[arm]['after_sft']['pass@1']['mean']:.3f} -> "
                      f"{arms[arm]['after_rl']['pass@1']['mean']:.3f} ({g['mean']:+.3f}, 95% [{g['ci95'][0]:+.3f}, "
                      f"{g['ci95'][1]:+.3f}]{'' if excludes_zero(g) else ', not distinguishable from 0'}).")
-    sft_gain = estimate_diff(arms["uniform"], arms["no-sft"], "after_sft")
-    lines.append(f"- Uniform SFT on the filtered behavior corpus moves held-out pass@1 of the base by "
-                 f"{sft_gain:+.3f} (no-sft arm's pass@1 before RL: {arms['no-sft']['after_sft']['pass@1']['mean']:.3f}).")
+    base = arms["no-sft"]["vs_uniform_after_sft"]["pass@1"]  # base minus uniform SFT, paired
+    lo, hi = -base["ci95"][1], -base["ci95"][0]
+    lines.append(f"- Uniform SFT on the filtered behavior corpus moves held-out pass@1 of the base "
+                 f"({arms['no-sft']['after_sft']['pass@1']['mean']:.3f}) by {-base['mean']:+.3f}, 95% [{lo:+.3f}, "
+                 f"{hi:+.3f}]{'' if lo > 0 or hi < 0 else ', not distinguishable from 0'}.")
     for arm in [a for a in arms if a != "uniform"]:
         for k in ("pass@1", top):
             d = arms[arm]["vs_uniform_after_rl"][k]
@@ -264,10 +266,6 @@ def statement(res: dict, ks: list[int]) -> str:
     return "\n".join(lines)
 
 
-def estimate_diff(a: dict, b: dict, phase: str) -> float:
-    return a[phase]["pass@1"]["mean"] - b[phase]["pass@1"]["mean"]
-
-
 def markdown(res: dict, ks: list[int], meta: dict) -> str:
     arms = res["arms"]
     f = lambda x: f"{x['mean']:.3f} [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]"  # noqa: E731
@@ -277,7 +275,8 @@ def markdown(res: dict, ks: list[int], meta: dict) -> str:
     lines = [
         "# PEAR experiment on the embedded world", "",
         f"Made by `{meta['command']}` on {meta['machine']}, {meta['date']}, in {meta['minutes']:.0f} minutes "
-        f"(commit {meta['commit']}). {meta['seeds']} seeds per arm, {res['prompts']} held-out prompts x "
+        "from the scored corpus to the last evaluation "
+        f"(commit {meta['commit']}). {meta['seeds']} seed{'s' if meta['seeds'] > 1 else ''} per arm, {res['prompts']} held-out prompts x "
         f"{meta['samples_per_prompt']} samples, the same prompts for every arm, seed and phase. Recipe in "
         "experiment.json (the embedded recipes of `make sft`, `make rl`, `make eval`).", "",
         "The question (Zhang et al., 2026): does PEAR-weighted SFT, then RL, beat plain SFT, then RL, in pass@k "
@@ -385,6 +384,15 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({platform.machine()}), {gpu}"
 
 
+def wall_minutes(root: Path, seeds: list[int]) -> float:
+    """Minutes from the scored corpus to the last evaluation, read off the files the stages wrote
+    (so a report rebuilt from cached stages still states the run's own time; a resumed run
+    includes its pause)."""
+    start = min(f.stat().st_mtime for f in (root / "score").glob("*.parquet"))
+    end = max((root / arm / f"seed{s}" / "eval-rl" / "eval.json").stat().st_mtime for arm in ARMS for s in seeds)
+    return (end - start) / 60
+
+
 def commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -443,7 +451,7 @@ def main(argv=None) -> int:
     res = collect(root, seeds, ks, scores)
     results.mkdir(parents=True, exist_ok=True)
     meta = {"seeds": len(seeds), "command": "make experiment-smoke" if a.smoke else "make experiment",
-            "machine": machine(), "minutes": round((time.time() - t0) / 60, 1), "date": time.strftime("%Y-%m-%d"),
+            "machine": machine(), "minutes": round(wall_minutes(root, seeds), 1), "date": time.strftime("%Y-%m-%d"),
             "commit": commit(), "samples_per_prompt": int(flag(recipe["eval"], "--n")),
             "lr_control_factor": matched_weight}
     (results / "experiment.json").write_text(json.dumps(
