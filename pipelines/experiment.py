@@ -8,8 +8,9 @@ Arms (`ARMS`): no SFT (RL from the base), uniform SFT, PEAR sequence, token and 
 rate times the mean stored PEAR weight of the pear-token arm (PEAR's average step, no per-token
 shape). The control scales the learning rate, not the loss: AdamW divides a constant loss scale
 out (with `--uniform-weight 0.25` the parameters move about as far as with 1; tests/test_sft.py),
-so "every token weighs the mean weight" would not give PEAR's smaller average step. Every arm then runs the same RL recipe with the same budget and is evaluated on the same
-held-out prompts after SFT and after RL. The recipes are the ones `make sft`, `make rl` and
+so "every token weighs the mean weight" would not give PEAR's smaller average step. Every arm
+then runs the same RL recipe with the same budget and is evaluated on the same held-out prompts
+after SFT and after RL. The recipes are the ones `make sft`, `make rl` and
 `make eval` give a model of the embedded world, so a user can reproduce any arm by hand.
 
 Statistics: every arm and seed is evaluated on the same prompts, so differences are paired by
@@ -276,7 +277,8 @@ def markdown(res: dict, ks: list[int], meta: dict) -> str:
         "# PEAR experiment on the embedded world", "",
         f"Made by `{meta['command']}` on {meta['machine']}, {meta['date']}, in {meta['minutes']:.0f} minutes "
         "from the scored corpus to the last evaluation "
-        f"(commit {meta['commit']}). {meta['seeds']} seed{'s' if meta['seeds'] > 1 else ''} per arm, {res['prompts']} held-out prompts x "
+        f"(commit {meta['commit']}). {meta['seeds']} seed{'s' if meta['seeds'] > 1 else ''} per arm, "
+        f"{res['prompts']} held-out prompts x "
         f"{meta['samples_per_prompt']} samples, the same prompts for every arm, seed and phase. Recipe in "
         "experiment.json (the embedded recipes of `make sft`, `make rl`, `make eval`).", "",
         "The question (Zhang et al., 2026): does PEAR-weighted SFT, then RL, beat plain SFT, then RL, in pass@k "
