@@ -30,7 +30,7 @@ SFT_TIMEOUT_S = 3600  # scoring + two SFT runs take minutes on 2 cores; an hour 
 # train.rl's defaults suit billion-parameter models; the embedded 2-layer, 128-wide model takes a
 # far higher learning rate. With the 0/1 reward and 32 prompts x 8 samples per step, 3e-4 raised
 # held-out pass@1 of every arm by 0.42-0.50 (results/experiment.md). The KL to the start ends
-# at 0.03-0.11, with single-step spikes (up to 7.7 in 1 of 28 runs) that did not derail the
+# at 0.03-0.28, with single-step spikes (up to 7.7 in 1 of 28 runs) that did not derail the
 # reward; a step takes about 1.4 s on one core.
 EMBEDDED_RECIPE = ["--lr", "3e-4", "--prompts-per-step", "32", "--samples-per-prompt", "8", "--steps", "150"]
 # Evaluation of an embedded model: enough held-out prompts (about 290 survive the exclusions) and
