@@ -33,7 +33,7 @@ SFT_TIMEOUT_S = 3600  # scoring + two SFT runs take minutes on 2 cores; an hour 
 # at 0.03-0.28, with single-step spikes (up to 7.7 in 1 of 28 runs) that did not derail the
 # reward; a step takes about 1.4 s on one core.
 EMBEDDED_RECIPE = ["--lr", "3e-4", "--prompts-per-step", "32", "--samples-per-prompt", "8", "--steps", "150"]
-# Evaluation of an embedded model: enough held-out prompts (about 290 survive the exclusions) and
+# Evaluation of an embedded model: enough held-out prompts (281 survive the exclusions) and
 # samples that a 0.05 difference in pass@1 can be seen.
 EMBEDDED_EVAL = ["--num-prompts", "400", "--n", "16", "--k", "1,2,4,8"]
 
