@@ -41,7 +41,7 @@ import numpy as np
 from pipelines.rl import EMBEDDED_EVAL, EMBEDDED_RECIPE as RL_RECIPE
 from pipelines.sft import EMBEDDED_RECIPE as SFT_RECIPE
 from pipelines.world import WorldConfig, build
-from train.eval import occurrence_keys, pass_at_k
+from train.eval import per_prompt_metrics, read_eval
 
 log = logging.getLogger("pear.experiment")
 WORLD = Path("artifacts/world")
@@ -138,19 +138,19 @@ def mean_stored_weight(scores: Path, variant: str = "token") -> float:
 
 # ---- statistics ---------------------------------------------------------------------------------
 
-def per_prompt(samples: Path, k: int) -> dict[tuple[str, int], float]:
-    """Unbiased pass@k of each prompt of an eval's samples.jsonl, keyed by (prompt, occurrence)."""
-    rows = [json.loads(x) for x in samples.read_text().splitlines() if x.strip()]
-    keys = occurrence_keys([r["prompt"] for r in rows])
-    return {key: pass_at_k(len(r["rewards"]), int(sum(v >= 1.0 for v in r["rewards"])), k)
-            for key, r in zip(keys, rows)}
+def per_prompt(eval_dir: Path, k: int) -> dict[tuple[str, int], float]:
+    """Unbiased pass@k of each prompt of an eval folder, keyed by (prompt, occurrence), at its own threshold."""
+    ev = read_eval(str(eval_dir))
+    keys = list(ev["rewards"])
+    rewards = np.stack([ev["rewards"][key] for key in keys])  # (P, n)
+    return dict(zip(keys, per_prompt_metrics(rewards, rewards >= ev["threshold"], [k])[f"pass@{k}"]))
 
 
 def matrix(root: Path, arm: str, phase: str, seeds: list[int], k: int, keys: list) -> np.ndarray:
     """(seeds, prompts) pass@k of one arm and phase on the common prompt keys."""
     rows = []
     for s in seeds:
-        pp = per_prompt(root / arm / f"seed{s}" / f"eval-{phase}" / "samples.jsonl", k)
+        pp = per_prompt(root / arm / f"seed{s}" / f"eval-{phase}", k)
         rows.append([pp[key] for key in keys])
     return np.array(rows, dtype=np.float64)
 
@@ -174,7 +174,7 @@ def estimate(x: np.ndarray, seed: int = 0) -> dict:
 
 def common_keys(root: Path, seeds: list[int]) -> list:
     """The prompt keys every arm, seed and phase was evaluated on (the same by construction; checked)."""
-    sets = [set(per_prompt(root / arm / f"seed{s}" / f"eval-{phase}" / "samples.jsonl", 1))
+    sets = [set(per_prompt(root / arm / f"seed{s}" / f"eval-{phase}", 1))
             for arm in ARMS for s in seeds for phase in ("sft", "rl")]
     keys = sorted(set.intersection(*sets))
     if any(len(x) != len(keys) for x in sets):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from train.eval import (ConfigError, EvalConfig, bootstrap_ci, compare_with_baseline, evaluate, held_out,
-                        held_out_set, occurrence_keys, paired_difference, pass_at_k, prompt_texts, read_baseline,
+                        held_out_set, occurrence_keys, paired_difference, pass_at_k, prompt_texts, read_eval,
                         seen_prompt_sets, summarize)
 
 
@@ -114,16 +114,16 @@ def test_baseline_comparison_pairs_by_prompt_and_repeat(tmp_path):
     examples = [{"prompt": "q"}, {"prompt": "p"}, {"prompt": "p"}, {"prompt": "only-here"}]
     rewards = np.array([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
     cfg = EvalConfig(bootstrap=200)
-    vs = compare_with_baseline(examples, rewards, rewards >= 1.0, [1, 2], read_baseline(str(base)), cfg)
+    vs = compare_with_baseline(examples, rewards, rewards >= 1.0, [1, 2], read_eval(str(base)), cfg)
     assert (vs["shared_prompts"], vs["prompts_only_here"], vs["prompts_only_in_baseline"]) == (3, 1, 1)
     # pairs: q 1.0 vs 0.0, p#0 1.0 vs 0.5, p#1 0.5 vs 0.0 (pass@1 = pass rate)
     assert vs["pass@1"]["before"] == pytest.approx(0.5 / 3) and vs["pass@1"]["after"] == pytest.approx(2.5 / 3)
     assert vs["pass@1"]["mean"] == pytest.approx(2.0 / 3)
     assert vs["pass@2"]["before"] == pytest.approx(1 / 3) and vs["pass@2"]["after"] == pytest.approx(1.0)
     with pytest.raises(ConfigError, match="shares no prompts"):
-        compare_with_baseline([{"prompt": "x"}], rewards[:1], rewards[:1] >= 1, [1], read_baseline(str(base)), cfg)
+        compare_with_baseline([{"prompt": "x"}], rewards[:1], rewards[:1] >= 1, [1], read_eval(str(base)), cfg)
     with pytest.raises(FileNotFoundError, match="not an eval folder"):
-        read_baseline(str(tmp_path))
+        read_eval(str(tmp_path))
 
 
 def test_same_held_out_prompts_before_and_after_rl(world, tmp_path):

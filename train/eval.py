@@ -217,11 +217,11 @@ def held_out_set(cfg: EvalConfig) -> tuple[list[dict], int, list, set[str]]:
     return examples, dropped, sources, seen
 
 
-def read_baseline(folder: str) -> dict:
-    """An earlier eval: its per-prompt rewards (prompt text -> (n,) array) and its pass threshold."""
+def read_eval(folder: str) -> dict:
+    """An eval folder: its per-prompt rewards ((prompt, repeat) -> (n,) array) and its pass threshold."""
     samples, report = Path(folder) / "samples.jsonl", Path(folder) / "eval.json"
     if not (samples.exists() and report.exists()):
-        raise FileNotFoundError(f"baseline {folder!r} is not an eval folder (no samples.jsonl and eval.json)")
+        raise FileNotFoundError(f"{folder!r} is not an eval folder (no samples.jsonl and eval.json)")
     rows = [json.loads(x) for x in samples.read_text().splitlines() if x.strip()]
     keys = occurrence_keys([r["prompt"] for r in rows])
     meta = json.loads(report.read_text())
@@ -307,7 +307,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         log.warning("pass@k needs k <= n = %d: skipping k in %s", cfg.n, sorted(set(cfg.k) - set(ks)))
     try:
         reward_fn = load_reward(cfg.reward)
-        baseline = read_baseline(cfg.baseline) if cfg.baseline else None
+        baseline = read_eval(cfg.baseline) if cfg.baseline else None
     except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
         raise ConfigError(str(e)) from None
     examples, dropped, sources, seen = held_out_set(cfg)
