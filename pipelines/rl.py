@@ -35,7 +35,8 @@ SFT_TIMEOUT_S = 3600  # scoring + two SFT runs take minutes on 2 cores; an hour 
 EMBEDDED_RECIPE = ["--lr", "3e-4", "--prompts-per-step", "32", "--samples-per-prompt", "8", "--steps", "150"]
 # Evaluation of an embedded model: enough held-out prompts (281 survive the exclusions) and
 # samples that a 0.05 difference in pass@1 can be seen.
-EMBEDDED_EVAL = ["--num-prompts", "400", "--n", "16", "--k", "1,2,4,8"]
+EMBEDDED_EVAL = ["--num-prompts", "400", "--n", "16", "--k", "1,2,4,8",
+                 "--exclude", "artifacts/world/corpus-unfiltered.parquet"]
 
 
 def from_world(model: str) -> bool:
@@ -87,14 +88,17 @@ def run_rl(argv) -> int:
 
 def run_eval(argv) -> int:
     cfg = parse(evaluation.EvalConfig, argv, description=evaluation.__doc__)
-    build(WORLD, WorldConfig())  # the default held-out check reads the world's SFT corpus
     if not (Path(cfg.model) / "config.json").exists() and Path(cfg.model) == Path(evaluation.EvalConfig.model):
         log.info("%s is missing: running the default RL first", cfg.model)
         rc = run_rl(["--out", cfg.model])
         if rc:
             return rc
-    # the embedded recipe first, so that flags given on the command line win
-    recipe = EMBEDDED_EVAL if from_world(cfg.model) and not gave(argv, "--config") else []
+    # the embedded recipe first, so that flags given on the command line win; nothing of the
+    # world is built or read for a model that does not descend from it
+    recipe = []
+    if from_world(cfg.model):
+        build(WORLD, WorldConfig())  # the held-out check reads the world's unfiltered corpus
+        recipe = EMBEDDED_EVAL if not gave(argv, "--config") else ["--exclude", str(WORLD / "corpus-unfiltered.parquet")]
     return evaluation.main(recipe + list(argv))
 
 

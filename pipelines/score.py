@@ -1,9 +1,11 @@
-"""`make score`: build the embedded world when it is what is asked for, then run the scoring job.
+"""`make score`: score a corpus; with no corpus given, the embedded demo's.
 
-    python -m pipelines.score [--data corpus] [--out runs/score] [any scorer.job flag]
+    python -m pipelines.score --data corpus.jsonl --target org/model [--behavior org/teacher] [scorer.job flags]
+    python -m pipelines.score                  # the embedded tiny world: built first (cached), then scored
 
-With no --data (or the embedded defaults) the embedded tiny world is built first (cached).
-Prints the summary; exit code 2 on bad input, with one line that says what is wrong.
+With --data, the target is required and nothing of the embedded world is built, read or used: the
+behavior comes from the corpus's behavior_logprobs column, or from --behavior. Prints the summary;
+exit code 2 on bad input, with one line that says what is wrong.
 """
 from __future__ import annotations
 
@@ -16,20 +18,31 @@ from scorer import job
 from scorer.config import parse
 from scorer.job import ScoreConfig
 
-WORLD = Path("artifacts/world")
+WORLD = "artifacts/world"
+EMBEDDED = {"data": f"{WORLD}/corpus.parquet", "target": f"{WORLD}/target", "behavior": f"{WORLD}/behavior"}
 
 
-def uses_world(cfg: ScoreConfig) -> bool:
-    """Does the run read anything from the embedded world folder?"""
-    paths = [cfg.data, cfg.target, cfg.behavior]
-    return any(Path(p).resolve().is_relative_to(WORLD.resolve()) for p in paths if p and p != "none")
+def embedded_defaults(argv: list[str]) -> list[str]:
+    """The embedded world's corpus and models for the fields not given (only when --data is not)."""
+    cfg = parse(ScoreConfig, argv)
+    extra = []
+    for name, value in EMBEDDED.items():
+        if not getattr(cfg, name):
+            extra += [f"--{name}", value]
+    return extra + argv
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse(ScoreConfig, argv, description=__doc__)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if uses_world(cfg):
-        build(WORLD, WorldConfig())
+    if not cfg.data:
+        build(Path(WORLD), WorldConfig())
+        argv = embedded_defaults(argv)
+    elif not cfg.target:
+        print("error: TARGET= (--target) is required with DATA=: the model to be trained, a folder or hub id",
+              file=sys.stderr)
+        return 2
     rc = job.main(argv)
     if rc == 0:
         print(f"shards in {cfg.out}/  (polars: pl.read_parquet('{cfg.out}/*.parquet'))")

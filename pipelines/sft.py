@@ -16,7 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scorer.shards import list_shards, read_meta
+from scorer.shards import ShardError, list_shards, read_meta
+from scorer.weights import WeightParams
 from train import sft
 
 log = logging.getLogger("pear.pipelines")
@@ -33,22 +34,37 @@ EMBEDDED_RECIPE = ["--lr", "1e-3", "--token-budget", "1024", "--epochs", "3", "-
 
 def ensure_scores(scores: str) -> None:
     """The default folder: run `pipelines.score` (builds the world and scores only what is missing;
-    nothing when all is cached). Another folder must already hold shards."""
+    nothing when all is cached), keeping the weighting its shards already have (a `reweight` is
+    not undone). Another folder must already hold shards."""
     if Path(scores) != Path(DEFAULT_SCORES):
         if not (Path(scores).is_dir() and list_shards(scores)):
             raise FileNotFoundError(f"no shards in {scores}; run `make score OUT={scores}` first")
         return
+    shards = list_shards(scores) if Path(scores).is_dir() else []
+    weighting = []
+    if shards:
+        meta = read_meta(shards[0])
+        if not uses_world(meta):
+            return  # the user's own scores in the default folder: nothing of the world is needed
+        weighting = [f"--{k.replace('_', '-')}={','.join(map(str, v)) if isinstance(v, list) else v}"
+                     for k, v in meta.items() if k in WeightParams().as_dict()]
     log.info("making sure %s holds the scored embedded corpus", scores)
     # a child process: an in-process vLLM engine pins the CPU threads that training needs next
-    subprocess.run([sys.executable, "-m", "pipelines.score", "--out", scores, "--executor", "local"], check=True)
+    subprocess.run([sys.executable, "-m", "pipelines.score", "--out", scores, "--executor", "local", *weighting],
+                   check=True)
+
+
+def uses_world(meta: dict) -> bool:
+    """Were these shards scored against the embedded target?"""
+    target = meta.get("target_model", {}).get("path", "")
+    return bool(target) and Path(target).resolve().is_relative_to(WORLD.resolve())
 
 
 def uses_world_model(scores: str, rest: list[str]) -> bool:
     """Is the model to train the embedded target (no --model, shards scored against it)?"""
     if any(a == "--model" or a.startswith("--model=") for a in rest):
         return False
-    target = read_meta(list_shards(scores)[0]).get("target_model", {}).get("path", "")
-    return bool(target) and Path(target).resolve().is_relative_to(WORLD.resolve())
+    return uses_world(read_meta(list_shards(scores)[0]))
 
 
 def format_table(summaries: list[dict]) -> str:
@@ -73,7 +89,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         ensure_scores(args.scores)
-    except (FileNotFoundError, subprocess.CalledProcessError) as e:
+    except (FileNotFoundError, ShardError, subprocess.CalledProcessError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     recipe = EMBEDDED_RECIPE if uses_world_model(args.scores, rest) else []

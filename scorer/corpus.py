@@ -1,23 +1,20 @@
 """Reading the offline corpus and turning rows into token ids: pure functions, no engine.
 
-A row is either `prompt` + `response` (strings) or `messages` (a chat list whose last assistant
-turn is the response). Optional: `id`, `behavior_logprobs` (one per response token),
-`response_ids` (the ids the generator sampled; used as they are). Every other column passes
+A row is either `prompt` + `response` (strings) or `messages` (a chat list; `tools` optional).
+Through the target's chat template, the whole conversation becomes one sequence of ids and every
+assistant turn a span of scored tokens; system, user and tool turns are context. Optional: `id`,
+`behavior_logprobs` (one per scored token, all spans in order), `response_ids` (the ids the
+generator sampled for the last assistant turn; used as they are). Every other column passes
 through. A row that cannot be used raises `RowError(field, reason)` and becomes a reject.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-SUFFIXES = (".parquet", ".jsonl", ".json")
 CONSUMED = ("id", "behavior_logprobs", "response_ids")  # replaced by the output schema
 
 
@@ -36,96 +33,18 @@ class Example:
     id: str
     row: int  # index in its source file
     input_ids: list[int]
-    prompt_len: int
-    behavior_logprobs: np.ndarray | None  # float32 (T,), or None when the behavior model must score
+    spans: list[tuple[int, int]]  # [start, end) token positions of each assistant turn, in order
+    behavior_logprobs: np.ndarray | None  # float32, one per span token, or None when the behavior model must score
 
+    @property
+    def prompt_len(self) -> int:
+        """Tokens before the first span: context only."""
+        return self.spans[0][0]
 
-def list_inputs(data: str) -> list[Path]:
-    """A file, a folder (every Parquet/JSONL file under it) or a glob -> sorted file list."""
-    p = Path(data)
-    if p.is_file():
-        files = [p]
-    elif p.is_dir():
-        files = [f for f in p.rglob("*") if f.is_file() and f.suffix in SUFFIXES]
-    else:
-        files = [Path(f) for f in glob.glob(data, recursive=True) if Path(f).is_file()]
-    files = sorted(f for f in files if f.suffix in SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"no Parquet or JSONL corpus found at {data!r}")
-    return files
-
-
-def count_rows(path: Path) -> int:
-    if path.suffix == ".parquet":
-        return pq.ParquetFile(path).metadata.num_rows
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
-
-
-def file_schema(path: Path, sample_rows: int = 1000) -> pa.Schema:
-    """Arrow schema of a corpus file (JSONL: inferred from its first rows)."""
-    if path.suffix == ".parquet":
-        return pq.ParquetFile(path).schema_arrow
-    rows = []
-    with open(path) as f:
-        for line in f:
-            if len(rows) >= sample_rows:
-                break
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(obj, dict):
-                rows.append(obj)
-    try:
-        return pa.Table.from_pylist(rows).schema
-    except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types in a column: names only
-        names = list(dict.fromkeys(k for r in rows for k in r))
-        return pa.schema([(n, pa.null()) for n in names])
-
-
-def read_rows(path: Path, start: int, stop: int) -> tuple[list[dict | None], pa.Table | None, list[dict]]:
-    """Rows [start, stop) of one file as dicts (None for an unreadable line), the Arrow table they
-    came from (Parquet only, to keep pass-through column types exact), and read errors."""
-    if path.suffix == ".parquet":
-        pf = pq.ParquetFile(path)
-        table = _slice_parquet(pf, start, stop)
-        return table.to_pylist(), table, []
-    rows: list[dict | None] = []
-    errors = []
-    with open(path) as f:
-        i = 0
-        for line in f:
-            if not line.strip():
-                continue
-            if start <= i < stop:
-                try:
-                    obj = json.loads(line)
-                    if not isinstance(obj, dict):
-                        raise ValueError("not a JSON object")
-                    rows.append(obj)
-                except ValueError as e:
-                    rows.append(None)
-                    errors.append({"row": i, "field": "<line>", "reason": f"unreadable JSON: {e}"})
-            i += 1
-            if i >= stop:
-                break
-    return rows, None, errors
-
-
-def _slice_parquet(pf: pq.ParquetFile, start: int, stop: int) -> pa.Table:
-    """Read only the row groups that overlap [start, stop)."""
-    groups, offset, first = [], 0, None
-    for g in range(pf.num_row_groups):
-        n = pf.metadata.row_group(g).num_rows
-        if offset + n > start and offset < stop:
-            groups.append(g)
-            first = offset if first is None else first
-        offset += n
-    if not groups:
-        return pf.schema_arrow.empty_table()
-    t = pf.read_row_groups(groups)
-    return t.slice(start - first, stop - start)
+    @property
+    def response_positions(self) -> np.ndarray:
+        """Positions of the scored tokens, in order (int64)."""
+        return np.concatenate([np.arange(s, e) for s, e in self.spans])
 
 
 def derive_id(row: dict) -> str:
@@ -142,81 +61,195 @@ def row_id(row: dict | None, index: int, source: str) -> str:
     return derive_id(row)
 
 
-def _prompt_and_response(row: dict) -> tuple[list[dict], str]:
-    """(prompt as chat messages, response text) from either row shape."""
+def _message_list(row: dict) -> list[dict]:
+    """The row's `messages`, checked, with null fields dropped (Parquet gives every message every key)."""
     messages = row.get("messages")
-    if messages is not None:
-        if not isinstance(messages, list) or not messages:
-            raise RowError("messages", "must be a non-empty list of {role, content}")
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or not m.get("role"):
-                raise RowError("messages", "every message needs a role and a string content")
-        if messages[-1]["role"] != "assistant":
-            raise RowError("messages", f"last message is from {messages[-1]['role']!r}, not the assistant")
-        return [{"role": m["role"], "content": m["content"]} for m in messages[:-1]], messages[-1]["content"]
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise RowError("messages", "must be a non-empty list of {role, content}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m["role"]:
+            raise RowError("messages", f"message {i}: every message needs a role and a string content")
+        m = {k: v for k, v in m.items() if v is not None}
+        if not isinstance(m.get("content"), (str, list)) and not m.get("tool_calls"):
+            raise RowError("messages", f"message {i} ({m['role']}): every message needs a role and a string content")
+        out.append(m)
+    return out
+
+
+def _conversation(row: dict) -> list[dict]:
+    """Either row shape as a chat: `messages`, or `prompt` + `response` as one user and one assistant turn."""
+    if row.get("messages") is not None:
+        return _message_list(row)
     prompt, response = row.get("prompt"), row.get("response")
     if prompt is None and response is None:
         raise RowError("prompt", "row has neither prompt+response nor messages")
     if not isinstance(prompt, str):
         raise RowError("prompt", "missing or not a string")
-    if not isinstance(response, str) and row.get("response_ids") is None:
-        raise RowError("response", "missing or not a string")
-    return [{"role": "user", "content": prompt}], response
+    if row.get("response_ids") is None and (not isinstance(response, str) or not response.strip()):
+        raise RowError("response", "missing, empty or not a string: no token to score")
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 
 
-def encode_prompt(tokenizer, prompt: list[dict]) -> list[int]:
+def _tools(row: dict):
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise RowError("tools", f"not valid JSON: {e}") from None
+    return tools or None
+
+
+def render(tokenizer, messages: list[dict], tools=None, **kw) -> str:
+    """The chat template's text; a template that refuses the conversation rejects the row."""
+    try:
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, **kw)
+    except Exception as e:  # jinja raises whatever the template author chose
+        raise RowError("messages", f"the chat template cannot render it ({type(e).__name__}: {e})") from None
+
+
+def assistant_char_spans(tokenizer, messages: list[dict], tools=None) -> tuple[str, list[tuple[int, int]]]:
+    """The whole conversation as the template writes it, and the character span of every assistant turn.
+
+    A turn's span starts where the template's generation prompt for it ends (rendering the turns
+    before it with `add_generation_prompt=True`) and ends where the conversation up to and including
+    it ends, trailing whitespace excluded: the content and the template's end-of-turn marker.
+    Templates that do not render earlier turns as a prefix of the whole (some drop earlier
+    reasoning) cannot be cut into spans this way; such a row is rejected, by name.
+    """
+    full = render(tokenizer, messages, tools)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(tokenizer, messages[:i], tools, add_generation_prompt=True) if i else ""
+        upto = render(tokenizer, messages[: i + 1], tools).rstrip()
+        if not (full.startswith(before) and full.startswith(upto)):
+            raise RowError("messages", f"the chat template renders the conversation up to turn {i} differently "
+                                       "from the whole conversation; its assistant turns cannot be located")
+        if len(upto) > len(before):
+            spans.append((len(before), len(upto)))
+    if not spans:
+        raise RowError("messages", "no assistant turn: nothing to score")
+    return full, spans
+
+
+def tokenize_spans(tokenizer, text: str, char_spans: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of `text` (as the template's own tokenization gives them) and the token spans that
+    fall inside `char_spans` (a token belongs to the span its first character is in)."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, starts = list(enc["input_ids"]), [a for a, _ in enc["offset_mapping"]]
+        inside = [any(s <= a < e for s, e in char_spans) for a in starts]
+    else:  # no offsets: tokenize context and spans piece by piece
+        ids, inside, cut = [], [], 0
+        for s, e in char_spans + [(len(text), len(text))]:
+            for piece, flag in ((text[cut:s], False), (text[s:e], True)):
+                piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
+                ids += piece_ids
+                inside += [flag] * len(piece_ids)
+            cut = e
+    spans, t = [], 0
+    while t < len(ids):
+        if inside[t]:
+            s = t
+            while t < len(ids) and inside[t]:
+                t += 1
+            spans.append((s, t))
+        else:
+            t += 1
+    return ids, spans
+
+
+def encode_prompt(tokenizer, prompt: list[dict], tools=None) -> list[int]:
     """Prompt ids, through the tokenizer's chat template when it has one."""
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
-        return list(ids)
+        text = render(tokenizer, prompt, tools, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer("\n".join(m["content"] for m in prompt))["input_ids"]
+
+
+def _sampled_response(row: dict, conversation: list[dict], tokenizer) -> list[int]:
+    """The generator's own ids for the last assistant turn (`response_ids`), checked against its text."""
+    if conversation[-1]["role"] != "assistant":
+        raise RowError("messages", f"last message is from {conversation[-1]['role']!r}, not the assistant "
+                                   "(response_ids belong to the last assistant turn)")
+    try:
+        response_ids = [int(x) for x in row["response_ids"]]
+    except (TypeError, ValueError):
+        raise RowError("response_ids", "must be a list of integers") from None
+    if not response_ids:
+        raise RowError("response_ids", "empty")
+    response = conversation[-1].get("content")
+    if isinstance(response, str):
+        # The sampled ids are kept as they are (behavior logprobs belong to them) even when the
+        # text would tokenize differently; they must still spell this response.
+        decoded = tokenizer.decode(response_ids, skip_special_tokens=True)
+        if decoded != response:
+            at = next((i for i, (a, b) in enumerate(zip(decoded, response)) if a != b), min(len(decoded), len(response)))
+            raise RowError("response_ids", f"do not spell the response text: from character {at} they decode to "
+                                           f"{decoded[at:at + 30]!r}, the text has {response[at:at + 30]!r}")
+    return response_ids
 
 
 def encode_row(row: dict, index: int, source: str, tokenizer, *, max_len: int, truncate: bool,
                append_eos: bool, vocab_size: int) -> Example:
-    """Validate and tokenize one row. Raises RowError with the field and reason."""
-    prompt, response = _prompt_and_response(row)
-    response_ids = row.get("response_ids")
-    if response_ids is not None:
-        response_ids = [int(x) for x in response_ids]
-        if not response_ids:
-            raise RowError("response_ids", "empty")
-        if isinstance(response, str):
-            # The sampled ids are kept as they are (behavior logprobs belong to them) even when
-            # the text would tokenize differently; they must still spell this response.
-            decoded = tokenizer.decode(response_ids, skip_special_tokens=True)
-            if decoded != response:
-                at = next((i for i, (a, b) in enumerate(zip(decoded, response)) if a != b), min(len(decoded), len(response)))
-                raise RowError("response_ids", f"do not spell the response text: from character {at} they decode to "
-                                               f"{decoded[at:at + 30]!r}, the text has {response[at:at + 30]!r}")
+    """Validate and tokenize one row. Raises RowError with the field and reason.
+
+    Three ways, in this order: `response_ids` (the generator's sampled ids after the templated
+    prompt, as they are); a tokenizer with a chat template (the whole conversation through the
+    template, every assistant turn a span); a tokenizer without one (prompt text, then the response
+    text closed with EOS when `append_eos`; a single assistant turn only).
+    """
+    conversation = _conversation(row)
+    tools = _tools(row)
+    if row.get("response_ids") is not None:
+        response_ids = _sampled_response(row, conversation, tokenizer)
+        prompt_ids = encode_prompt(tokenizer, conversation[:-1], tools)
+        input_ids, spans = prompt_ids + response_ids, [(len(prompt_ids), len(prompt_ids) + len(response_ids))]
+    elif getattr(tokenizer, "chat_template", None):
+        text, char_spans = assistant_char_spans(tokenizer, conversation, tools)
+        input_ids, spans = tokenize_spans(tokenizer, text, char_spans)
+        if not spans:
+            raise RowError("messages", "the assistant turns hold no token to score")
     else:
-        if not response.strip():
+        if sum(m["role"] == "assistant" for m in conversation) != 1 or conversation[-1]["role"] != "assistant":
+            raise RowError("messages", "the tokenizer has no chat template: only one assistant turn, the last, "
+                                       "can be scored")
+        response = conversation[-1].get("content")
+        if not isinstance(response, str) or not response.strip():
             raise RowError("response", "is empty: no token to score")
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
         if append_eos and tokenizer.eos_token_id is not None:
             response_ids = response_ids + [tokenizer.eos_token_id]
-    bad = [t for t in response_ids if not 0 <= t < vocab_size]
+        prompt_ids = encode_prompt(tokenizer, conversation[:-1])
+        input_ids, spans = prompt_ids + response_ids, [(len(prompt_ids), len(prompt_ids) + len(response_ids))]
+    bad = [t for t in input_ids if not 0 <= t < vocab_size]
     if bad:
         raise RowError("response_ids", f"token id {bad[0]} is outside the model's vocabulary of {vocab_size}")
+    if spans[0][0] < 1:
+        raise RowError("messages", "the first scored token needs a token before it (an empty prompt)")
+    n_response = sum(e - s for s, e in spans)
 
-    prompt_ids = encode_prompt(tokenizer, prompt)
     behavior = row.get("behavior_logprobs")
     if behavior is not None:
         behavior = np.asarray(behavior, dtype=np.float64)
-        if behavior.ndim != 1 or len(behavior) != len(response_ids):
-            raise RowError("behavior_logprobs", f"has {behavior.size} values for {len(response_ids)} response tokens")
+        if behavior.ndim != 1 or len(behavior) != n_response:
+            raise RowError("behavior_logprobs", f"has {behavior.size} values for {n_response} response tokens")
         if not np.isfinite(behavior).all():
             raise RowError("behavior_logprobs", f"non-finite value at response token {int(np.argmin(np.isfinite(behavior)))}")
         if (behavior > 1e-4).any():
             raise RowError("behavior_logprobs", f"positive logprob {behavior.max():.4g} (not a log-probability)")
         behavior = behavior.astype(np.float32)
 
-    total = len(prompt_ids) + len(response_ids)
-    if total > max_len:
-        if not truncate or len(prompt_ids) >= max_len:
-            raise RowError("response", f"{total} tokens (prompt {len(prompt_ids)}) exceed max_len {max_len}")
-        keep = max_len - len(prompt_ids)
-        response_ids = response_ids[:keep]
-        behavior = behavior[:keep] if behavior is not None else None
-    return Example(id=row_id(row, index, source), row=index, input_ids=prompt_ids + response_ids,
-                   prompt_len=len(prompt_ids), behavior_logprobs=behavior)
+    if len(input_ids) > max_len:
+        if not truncate or spans[0][0] >= max_len:
+            field = "messages" if row.get("messages") is not None else "response"
+            raise RowError(field, f"{len(input_ids)} tokens (prompt {spans[0][0]}) exceed max_len {max_len}")
+        input_ids = input_ids[:max_len]
+        spans = [(s, min(e, max_len)) for s, e in spans if s < max_len]
+        if behavior is not None:
+            behavior = behavior[: sum(e - s for s, e in spans)]
+    return Example(id=row_id(row, index, source), row=index, input_ids=input_ids, spans=spans,
+                   behavior_logprobs=behavior)

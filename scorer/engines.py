@@ -28,7 +28,6 @@ def _vllm_env():
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # ERROR: with skip_tokenizer_init, vLLM's start-up warm-up logs a harmless chat-template
     # traceback at WARNING level on every engine start

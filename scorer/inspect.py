@@ -1,19 +1,65 @@
 """Look at a scoring run: the printed summary and a PNG histogram of log-weights per variant.
 
     python -m scorer.inspect --scores runs/score     # writes runs/score/log_weights.png
+
+Shards are read a batch of rows at a time into fixed-bin histograms, so memory does not grow
+with the corpus. One panel per variant of `scorer.weights.VARIANTS` but "none" (uniform).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 
-from scorer.shards import list_shards, read_meta
-from scorer.weights import VARIANTS, WeightParams, ragged_weights
+from scorer.shards import ShardError, list_shards, read_meta
+from scorer.stats import VariantStats, WeightStats
+from scorer.weights import VARIANTS, WeightParams
+
+
+def shard_params(path: Path) -> tuple[WeightParams, dict]:
+    """The weight constants a shard was written with, and its whole `pear` metadata."""
+    try:
+        meta = read_meta(path)
+    except (OSError, pa.ArrowException) as e:
+        raise ShardError(f"{path}: cannot read ({e})") from None
+    try:
+        params = WeightParams(meta["variant"], meta["gamma"], meta["block_size"], tuple(meta["delta_clip"]),
+                              tuple(meta["log_weight_clip"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ShardError(f"{path}: bad weight constants in its metadata ({e!r})") from None
+    return params, meta
+
+
+def plot_log_weights(stats: dict[str, WeightStats], in_shards: str, title: str):
+    """One histogram panel per entry of `stats` (at most 3 a row); returns the matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(stats)
+    ncols = min(n, 3)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(13 / 3 * ncols, 3.6 * nrows), sharey=True, squeeze=False)
+    for ax, (variant, st) in zip(axes.flat, stats.items()):
+        if st.tokens:
+            counts, edges = st.log_weight_histogram(max_bins=60)
+            ax.stairs(counts, edges, fill=True, color="tab:blue")
+        for bound in st.log_weight_clip:
+            ax.axvline(bound, color="tab:red", lw=0.8, ls="--")
+        ax.set_title(variant + (" (in shards)" if variant == in_shards else ""))
+        ax.set_xlabel("log G (clipped)")
+    for ax in axes.flat[n:]:  # the unused end of the last row
+        fig.delaxes(ax)
+    for row in axes:
+        row[0].set_ylabel("response tokens")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
 
 
 def main(argv=None) -> int:
@@ -21,45 +67,33 @@ def main(argv=None) -> int:
     p.add_argument("--scores", default="runs/score")
     p.add_argument("--png", default=None, help="output image (default: SCORES/log_weights.png)")
     a = p.parse_args(argv)
+
+    # histograms of every variant's log-weights, shard by shard, under the shards' constants
     try:
         shards = list_shards(Path(a.scores))
-    except FileNotFoundError as e:
+        if not shards:
+            raise ShardError(f"no shards in {a.scores}")
+        params, meta = shard_params(shards[0])
+        stats = VariantStats(params, variants=tuple(v for v in VARIANTS if v != "none"))
+        for s in shards:
+            stats.add_shard(s)
+    except (ShardError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not shards:
-        print(f"error: no shards in {a.scores}", file=sys.stderr)
-        return 2
-    import matplotlib
 
-    matplotlib.use("Agg")
+    # the figure, then the printed summary
+    fig = plot_log_weights(stats.stats, meta["variant"], f"PEAR log-weights, {a.scores}")
     import matplotlib.pyplot as plt
 
     from scorer.job import format_summary
 
-    meta = read_meta(shards[0])
-    target, behavior = [], []
-    for s in shards:
-        t = pq.read_table(s, columns=["target_logprobs", "behavior_logprobs"])
-        target += [np.asarray(x, np.float32) for x in t.column("target_logprobs").to_pylist()]
-        behavior += [np.asarray(x, np.float32) for x in t.column("behavior_logprobs").to_pylist()]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharey=True)
-    for ax, variant in zip(axes, [v for v in VARIANTS if v != "none"]):
-        params = WeightParams(variant, meta["gamma"], meta["block_size"], tuple(meta["delta_clip"]),
-                              tuple(meta["log_weight_clip"]))
-        _, logs = ragged_weights(target, behavior, params)
-        ax.hist(np.concatenate(logs), bins=60, color="tab:blue")
-        for bound in params.log_weight_clip:
-            ax.axvline(bound, color="tab:red", lw=0.8, ls="--")
-        ax.set_title(f"{variant}" + (" (in shards)" if variant == meta["variant"] else ""))
-        ax.set_xlabel("log G (clipped)")
-    axes[0].set_ylabel("response tokens")
-    fig.suptitle(f"PEAR log-weights, {a.scores}")
-    fig.tight_layout()
     png = Path(a.png or Path(a.scores) / "log_weights.png")
     fig.savefig(png, dpi=110)
+    plt.close(fig)
     summary = Path(a.scores) / "summary.json"
-    if summary.exists():
-        print(format_summary(json.loads(summary.read_text())))
+    summary = json.loads(summary.read_text()) if summary.exists() else {}
+    if "rows_in" in summary:  # a scoring run's; `reweight` alone writes only params and variants
+        print(format_summary(summary))
     print(f"histogram: {png}")
     return 0
 

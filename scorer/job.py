@@ -24,11 +24,13 @@ import pyarrow as pa
 
 from scorer import __version__
 from scorer.config import ConfigError, field, parse
-from scorer.corpus import CONSUMED, RowError, count_rows, encode_row, file_schema, list_inputs, read_rows, row_id
+from scorer.corpus import CONSUMED, RowError, encode_row, row_id
 from scorer.engines import make_scorer, vllm_available
-from scorer.shards import (CORE_NAMES, REJECT_SCHEMA, SCHEMA_VERSION, core_table, fingerprint, list_shards, read_meta,
+from scorer.models import model_record, pinned, resolve_model
+from scorer.shards import (CORE_NAMES, REJECT_SCHEMA, SCHEMA_VERSION, ShardError, core_table, list_shards, read_meta,
                            tokenizer_sha256, write_atomic, write_json_atomic)
-from scorer.stats import all_variant_stats
+from scorer.sources import InputError, Source, open_source, open_sources
+from scorer.stats import stats_of_shards
 from scorer.weights import WeightParams, ragged_weights
 
 log = logging.getLogger("pear.scorer")
@@ -39,11 +41,14 @@ log = logging.getLogger("pear.scorer")
 class ScoreConfig:
     """Score every response token of a corpus under the target (and behavior) policy."""
 
-    data: str = field("artifacts/world/corpus.parquet", "corpus: a Parquet/JSONL file, a folder or a glob")
+    data: str = field("", "corpus: a Parquet/JSONL/JSON file, a folder or a glob of them, a `datasets` folder "
+                          "(save_to_disk), or a hub dataset id org/name[@revision]")
+    data_config: str = field("", "hub dataset: the configuration name")
+    data_split: str = field("", "hub dataset or DatasetDict folder: the split (hub default: train)")
     out: str = field("runs/score", "output folder for shards, summary.json and rejects/")
-    target: str = field("artifacts/world/target", "target policy: a Hugging Face model folder")
-    behavior: str = field("artifacts/world/behavior",
-                          "behavior policy folder, used for rows without behavior_logprobs; 'none' for no model")
+    target: str = field("", "target policy: a Hugging Face model folder or hub id org/name[@revision]")
+    behavior: str = field("", "behavior policy (folder or hub id) for rows without behavior_logprobs; "
+                              "empty or 'none': the corpus column only")
     backend: str = field("auto", "scoring backend: vllm, torch, or auto (torch: the fastest measured, "
                                  "see bench/RESULTS.md)")
     variant: str = field("token", "PEAR variant: sequence, token, block or none")
@@ -91,21 +96,31 @@ class ShardScorer:
         self.job_meta = job_meta
         self.passthrough = pa.ipc.read_schema(pa.py_buffer(passthrough))
         self.params = self.cfg.weight_params()
-        self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.target)
-        self.vocab_size = AutoConfig.from_pretrained(self.cfg.target).vocab_size
+        # the models the driver resolved, pinned to their hub commit (this may be another node)
+        self.target_path = resolve_model(pinned(job_meta["target_model"]), "target").path
+        behavior = job_meta["behavior"]["model"]
+        self.behavior_path = resolve_model(pinned(behavior), "behavior").path if behavior else None
+        self.tokenizer = AutoTokenizer.from_pretrained(self.target_path)
+        self.vocab_size = AutoConfig.from_pretrained(self.target_path).vocab_size
+        self.sources: dict[str, Source] = {}
         backend = self.cfg.resolved_backend()
         self.max_len = job_meta["max_len"]  # the config's, capped at the model's context window
         compile_ = {"auto": None, "true": True, "false": False}[self.cfg.torch_compile.lower()]
         kw = dict(max_model_len=self.max_len, dtype=self.cfg.dtype or None, token_budget=self.cfg.token_budget or None,
                   attention=self.cfg.torch_attention or None, compile=compile_)
         self._make = lambda model: make_scorer(backend, model, **kw)
-        self.target = self._make(self.cfg.target)
+        self.target = self._make(self.target_path)
         self._behavior = None  # loaded on first use: most corpora carry their behavior logprobs
 
     def behavior(self):
         if self._behavior is None:
-            self._behavior = self._make(self.cfg.behavior_model)
+            self._behavior = self._make(self.behavior_path)
         return self._behavior
+
+    def source(self, spec: str) -> Source:
+        if spec not in self.sources:
+            self.sources[spec] = open_source(json.loads(spec))
+        return self.sources[spec]
 
     def __call__(self, batch: dict) -> dict:
         results = [self.score_unit({k: batch[k][i] for k in batch}) for i in range(len(batch["shard"]))]
@@ -113,8 +128,9 @@ class ShardScorer:
 
     def score_unit(self, unit: dict) -> dict:
         t0 = time.perf_counter()
-        path, start, stop = Path(unit["source"]), int(unit["start"]), int(unit["stop"])
-        rows, table, read_errors = read_rows(path, start, stop)
+        source, start, stop = self.source(unit["source"]), int(unit["start"]), int(unit["stop"])
+        path = source.key
+        rows, table, read_errors = source.read(start, stop)
         rejects = [dict(e, id=f"{path}:{e['row']}", source=str(path)) for e in read_errors]
 
         # tokenize and validate
@@ -136,16 +152,18 @@ class ShardScorer:
             examples.append(ex)
             keep.append(offset)
 
-        # score: the target always; the behavior model only where the corpus has no logprobs
+        # score: the target always; the behavior model only where the corpus has no logprobs.
+        # Engines score every token after the prompt; the spans' tokens are kept.
         input_ids = [ex.input_ids for ex in examples]
         prompt_lens = [ex.prompt_len for ex in examples]
-        target_lps = self.target.score(input_ids, prompt_lens)
+        picks = [ex.response_positions - ex.prompt_len for ex in examples]
+        target_lps = [lp[k] for lp, k in zip(self.target.score(input_ids, prompt_lens), picks)]
         behavior_lps = [ex.behavior_logprobs for ex in examples]
         need = [i for i, b in enumerate(behavior_lps) if b is None]
         if need:
             scored = self.behavior().score([input_ids[i] for i in need], [prompt_lens[i] for i in need])
             for i, lp in zip(need, scored):
-                behavior_lps[i] = lp
+                behavior_lps[i] = lp[picks[i]]
 
         # a model that gives NaN/inf on a row rejects the row, not the shard
         good = []
@@ -165,7 +183,7 @@ class ShardScorer:
 
         weights, _ = ragged_weights(target_lps, behavior_lps, self.params)
         out = core_table([ex.id for ex in examples], [ex.input_ids for ex in examples],
-                         [ex.prompt_len for ex in examples], target_lps, behavior_lps, weights)
+                         [ex.spans for ex in examples], target_lps, behavior_lps, weights)
         out = _with_passthrough(out, rows, table, keep, self.passthrough)
 
         out_dir = Path(self.cfg.out)
@@ -173,7 +191,7 @@ class ShardScorer:
         write_atomic(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), out_dir / "rejects" / "parts" / unit["shard"])
         behavior_source = ("model" if from_model == len(examples) and examples else
                            "column+model" if from_model else "column")
-        meta = dict(self.job_meta, source=str(path), rows=[start, stop],
+        meta = dict(self.job_meta, source=str(path), source_fingerprint=json.loads(unit["fingerprint"]), rows=[start, stop],
                     behavior=dict(self.job_meta["behavior"], source=behavior_source, rows_from_model=from_model))
         write_atomic(out, out_dir / unit["shard"], meta)
         n_tokens = int(sum(len(x) for x in input_ids))
@@ -212,43 +230,41 @@ def _with_passthrough(out: pa.Table, rows: list, table: pa.Table | None, keep: l
 
 # ---- the job ----------------------------------------------------------------------------------
 
-def plan_units(files: list[Path], rows_per_shard: int) -> list[dict]:
-    """Units of at most `rows_per_shard` rows of one file; shard names are stable across runs."""
+def plan_units(sources: list[Source], rows_per_shard: int) -> list[dict]:
+    """Units of at most `rows_per_shard` rows of one source; shard names are stable across runs."""
     units, used = [], set()
-    for f in files:
-        stem = f.stem
+    for src in sources:
+        stem = src.stem
         if stem in used:  # same file name in two folders
             k = 2
             while f"{stem}_{k}" in used:
                 k += 1
             stem = f"{stem}_{k}"
         used.add(stem)
-        n = count_rows(f)
+        n = src.num_rows()
+        spec, fp = json.dumps(src.describe(), sort_keys=True), json.dumps(src.fingerprint(), sort_keys=True)
         for k, start in enumerate(range(0, n, rows_per_shard)):
-            units.append({"source": str(f), "start": start, "stop": min(n, start + rows_per_shard),
-                          "shard": f"{stem}-{k:05d}.parquet"})
+            units.append({"source": spec, "key": src.key, "fingerprint": fp, "start": start,
+                          "stop": min(n, start + rows_per_shard), "shard": f"{stem}-{k:05d}.parquet"})
     return units
 
 
-def check_inputs(cfg: ScoreConfig) -> tuple[list[Path], dict, bytes]:
-    """Everything that can fail before any work starts; returns the input files, the job
+def check_inputs(cfg: ScoreConfig) -> tuple[list[Source], dict, bytes]:
+    """Everything that can fail before any work starts; returns the corpus sources, the job
     metadata and the pass-through columns' Arrow schema (serialized, to ship to actors)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    try:
-        out = Path(cfg.out).resolve()
-        files = [f for f in list_inputs(cfg.data) if out not in f.resolve().parents]  # never our own shards
-        if not files:
-            raise FileNotFoundError(f"no Parquet or JSONL corpus found at {cfg.data!r} outside the output folder")
-    except FileNotFoundError as e:
-        raise ConfigError(str(e)) from None
-    for name, folder in (("target", cfg.target), ("behavior", cfg.behavior_model)):
-        if folder is not None and not (Path(folder) / "config.json").exists():
-            raise ConfigError(f"{name} model not found: {folder!r} has no config.json")
+    if not cfg.data:
+        raise ConfigError("no corpus given: --data (DATA=) names a file, folder, glob, datasets folder or hub dataset")
+    if not cfg.target:
+        raise ConfigError("no target model given: --target (TARGET=) names a model folder or hub id; "
+                          "the target is the model to be trained")
     try:
         cfg.weight_params()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.rows_per_shard < 1:
+        raise ConfigError(f"--rows-per-shard must be at least 1, got {cfg.rows_per_shard}")
     if cfg.backend not in ("auto", "vllm", "torch"):
         raise ConfigError(f"backend must be auto, vllm or torch, got {cfg.backend!r}")
     if cfg.torch_compile.lower() not in ("auto", "true", "false") or cfg.torch_attention not in ("", "padded", "packed"):
@@ -257,36 +273,49 @@ def check_inputs(cfg: ScoreConfig) -> tuple[list[Path], dict, bytes]:
         raise ConfigError(f"executor must be ray or local, got {cfg.executor!r}")
     if cfg.resolved_backend() == "vllm" and not vllm_available():
         raise ConfigError("backend vllm asked for, but vllm is not installed; use --backend torch")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.target)
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ConfigError(f"--out {cfg.out!r} is a file, not a folder")
+    try:
+        sources = open_sources(cfg.data, config=cfg.data_config or None, split=cfg.data_split or None,
+                               exclude=Path(cfg.out))  # never our own shards
+        schemas = [src.schema() for src in sources]
+    except InputError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.behavior_model is None:
+        lacking = [src.key for src, sc in zip(sources, schemas) if "behavior_logprobs" not in sc.names]
+        if lacking:
+            raise ConfigError(f"{lacking[0]} has no behavior_logprobs column and no behavior model was given: "
+                              "name the model that wrote the data with BEHAVIOR= (--behavior, folder or hub id), "
+                              "or add a behavior_logprobs column (one logprob per response token)")
+    target = resolve_model(cfg.target, "target")
+    tokenizer = AutoTokenizer.from_pretrained(target.path)
     tok_sha = tokenizer_sha256(tokenizer)
     behavior = {"model": None}
     if cfg.behavior_model is not None:
+        ref = resolve_model(cfg.behavior_model, "behavior")
         try:
-            btok = AutoTokenizer.from_pretrained(cfg.behavior_model)
+            btok = AutoTokenizer.from_pretrained(ref.path)
         except (OSError, ValueError) as e:
             raise ConfigError(f"behavior model {cfg.behavior_model!r} has no loadable tokenizer ({e}); "
                               "token-level ratios need the target's token ids") from None
         if btok.get_vocab() != tokenizer.get_vocab():
             raise ConfigError(f"behavior model {cfg.behavior_model!r} uses another tokenizer than the target "
                               f"{cfg.target!r}; token-level ratios need identical token ids")
-        behavior["model"] = fingerprint(cfg.behavior_model)
-    else:
-        lacking = [str(f) for f in files if "behavior_logprobs" not in file_schema(f).names]
-        if lacking:
-            raise ConfigError(f"{lacking[0]} has no behavior_logprobs column and no behavior model was given "
-                              "(--behavior / BEHAVIOR=)")
-    # the union of the files' other columns: every shard carries all of them with one type each
-    schemas = [file_schema(f) for f in files]
-    merged = pa.unify_schemas([pa.schema([x for x in sc if x.name not in CONSUMED + tuple(CORE_NAMES)]) for sc in schemas],
-                              promote_options="permissive")
+        behavior["model"] = model_record(ref)
+    # the union of the sources' other columns: every shard carries all of them with one type each
+    try:
+        merged = pa.unify_schemas([pa.schema([x for x in sc if x.name not in CONSUMED + tuple(CORE_NAMES)])
+                                   for sc in schemas], promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise ConfigError(f"the corpus files disagree on a column's type: {e}") from None
     passthrough = merged.serialize().to_pybytes()
     params = cfg.weight_params()
-    window = getattr(AutoConfig.from_pretrained(cfg.target), "max_position_embeddings", None) or cfg.max_len
-    meta = {"schema_version": SCHEMA_VERSION, **params.as_dict(), "target_model": fingerprint(cfg.target),
+    window = getattr(AutoConfig.from_pretrained(target.path), "max_position_embeddings", None) or cfg.max_len
+    meta = {"schema_version": SCHEMA_VERSION, **params.as_dict(), "target_model": model_record(target),
             "behavior": behavior, "tokenizer_sha256": tok_sha, "backend": cfg.resolved_backend(),
             "version": __version__, "max_len": min(cfg.max_len, window), "truncate": cfg.truncate,
             "append_eos": cfg.append_eos, "passthrough_columns": merged.names}
-    return files, meta, passthrough
+    return sources, meta, passthrough
 
 
 def _same_scores(a: dict, b: dict) -> bool:
@@ -297,21 +326,26 @@ def _same_scores(a: dict, b: dict) -> bool:
 
 def run(cfg: ScoreConfig, progress: bool = True) -> dict:
     """Score what is missing under `cfg.out`, then write the merged rejects and summary.json."""
-    files, job_meta, passthrough = check_inputs(cfg)
-    units = plan_units(files, cfg.rows_per_shard)
+    sources, job_meta, passthrough = check_inputs(cfg)
+    units = plan_units(sources, cfg.rows_per_shard)
     out = Path(cfg.out)
     (out / "rejects" / "parts").mkdir(parents=True, exist_ok=True)
 
-    # resume: a shard that exists is done, if it was made the same way
-    planned = {u["shard"] for u in units}
+    # resume: a shard that exists is done, if it was made the same way from the same rows
+    planned = {u["shard"]: u for u in units}
     for shard in list_shards(out):
         meta = read_meta(shard)
-        same = _same_scores(meta, job_meta) and {k: meta.get(k) for k in WeightParams().as_dict()} == \
-            {k: job_meta[k] for k in WeightParams().as_dict()}
-        if not same or shard.name not in planned:
+        unit = planned.get(shard.name)
+        problem = ("it is not part of this corpus's plan" if unit is None else
+                   "it was made with other settings" if not _same_scores(meta, job_meta) or
+                   {k: meta.get(k) for k in WeightParams().as_dict()} != {k: job_meta[k] for k in WeightParams().as_dict()}
+                   else "its corpus rows changed since" if (meta.get("source"), meta.get("rows"),
+                                                             json.dumps(meta.get("source_fingerprint"), sort_keys=True))
+                   != (unit["key"], [unit["start"], unit["stop"]], unit["fingerprint"]) else None)
+        if problem:
             if not cfg.overwrite:
-                raise ConfigError(f"{shard} was made with other settings or another corpus; "
-                                  "use a new --out, `reweight` for new weights, or --overwrite")
+                raise ConfigError(f"{shard}: {problem}; use a new --out, `reweight` for new weights, "
+                                  "or --overwrite true to score it again")
             shard.unlink()
     pending = [u for u in units if not (out / u["shard"]).exists()]
     log.info("%d units, %d already scored, %d to score (backend %s, executor %s)",
@@ -370,7 +404,9 @@ def init_ray():
     if ray.is_initialized():
         return
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false"}
+    # the hub library's settings (offline mode, cache folder, token) reach the actors as they are here
+    env.update({k: v for k, v in os.environ.items() if k.startswith("HF_")})
     kwargs = dict(include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": env})
     if not os.environ.get("RAY_ADDRESS"):
         # a few more logical CPUs than cores: Ray Data's own tasks must not wait behind the actors
@@ -384,34 +420,35 @@ def summarize(cfg: ScoreConfig, out: Path, units: list[dict], results: list[dict
     import pyarrow.parquet as pq
 
     parts = sorted((out / "rejects" / "parts").glob("*.parquet"))
-    rejects = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else REJECT_SCHEMA.empty_table()
-    write_atomic(rejects, out / "rejects" / "rejects.parquet")
+    by_field: dict[str, int] = {}
+    tmp = out / "rejects" / ".rejects.parquet.tmp"
+    with pq.ParquetWriter(tmp, REJECT_SCHEMA, compression="zstd") as writer:  # part by part
+        for part in parts:
+            t = pq.read_table(part, schema=REJECT_SCHEMA)
+            writer.write_table(t)
+            for f in t.column("field").to_pylist():
+                by_field[str(f)] = by_field.get(str(f), 0) + 1
+    os.replace(tmp, out / "rejects" / "rejects.parquet")
     shards = list_shards(out)
-    target, behavior, n_written = [], [], 0
-    for s in shards:
-        t = pq.read_table(s, columns=["target_logprobs", "behavior_logprobs"])
-        n_written += t.num_rows
-        target += [np.asarray(x, np.float32) for x in t.column("target_logprobs").to_pylist()]
-        behavior += [np.asarray(x, np.float32) for x in t.column("behavior_logprobs").to_pylist()]
+    n_written = sum(pq.ParquetFile(s).metadata.num_rows for s in shards)
+    variants = stats_of_shards(shards, cfg.weight_params())
     rows_in = sum(u["stop"] - u["start"] for u in units)
     scored_tokens = sum(r["tokens"] for r in results)
     summary = {
         "rows_in": rows_in,
         "rows_written": n_written,
-        "rows_rejected": rejects.num_rows,
-        "rejects_by_field": {str(f): int(n) for f, n in
-                             zip(*np.unique(np.array(rejects.column("field").to_pylist(), dtype=object).astype(str),
-                                            return_counts=True))} if rejects.num_rows else {},
+        "rows_rejected": sum(by_field.values()),
+        "rejects_by_field": dict(sorted(by_field.items())),
         "shards": len(shards),
         "shards_scored_now": len(results),
-        "response_tokens": int(sum(len(x) for x in target)),
+        "response_tokens": variants["none"].get("tokens", 0),
         "tokens_scored_now": scored_tokens,
         "seconds": round(wall, 2),
         # scoring throughput (engine start excluded); `seconds` is the whole run's wall time
         "tokens_per_second": round(scored_tokens / sum(r["seconds"] for r in results), 1) if results else None,
         "params": {k: job_meta[k] for k in WeightParams().as_dict()},
         "backend": job_meta["backend"],
-        "variants": all_variant_stats(target, behavior, cfg.weight_params()),
+        "variants": variants,
     }
     if summary["rows_in"] != summary["rows_written"] + summary["rows_rejected"]:
         log.error("row accounting does not add up: %s", {k: summary[k] for k in ("rows_in", "rows_written", "rows_rejected")})
@@ -442,7 +479,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         summary = run(cfg)
-    except ConfigError as e:
+    except (ConfigError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary))

@@ -2,24 +2,27 @@
 
     python -m scorer.reweight --scores runs/score --variant block [--block-size 4] [--gamma 0.999]
 
-Each shard is rewritten atomically with the new weights and the new constants in its `pear`
-metadata; summary.json gets the new variant's diagnostics.
+Shards are read one row group at a time (memory does not grow with the corpus). Every new shard is
+first written aside (`.NAME.reweight-tmp` in the same folder) and the originals are replaced only
+once all of them are written, so a shard that cannot be read leaves the folder as it was (this
+needs the space of a second copy of the shards). Every column but `weights` and every metadata key
+are kept; the `pear` metadata gets the new constants and summary.json the new diagnostics.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from scorer.config import field, parse
-from scorer.shards import ShardError, list_shards, read_meta, write_atomic, write_json_atomic
-from scorer.stats import all_variant_stats
-from scorer.weights import WeightParams, ragged_weights
+from scorer.shards import META_KEY, ShardError, list_shards, read_meta, write_json_atomic
+from scorer.stats import BATCH_ROWS, LOGPROB_COLUMNS, VariantStats, logprob_rows
+from scorer.weights import WeightParams
 
 
 @dataclass
@@ -35,28 +38,72 @@ class ReweightConfig:
 
 
 def reweight(scores: Path, params: WeightParams) -> dict:
-    """Rewrite every shard's weights; returns the updated summary."""
+    """Rewrite every shard's weights, all or none; returns the updated summary.
+
+    ShardError names the first shard that cannot be read or written; the originals are then untouched.
+    """
     shards = list_shards(scores)
     if not shards:
         raise ShardError(f"{scores}: no shards to reweight")
-    all_t, all_b = [], []
-    for path in shards:
-        meta = read_meta(path)
-        table = pq.read_table(path)
-        target = [np.asarray(x, np.float32) for x in table.column("target_logprobs").to_pylist()]
-        behavior = [np.asarray(x, np.float32) for x in table.column("behavior_logprobs").to_pylist()]
-        weights, _ = ragged_weights(target, behavior, params)
-        col = pa.array(weights, pa.list_(pa.float32()))
-        table = table.set_column(table.column_names.index("weights"), "weights", col)
-        write_atomic(table, path, {**meta, **params.as_dict()})
-        all_t += target
-        all_b += behavior
+    stats = VariantStats(params)
+    staged = []  # (temporary, original), written so far
+    try:
+        for path in shards:
+            staged.append((path.with_name(f".{path.name}.reweight-tmp"), path))
+            rewrite_shard(path, staged[-1][0], params, stats)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in staged:
+        os.replace(tmp, path)
     summary_path = Path(scores) / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary["params"] = params.as_dict()
-    summary["variants"] = all_variant_stats(all_t, all_b, params)
+    summary["variants"] = stats.result()
     write_json_atomic(summary, summary_path)
     return summary
+
+
+def rewrite_shard(path: Path, out: Path, params: WeightParams, stats: VariantStats) -> None:
+    """Write `path` to `out` with new weights, row group by row group, adding its rows to `stats`."""
+    try:
+        meta = read_meta(path)
+        shard = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise ShardError(f"{path}: cannot read ({e})") from None
+    with shard:
+        schema = shard.schema_arrow
+        missing = [c for c in (*LOGPROB_COLUMNS, "weights") if c not in schema.names]
+        if missing:
+            raise ShardError(f"{path}: missing columns {missing}")
+        col = schema.get_field_index("weights")
+        new_meta = json.dumps({**meta, **params.as_dict()}, sort_keys=True).encode()
+        schema = schema.with_metadata({**(schema.metadata or {}), META_KEY: new_meta})
+        try:
+            writer = pq.ParquetWriter(out, schema, compression="zstd")
+        except (OSError, pa.ArrowException) as e:
+            raise ShardError(f"{path}: cannot write {out.name} ({e})") from None
+        with writer:
+            first_row = 0
+            for g in range(shard.num_row_groups):
+                try:
+                    table = shard.read_row_group(g)
+                except (OSError, pa.ArrowException) as e:
+                    raise ShardError(f"{path}: cannot read ({e})") from None
+                weights = []
+                for start in range(0, table.num_rows, BATCH_ROWS):  # bounds the padded (B, T) tensors
+                    target, behavior = logprob_rows(table.slice(start, BATCH_ROWS), path, first_row + start)
+                    try:
+                        weights += stats.add(target, behavior)[params.variant][0]
+                    except ValueError as e:
+                        raise ShardError(f"{path}: rows from {first_row + start}: {e}") from None
+                table = table.set_column(col, schema.field(col), pa.array(weights, schema.field(col).type))
+                try:
+                    writer.write_table(table, row_group_size=max(table.num_rows, 1))  # same row groups
+                except (OSError, pa.ArrowException) as e:
+                    raise ShardError(f"{path}: cannot write {out.name} ({e})") from None
+                first_row += table.num_rows
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,15 @@
-"""The scored-shard format (schema version 1): writing, reading, checking.
+"""The scored-shard format (schema version 2, version 1 still read): writing, reading, checking.
 
-Columns: `id` string; `input_ids` list<int32> (prompt + response: the ids the trainer uses);
-`prompt_len` int32; `target_logprobs`, `behavior_logprobs`, `weights` list<float32>, one value
-per response token (`input_ids[prompt_len:]`); then the corpus's other columns, untouched.
+Columns (README "Shard format" documents each):
+- `id` string: the row's id (its own, or a hash of its content).
+- `input_ids` list<int32>: the whole sequence as the trainer uses it (chat template applied).
+- `prompt_len` int32: tokens before the first scored token (context only).
+- `response_spans` list<struct<start: int32, end: int32>>: [start, end) positions in `input_ids`
+  of every scored span (each assistant turn), in order; the first starts at `prompt_len`.
+- `target_logprobs`, `behavior_logprobs`, `weights` list<float32>: one value per scored token,
+  all spans in order (their future sums run over the later spans too).
+- then the corpus's other columns, untouched.
+Version 1 had no `response_spans`: one span, `input_ids[prompt_len:]`.
 File metadata key `pear` holds a JSON object describing how the shard was made.
 """
 from __future__ import annotations
@@ -16,12 +23,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+ROW_GROUP_ROWS = 256  # the unit a lazy reader fetches
 META_KEY = b"pear"
+SPANS_TYPE = pa.list_(pa.struct([("start", pa.int32()), ("end", pa.int32())]))
 CORE_FIELDS = [
     pa.field("id", pa.string()),
     pa.field("input_ids", pa.list_(pa.int32())),
     pa.field("prompt_len", pa.int32()),
+    pa.field("response_spans", SPANS_TYPE),
     pa.field("target_logprobs", pa.list_(pa.float32())),
     pa.field("behavior_logprobs", pa.list_(pa.float32())),
     pa.field("weights", pa.list_(pa.float32())),
@@ -35,13 +46,14 @@ class ShardError(ValueError):
     """A shard that cannot be used: names the file (and row where there is one)."""
 
 
-def core_table(ids, input_ids, prompt_lens, target_lps, behavior_lps, weights) -> pa.Table:
-    """The six schema columns from per-row Python/numpy values."""
+def core_table(ids, input_ids, spans, target_lps, behavior_lps, weights) -> pa.Table:
+    """The schema columns from per-row Python/numpy values; `spans`: per row a list of (start, end)."""
     f32 = pa.list_(pa.float32())
     return pa.table({
         "id": pa.array(ids, pa.string()),
         "input_ids": pa.array([np.asarray(x, np.int32) for x in input_ids], pa.list_(pa.int32())),
-        "prompt_len": pa.array(prompt_lens, pa.int32()),
+        "prompt_len": pa.array([sp[0][0] for sp in spans], pa.int32()),
+        "response_spans": pa.array([[{"start": a, "end": b} for a, b in sp] for sp in spans], SPANS_TYPE),
         "target_logprobs": pa.array([np.asarray(x, np.float32) for x in target_lps], f32),
         "behavior_logprobs": pa.array([np.asarray(x, np.float32) for x in behavior_lps], f32),
         "weights": pa.array([np.asarray(x, np.float32) for x in weights], f32),
@@ -49,11 +61,12 @@ def core_table(ids, input_ids, prompt_lens, target_lps, behavior_lps, weights) -
 
 
 def write_atomic(table: pa.Table, path: Path, meta: dict | None = None) -> None:
-    """Write a zstd Parquet file under a temporary name, then rename: readers never see half a file."""
+    """Write a zstd Parquet file under a temporary name, then rename: readers never see half a file.
+    Row groups of `ROW_GROUP_ROWS` rows let a reader fetch a few rows without the whole file."""
     if meta is not None:
         table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
+    pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
     os.replace(tmp, path)
 
 
@@ -64,7 +77,11 @@ def write_json_atomic(obj, path: Path) -> None:
 
 
 def read_meta(path: Path) -> dict:
-    md = pq.read_schema(path).metadata or {}
+    """The `pear` metadata of a shard; ShardError naming the file when it is not one, or unreadable."""
+    try:
+        md = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException) as e:
+        raise ShardError(f"{path}: cannot read ({e})") from None
     if META_KEY not in md:
         raise ShardError(f"{path}: no '{META_KEY.decode()}' metadata; not a scored shard")
     return json.loads(md[META_KEY])
@@ -80,29 +97,60 @@ def list_shards(scores: Path) -> list[Path]:
     return sorted(p for p in scores.glob("*.parquet") if not p.name.startswith("."))
 
 
-def check_shard(path: Path, vocab_size: int | None = None) -> tuple[dict, pa.Table]:
-    """Read one shard and check it against schema version 1; ShardError names the file and row."""
-    meta = read_meta(path)
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise ShardError(f"{path}: schema_version {meta.get('schema_version')!r}, this code reads {SCHEMA_VERSION}")
-    table = pq.read_table(path)
-    missing = [c for c in CORE_NAMES if c not in table.column_names]
+def spans_of(table: pa.Table) -> list[list[tuple[int, int]]]:
+    """Each row's scored spans; a version-1 table has one, from prompt_len to the end."""
+    if "response_spans" in table.column_names:
+        return [[(d["start"], d["end"]) for d in sp] for sp in table.column("response_spans").to_pylist()]
+    lengths = [len(x) for x in table.column("input_ids").to_pylist()]
+    return [[(p, n)] for p, n in zip(table.column("prompt_len").to_pylist(), lengths)]
+
+
+def check_table(path: Path, table: pa.Table, vocab_size: int | None = None, first_row: int = 0) -> None:
+    """Check rows against the schema; ShardError names the file and row (`first_row`: the table's offset)."""
+    required = [c for c in CORE_NAMES if c != "response_spans"]
+    missing = [c for c in required if c not in table.column_names]
     if missing:
         raise ShardError(f"{path}: missing columns {missing}")
     ids = table.column("id").to_pylist()
     input_ids = table.column("input_ids").to_pylist()
     plen = table.column("prompt_len").to_pylist()
+    spans = spans_of(table)
+    where = lambda r: f"{path}: row {first_row + r} (id {ids[r]!r})"
+    for r, (x, p, sp) in enumerate(zip(input_ids, plen, spans)):
+        ends = [b for _, b in sp]
+        starts = [a for a, _ in sp]
+        if not sp or starts[0] != p or p < 1 or ends[-1] > len(x) or \
+                any(a >= b for a, b in sp) or any(b > a for b, a in zip(ends, starts[1:])):
+            raise ShardError(f"{where(r)}: response_spans {sp} are not ordered spans after prompt_len {p} "
+                             f"inside {len(x)} tokens")
+    n_scored = [sum(b - a for a, b in sp) for sp in spans]
     for col in ("target_logprobs", "behavior_logprobs", "weights"):
         values = table.column(col).to_pylist()
-        for r, (x, p, v) in enumerate(zip(input_ids, plen, values)):
-            if v is None or len(v) != len(x) - p:
-                raise ShardError(f"{path}: row {r} (id {ids[r]!r}): {col} has {0 if v is None else len(v)} "
-                                 f"values for {len(x) - p} response tokens")
+        for r, (n, v) in enumerate(zip(n_scored, values)):
+            if v is None or len(v) != n:
+                raise ShardError(f"{where(r)}: {col} has {0 if v is None else len(v)} values for {n} scored tokens")
     if vocab_size is not None:
         for r, x in enumerate(input_ids):
             if x and max(x) >= vocab_size:
-                raise ShardError(f"{path}: row {r} (id {ids[r]!r}): token id {max(x)} is outside the model's "
-                                 f"vocabulary of {vocab_size}")
+                raise ShardError(f"{where(r)}: token id {max(x)} is outside the model's vocabulary of {vocab_size}")
+
+
+def check_meta(path: Path) -> dict:
+    """A shard's metadata, if this code reads its schema version."""
+    meta = read_meta(path)
+    if meta.get("schema_version") not in READABLE_VERSIONS:
+        raise ShardError(f"{path}: schema_version {meta.get('schema_version')!r}, this code reads {READABLE_VERSIONS}")
+    return meta
+
+
+def check_shard(path: Path, vocab_size: int | None = None) -> tuple[dict, pa.Table]:
+    """Read one whole shard and check it; ShardError names the file and row."""
+    meta = check_meta(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as e:
+        raise ShardError(f"{path}: cannot read ({e})") from None
+    check_table(path, table, vocab_size)
     return meta, table
 
 

@@ -1,10 +1,9 @@
 """Turning corpus rows into token ids, and refusing rows that cannot be scored."""
-import json
 
 import numpy as np
 import pytest
 
-from scorer.corpus import RowError, derive_id, encode_row, list_inputs, read_rows
+from scorer.corpus import RowError, derive_id, encode_row
 
 KW = dict(max_len=512, truncate=False, append_eos=True, vocab_size=10_000)
 
@@ -23,15 +22,27 @@ def test_prompt_response_uses_chat_template_and_ends_with_eos(tokenizer):
     assert ex.behavior_logprobs is None
 
 
-def test_messages_last_assistant_turn_is_the_response(tokenizer):
+def test_messages_with_one_assistant_turn_score_like_prompt_response(tokenizer):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
             {"role": "assistant", "content": "4"}]
     ex = encode({"messages": msgs}, tokenizer)
     same = encode({"prompt": "2+2?", "response": "4"}, tokenizer)
     assert ex.input_ids[ex.prompt_len:] == same.input_ids[same.prompt_len:]
     assert ex.prompt_len > same.prompt_len  # the system turn is part of the prompt
-    with pytest.raises(RowError, match="not the assistant"):
+    with pytest.raises(RowError, match="no assistant turn"):
         encode({"messages": msgs[:2]}, tokenizer)
+
+
+def test_every_assistant_turn_is_a_span_of_the_templated_conversation(tokenizer):
+    msgs = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"},
+            {"role": "user", "content": "and 2+2?"}, {"role": "assistant", "content": "4"}]
+    ex = encode({"messages": msgs, "behavior_logprobs": [-0.5] * 4}, tokenizer)
+    text = tokenizer.apply_chat_template(msgs, tokenize=False)
+    assert tokenizer.decode(ex.input_ids) == text  # the template's text, nothing added or lost
+    assert [tokenizer.decode(ex.input_ids[a:b]) for a, b in ex.spans] == ["2<|end|>", "4<|end|>"]
+    assert ex.prompt_len == ex.spans[0][0] and len(ex.response_positions) == 4
+    with pytest.raises(RowError, match="3 values for 4 response tokens"):
+        encode({"messages": msgs, "behavior_logprobs": [-0.5] * 3}, tokenizer)
 
 
 def test_response_ids_are_used_as_given_even_when_not_canonical(tokenizer):
@@ -83,29 +94,6 @@ def test_ids_are_kept_or_derived_stably(tokenizer):
     a = encode({"prompt": "q", "response": "a"}, tokenizer).id
     assert a == encode({"prompt": "q", "response": "a", "other": 1}, tokenizer).id == derive_id({"prompt": "q", "response": "a"})
     assert a != encode({"prompt": "q", "response": "b"}, tokenizer).id
-
-
-def test_inputs_as_file_folder_or_glob(tmp_path):
-    (tmp_path / "a").mkdir()
-    for name in ("a/x.jsonl", "a/y.parquet", "z.jsonl", "notes.txt"):
-        (tmp_path / name).write_text("")
-    assert [p.name for p in list_inputs(str(tmp_path))] == ["x.jsonl", "y.parquet", "z.jsonl"]
-    assert [p.name for p in list_inputs(str(tmp_path / "*.jsonl"))] == ["z.jsonl"]
-    assert [p.name for p in list_inputs(str(tmp_path / "z.jsonl"))] == ["z.jsonl"]
-    with pytest.raises(FileNotFoundError):
-        list_inputs(str(tmp_path / "missing"))
-
-
-def test_jsonl_rows_with_unreadable_lines(tmp_path):
-    f = tmp_path / "c.jsonl"
-    f.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n{broken\n\n" + json.dumps([1]) + "\n"
-                 + json.dumps({"prompt": "c", "response": "d"}) + "\n")
-    rows, table, errors = read_rows(f, 0, 4)
-    assert table is None
-    assert [r is None for r in rows] == [False, True, True, False]
-    assert [e["row"] for e in errors] == [1, 2]
-    rows, _, errors = read_rows(f, 3, 4)
-    assert rows == [{"prompt": "c", "response": "d"}] and not errors
 
 
 def test_behavior_logprobs_become_float32(tokenizer):

@@ -25,3 +25,60 @@ def test_from_world_follows_the_provenance_chain(tmp_path, monkeypatch):
 def test_command_line_flags_are_found_in_both_spellings():
     assert prl.gave(["--lr", "1e-3"], "--lr") and prl.gave(["--lr=1e-3"], "--lr")
     assert not prl.gave(["--lr-min", "1"], "--lr")
+
+
+def no_world(monkeypatch, *modules):
+    """Make building the embedded world an error in these modules: a user's run must not need it."""
+    def build(*a, **k):
+        raise AssertionError("the embedded world was built")
+    for m in modules:
+        monkeypatch.setattr(m, "build", build)
+
+
+def test_score_with_data_needs_a_target_and_never_touches_the_world(tmp_path, monkeypatch, capsys):
+    from pipelines import score
+
+    no_world(monkeypatch, score)
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n")
+    assert score.main(["--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    assert "TARGET= (--target) is required with DATA=" in capsys.readouterr().err
+    # a corpus without behavior logprobs and no behavior model: exit 2 before any model is loaded
+    assert score.main(["--data", str(data), "--target", "org/never-loaded", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "BEHAVIOR=" in err and "behavior_logprobs column" in err and not (tmp_path / "o").exists()
+    # no DATA: the embedded defaults fill in what is not given
+    assert score.embedded_defaults(["--out", "x", "--target", "t"]) == \
+        ["--data", score.EMBEDDED["data"], "--behavior", score.EMBEDDED["behavior"], "--out", "x", "--target", "t"]
+
+
+def test_eval_and_rl_of_a_users_model_never_touch_the_world(tmp_path, monkeypatch, capsys):
+    no_world(monkeypatch, prl)
+    assert prl.main(["eval", "--model", str(tmp_path / "mine"), "--out", str(tmp_path / "e")]) == 2
+    assert prl.main(["rl", "--model", str(tmp_path / "mine"), "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.count(f"'{tmp_path / 'mine'}' not found") == 2
+
+
+def test_sft_on_the_default_folder_keeps_a_reweighted_variant(tmp_path, monkeypatch):
+    """`make reweight VARIANT=block` then `make sft`: the default folder is checked with block weights."""
+    import subprocess
+
+    from pipelines import sft
+    from scorer.shards import core_table, write_atomic
+
+    monkeypatch.chdir(tmp_path)
+    scores = tmp_path / "runs" / "score"
+    scores.mkdir(parents=True)
+    meta = {"schema_version": 2, "variant": "block", "gamma": 0.99, "block_size": 8, "delta_clip": [-0.1, 0.2],
+            "log_weight_clip": [-5.0, 5.0], "target_model": {"path": str(sft.WORLD.resolve() / "target")}}
+    write_atomic(core_table(["a"], [[1, 2, 3]], [[(1, 3)]], [[-1, -1]], [[-1, -1]], [[1, 1]]), scores / "c.parquet", meta)
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    sft.ensure_scores("runs/score")
+    assert calls and {"--variant=block", "--gamma=0.99", "--block-size=8", "--delta-clip=-0.1,0.2",
+                      "--log-weight-clip=-5.0,5.0"} <= set(calls[0])
+    calls.clear()
+    meta["target_model"] = {"path": str(tmp_path / "my-model")}  # a user's own scores: nothing to make
+    write_atomic(core_table(["a"], [[1, 2, 3]], [[(1, 3)]], [[-1, -1]], [[-1, -1]], [[1, 1]]), scores / "c.parquet", meta)
+    sft.ensure_scores("runs/score")
+    assert not calls

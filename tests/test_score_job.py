@@ -74,7 +74,7 @@ def test_job_writes_shards_rejects_and_summary(world, mixed_corpus, tmp_path):
     assert all(rejects["reason"].str.len_chars() > 5)
 
     df = read_rows_sorted(out)
-    assert df.columns[:6] == CORE_NAMES and "task" in df.columns  # pass-through kept
+    assert df.columns[: len(CORE_NAMES)] == CORE_NAMES and "task" in df.columns  # pass-through kept
     assert len(df) == 42 and df["id"].n_unique() == 42
     shards = list_shards(out)
     assert [s.name for s in shards] == [f"extra-00000.parquet"] + [f"good-0000{i}.parquet" for i in range(3)]
@@ -161,9 +161,14 @@ def test_bad_paths_and_tokenizers_exit_2_and_write_nothing(world, mixed_corpus, 
     out = tmp_path / "never"
     common = ["--out", str(out), "--executor", "local", "--target", str(world / "target")]
     assert main(["--data", str(tmp_path / "missing.parquet")] + common) == 2
-    assert "no Parquet or JSONL corpus" in capsys.readouterr().err
+    assert "no corpus found at" in capsys.readouterr().err
     assert main(["--data", str(mixed_corpus), "--target", str(tmp_path / "nope"), "--out", str(out)]) == 2
-    assert "target model not found" in capsys.readouterr().err
+    assert f"target '{tmp_path / 'nope'}' not found" in capsys.readouterr().err
+    assert main(["--data", str(mixed_corpus), "--out", str(out)]) == 2
+    assert "no target model given" in capsys.readouterr().err
+    assert main(["--data", str(mixed_corpus), "--target", str(world / "target"), "--out", str(out),
+                 "--rows-per-shard", "0"]) == 2
+    assert "--rows-per-shard must be at least 1" in capsys.readouterr().err
 
     other = tmp_path / "other_behavior"
     shutil.copytree(world / "behavior", other)
@@ -171,8 +176,12 @@ def test_bad_paths_and_tokenizers_exit_2_and_write_nothing(world, mixed_corpus, 
     assert main(["--data", str(mixed_corpus), "--behavior", str(other)] + common) == 2
     assert "another tokenizer" in capsys.readouterr().err
 
-    assert main(["--data", str(mixed_corpus / "extra.jsonl"), "--behavior", "none"] + common) == 2
-    assert "no behavior_logprobs column" in capsys.readouterr().err
+    no_column = tmp_path / "no-column.jsonl"
+    no_column.write_text(json.dumps({"prompt": "1 + 2 =", "response": "3"}) + "\n")
+    for behavior in ([], ["--behavior", "none"]):
+        assert main(["--data", str(no_column)] + behavior + common) == 2
+        err = capsys.readouterr().err
+        assert "no behavior_logprobs column" in err and "BEHAVIOR=" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
 
 

@@ -1,9 +1,11 @@
 """Scored shards -> training rows, a held-out split, and token-budget micro-batches.
 
 The trainer uses the shards' `input_ids` as they are (never re-tokenizes: the weights are per
-token of exactly these ids). Every rank reads every shard and builds the same plan; a rank then
-takes its share of each step's micro-batches, so the plan, and hence the training, does not
-depend on the number of ranks.
+token of exactly these ids); the scored tokens are those of `response_spans` (every assistant
+turn). Every rank reads an index of every shard (id and lengths of each row) and builds the same
+plan; a rank then takes its share of each step's micro-batches and reads only those rows, a row
+group at a time, so memory stays flat in corpus size and the training does not depend on the
+number of ranks.
 
 Plan of one epoch: rows sorted by length (random tie-break, seeded by seed and epoch), cut
 greedily into micro-batches whose padded size (rows x longest row) stays under the token budget,
@@ -13,13 +15,17 @@ The data position of a run is (epoch, micro-batch index in the epoch's plan).
 from __future__ import annotations
 
 import hashlib
+import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
-from scorer.shards import ShardError, check_shard, list_shards
+from scorer.shards import ShardError, check_meta, check_table, list_shards, spans_of
 from scorer.weights import WeightParams
 
 # shard metadata that must agree across shards: one weighting, one target, one tokenizer
@@ -29,14 +35,19 @@ SAME_ACROSS_SHARDS = ("variant", "gamma", "block_size", "delta_clip", "log_weigh
 
 @dataclass
 class Rows:
-    """Columnar training rows (ragged per-row arrays); response = input_ids[prompt_len:]."""
+    """Columnar training rows in memory (ragged per-row arrays)."""
 
     ids: list[str]
     input_ids: list[np.ndarray]  # int64 (L_i,)
-    prompt_lens: np.ndarray  # int64 (n,)
-    target_logprobs: list[np.ndarray]  # float32 (L_i - prompt_len_i,)
+    prompt_lens: np.ndarray  # int64 (n,): tokens before the first scored one
+    target_logprobs: list[np.ndarray]  # float32 (R_i,): one per scored token, spans in order
     behavior_logprobs: list[np.ndarray]  # float32, same
     weights: list[np.ndarray]  # float32, same: the PEAR weights stored by the scorer
+    spans: list[np.ndarray] | None = None  # int64 (k_i, 2) [start, end); None: one span, prompt_len to the end
+
+    def __post_init__(self):
+        if self.spans is None:
+            self.spans = [np.array([[p, len(x)]], np.int64) for p, x in zip(self.prompt_lens, self.input_ids)]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -47,62 +58,131 @@ class Rows:
 
     @property
     def response_lengths(self) -> np.ndarray:
-        return self.lengths - self.prompt_lens
+        return np.array([int((sp[:, 1] - sp[:, 0]).sum()) for sp in self.spans], dtype=np.int64)
 
     def subset(self, index) -> "Rows":
         index = [int(i) for i in index]
-        return Rows([self.ids[i] for i in index], [self.input_ids[i] for i in index], self.prompt_lens[index],
-                    [self.target_logprobs[i] for i in index], [self.behavior_logprobs[i] for i in index],
-                    [self.weights[i] for i in index])
+        pick = lambda col: [col[i] for i in index]
+        return Rows(pick(self.ids), pick(self.input_ids), self.prompt_lens[index], pick(self.target_logprobs),
+                    pick(self.behavior_logprobs), pick(self.weights), pick(self.spans))
+
+    take = subset  # the rows' data, in memory (ShardRows reads it from disk)
 
     def fingerprint(self) -> str:
         """Hash of the ids and lengths: a resumed run must see the same rows in the same plan."""
-        h = hashlib.sha256()
-        for i, x, p in zip(self.ids, self.input_ids, self.prompt_lens):
-            h.update(f"{i}\0{len(x)}\0{p}\n".encode())
-        return h.hexdigest()
+        return _fingerprint(self.ids, self.lengths, self.prompt_lens, "")
+
+
+def _fingerprint(ids, lengths, prompt_lens, extra: str) -> str:
+    h = hashlib.sha256(extra.encode())
+    for i, n, p in zip(ids, lengths, prompt_lens):
+        h.update(f"{i}\0{n}\0{p}\n".encode())
+    return h.hexdigest()
 
 
 def _ragged(table, name: str, dtype) -> list[np.ndarray]:
     return [np.asarray(x, dtype=dtype) for x in table.column(name).to_numpy(zero_copy_only=False)]
 
 
-def load_rows(scores: str | Path, vocab_size: int, max_len: int | None = None) -> tuple[Rows, dict]:
-    """All rows of all shards under `scores`, checked; returns (rows, metadata of the first shard).
+def _rows_of(table) -> Rows:
+    spans = [np.array(sp, np.int64).reshape(-1, 2) for sp in spans_of(table)]
+    return Rows([str(x) for x in table.column("id").to_pylist()], _ragged(table, "input_ids", np.int64),
+                np.asarray(table.column("prompt_len").to_pylist(), dtype=np.int64),
+                _ragged(table, "target_logprobs", np.float32), _ragged(table, "behavior_logprobs", np.float32),
+                _ragged(table, "weights", np.float32), spans)
+
+
+class ShardRows:
+    """Rows of scored shards, read on demand. Held in memory: per row its id, shard, row-group and
+    lengths; the token data of a row group is read when a micro-batch needs it and kept in a small
+    least-recently-used cache."""
+
+    def __init__(self, paths: list[Path], ids: list[str], where: np.ndarray, lengths: np.ndarray,
+                 prompt_lens: np.ndarray, response_lengths: np.ndarray, weighting: str, cache_groups: int = 64):
+        self.paths, self.ids, self.where = paths, ids, where  # where: (n, 3) int64 shard, row group, row in group
+        self.lengths, self.prompt_lens, self.response_lengths = lengths, prompt_lens, response_lengths
+        self.weighting, self.cache_groups = weighting, cache_groups
+        self._cache: OrderedDict[tuple[int, int], Rows] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, index) -> "ShardRows":
+        index = np.asarray([int(i) for i in index], dtype=np.int64)
+        view = ShardRows(self.paths, [self.ids[i] for i in index], self.where[index], self.lengths[index],
+                         self.prompt_lens[index], self.response_lengths[index], self.weighting, self.cache_groups)
+        view._cache = self._cache  # one cache for the rows and their subsets
+        return view
+
+    def take(self, index) -> Rows:
+        """The rows `index` with their token data, in that order."""
+        groups = [self._group(int(s), int(g)) for s, g, _ in self.where[[int(i) for i in index]]]
+        rows = [int(r) for _, _, r in self.where[[int(i) for i in index]]]
+        pick = lambda col: [getattr(grp, col)[r] for grp, r in zip(groups, rows)]
+        return Rows(pick("ids"), pick("input_ids"), np.array([grp.prompt_lens[r] for grp, r in zip(groups, rows)]),
+                    pick("target_logprobs"), pick("behavior_logprobs"), pick("weights"), pick("spans"))
+
+    def _group(self, shard: int, group: int) -> Rows:
+        key = (shard, group)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        rows = _rows_of(pq.ParquetFile(self.paths[shard]).read_row_group(group))
+        self._cache[key] = rows
+        if len(self._cache) > self.cache_groups:
+            self._cache.popitem(last=False)
+        return rows
+
+    def fingerprint(self) -> str:
+        """Hash of the ids, lengths and the stored weighting: a resumed run must see the same rows
+        in the same plan, weighted the same way (a `reweight` in between changes the weights)."""
+        return _fingerprint(self.ids, self.lengths, self.prompt_lens, self.weighting)
+
+
+def load_rows(scores: str | Path, vocab_size: int, max_len: int | None = None) -> tuple[ShardRows, dict]:
+    """An index of all rows of all shards under `scores`, checked shard by shard (one row group in
+    memory at a time); returns (rows, metadata of the first shard).
 
     Raises ShardError naming the file (and row) for: another schema version, missing columns,
-    logprobs or weights of the wrong length, ids outside the vocabulary, no prompt token, no
-    response token, a row longer than the model's context, or shards made with other settings.
+    logprobs or weights of the wrong length, spans out of order, ids outside the vocabulary, a row
+    longer than the model's context, or shards made with other settings.
     """
     paths = list_shards(scores)
     if not paths:
         raise ShardError(f"{scores}: no shards (*.parquet) to train on")
-    first_meta, parts = None, []
-    for path in paths:
-        meta, table = check_shard(path, vocab_size)
+    first_meta = None
+    ids: list[str] = []
+    where, lengths, plens, rlens = [], [], [], []
+    for s, path in enumerate(paths):
+        meta = check_meta(path)
         if first_meta is None:
             first_meta = meta
         for key in SAME_ACROSS_SHARDS:
             if meta.get(key) != first_meta.get(key):
                 raise ShardError(f"{path}: {key} {meta.get(key)!r} differs from {paths[0]}'s "
                                  f"{first_meta.get(key)!r}; train on shards made with one setting")
-        ids = [str(x) for x in table.column("id").to_pylist()]
-        input_ids = _ragged(table, "input_ids", np.int64)
-        prompt_lens = np.asarray(table.column("prompt_len").to_pylist(), dtype=np.int64)
-        for r, (x, p) in enumerate(zip(input_ids, prompt_lens)):
-            # the first scored token needs a hidden state before it: at least one prompt token
-            if not 1 <= p < len(x):
-                raise ShardError(f"{path}: row {r} (id {ids[r]!r}): prompt_len {p} leaves no prompt or no "
-                                 f"response token in {len(x)} tokens")
-            if max_len is not None and len(x) > max_len:
-                raise ShardError(f"{path}: row {r} (id {ids[r]!r}): {len(x)} tokens, longer than the model's "
-                                 f"context of {max_len}")
-        parts.append(Rows(ids, input_ids, prompt_lens, _ragged(table, "target_logprobs", np.float32),
-                          _ragged(table, "behavior_logprobs", np.float32), _ragged(table, "weights", np.float32)))
-    rows = Rows([i for p in parts for i in p.ids], [x for p in parts for x in p.input_ids],
-                np.concatenate([p.prompt_lens for p in parts]),
-                [x for p in parts for x in p.target_logprobs], [x for p in parts for x in p.behavior_logprobs],
-                [x for p in parts for x in p.weights])
+        try:
+            pf = pq.ParquetFile(path)
+            offset = 0
+            for g in range(pf.num_row_groups):
+                table = pf.read_row_group(g)
+                check_table(path, table, vocab_size, first_row=offset)
+                n = [len(x) for x in table.column("input_ids").to_pylist()]
+                for r, x in enumerate(n):
+                    if max_len is not None and x > max_len:
+                        raise ShardError(f"{path}: row {offset + r}: {x} tokens, longer than the model's context "
+                                         f"of {max_len}")
+                ids += [str(x) for x in table.column("id").to_pylist()]
+                where += [(s, g, r) for r in range(table.num_rows)]
+                lengths += n
+                plens += table.column("prompt_len").to_pylist()
+                rlens += [sum(b - a for a, b in sp) for sp in spans_of(table)]
+                offset += table.num_rows
+        except (OSError, pa.ArrowException) as e:
+            raise ShardError(f"{path}: cannot read ({e})") from None
+    weighting = json.dumps({k: first_meta.get(k) for k in WeightParams().as_dict()}, sort_keys=True)
+    rows = ShardRows(paths, ids, np.array(where, np.int64).reshape(-1, 3), np.array(lengths, np.int64),
+                     np.array(plens, np.int64), np.array(rlens, np.int64), weighting)
     return rows, first_meta
 
 
@@ -188,20 +268,20 @@ class Batch:
         return Batch(**moved)
 
 
-def collate(rows: Rows, index, pad_id: int = 0) -> Batch:
-    """The rows `index` as one right-padded micro-batch."""
-    index = [int(i) for i in index]
-    seqs = [rows.input_ids[i] for i in index]
-    plens = [int(rows.prompt_lens[i]) for i in index]
+def collate(rows: Rows | ShardRows, index, pad_id: int = 0) -> Batch:
+    """The rows `index` as one right-padded micro-batch; its scored tokens are the spans' tokens."""
+    rows = rows.take(index)
+    seqs = rows.input_ids
     L = max(len(x) for x in seqs)
     input_ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
     for j, x in enumerate(seqs):
         input_ids[j, : len(x)] = torch.from_numpy(x)
-    r_lens = [len(x) - p for x, p in zip(seqs, plens)]
+    positions = [np.concatenate([np.arange(a, b) for a, b in sp]) for sp in rows.spans]  # scored tokens
+    r_lens = [len(x) for x in positions]
     b_rows = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(r_lens))
-    resp_pos = torch.cat([torch.arange(n) for n in r_lens])
-    cols = torch.tensor(plens)[b_rows] + resp_pos - 1
-    cat = lambda col: torch.from_numpy(np.concatenate([getattr(rows, col)[i] for i in index]).astype(np.float32))
+    resp_pos = torch.cat([torch.arange(n) for n in r_lens])  # index among the row's scored tokens
+    cols = torch.from_numpy(np.concatenate(positions)) - 1
+    cat = lambda col: torch.from_numpy(np.concatenate(getattr(rows, col)).astype(np.float32))
     return Batch(input_ids, b_rows, cols, input_ids[b_rows, cols + 1], resp_pos, cat("weights"),
                  cat("target_logprobs"), cat("behavior_logprobs"), real_tokens=sum(len(x) for x in seqs))
 

@@ -27,12 +27,13 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from scorer.config import ConfigError, field, parse
+from scorer.models import resolve_model
 from scorer.shards import write_json_atomic
 from train.rewards import load_reward, safe_score
 from train.rollout import RL_POOL_SIZE, RL_PROMPT_SEED, WORLD_TASK_KWARGS, RolloutEngine, prompt_token_ids, \
@@ -53,7 +54,7 @@ class EvalConfig:
     num_prompts: int = field(200, "held-out prompts to generate (before dropping any seen ones)")
     prompt_seed: int = field(30_000, "seed of the held-out prompts (the world's eval range; RL uses 20000)")
     prompts: str = field("", "Parquet/JSONL with `prompt` and `answer` instead of reasoning-gym tasks")
-    exclude: tuple[str, ...] = field(("artifacts/world/corpus-unfiltered.parquet",),
+    exclude: tuple[str, ...] = field((),
                                      "prompt sets the eval prompts must not contain (Parquet/JSONL/shard folder "
                                      "with a `prompt` or `question` column); the model's own RL and SFT "
                                      "prompts are found from its folder and added")
@@ -300,8 +301,8 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     t0 = time.perf_counter()
     # 1. inputs: model, prompts, reward, and the prompt sets the eval must avoid
-    if not (Path(cfg.model) / "config.json").exists():
-        raise ConfigError(f"model not found: {cfg.model!r} has no config.json")
+    model_ref = resolve_model(cfg.model)  # a folder or hub id; loads read its local folder
+    cfg = replace(cfg, model=model_ref.path)
     ks = sorted({k for k in cfg.k if 1 <= k <= cfg.n})
     if len(ks) < len(cfg.k):
         log.warning("pass@k needs k <= n = %d: skipping k in %s", cfg.n, sorted(set(cfg.k) - set(ks)))
@@ -346,7 +347,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             idx = np.array([x == t for x in tasks])
             report_groups[str(t)] = summarize(rewards[idx], passed[idx], ks, cfg.bootstrap, cfg.seed)
     report = {
-        "model": cfg.model, "n": cfg.n, "k": ks, "prompts": len(examples), "groups": report_groups,
+        "model": cfg.model, "model_ref": asdict(model_ref), "n": cfg.n, "k": ks, "prompts": len(examples), "groups": report_groups,
         "held_out": {"checked_against": [str(s) for s in sources], "training_prompts": len(seen),
                      "dropped_overlapping": dropped, "overlap_after_check": 0},
         "reward_errors": errors, "seconds": round(time.perf_counter() - t0, 2), "config": asdict(cfg),

@@ -25,13 +25,14 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from scorer.config import ConfigError, field, parse
+from scorer.models import resolve_model
 from scorer.shards import write_json_atomic
 from train.loss import token_logprobs
 from train.rewards import load_reward, safe_score
@@ -163,8 +164,6 @@ def check_inputs(cfg: RLConfig):
         raise ConfigError("steps, prompts_per_step, samples_per_prompt, max_new_tokens, mini_batches must be >= 1")
     if (cfg.prompts_per_step * cfg.samples_per_prompt) % cfg.mini_batches:
         raise ConfigError("mini_batches must divide prompts_per_step * samples_per_prompt")
-    if not (Path(cfg.model) / "config.json").exists():
-        raise ConfigError(f"model not found: {cfg.model!r} has no config.json")
     if cfg.temperature != 1.0:
         log.warning("temperature %.2f: the engine samples the tempered policy, the loss and the TIS ratio use "
                     "the untempered one, so the rollouts are slightly off-policy", cfg.temperature)
@@ -224,6 +223,8 @@ def train(cfg: RLConfig) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     t_start = time.perf_counter()
+    model_ref = resolve_model(cfg.model)  # a folder or hub id; every load below reads its local folder
+    cfg = replace(cfg, model=model_ref.path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads or max(1, os.cpu_count() or 1))
@@ -392,7 +393,7 @@ def train(cfg: RLConfig) -> dict:
     window = max(1, min(5, len(steps) // 4))
     mean_of = lambda rows, key: float(np.mean([m[key] for m in rows])) if rows else None  # noqa: E731
     summary = {
-        "model": cfg.model, "out": str(out), "steps": cfg.steps, "resumed_from_step": start_step if state else None,
+        "model": cfg.model, "model_ref": asdict(model_ref), "out": str(out), "steps": cfg.steps, "resumed_from_step": start_step if state else None,
         "mean_reward_first": mean_of(steps[:window], "mean_reward"),
         "mean_reward_last": mean_of(steps[-window:], "mean_reward"),
         "pass_rate_first": mean_of(steps[:window], "pass_rate"), "pass_rate_last": mean_of(steps[-window:], "pass_rate"),

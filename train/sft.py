@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from scorer.config import ConfigError, field, parse
+from scorer.models import pinned, resolve_model
 from scorer.shards import ShardError, fingerprint, list_shards, read_meta, tokenizer_sha256, write_json_atomic
 from scorer.weights import WeightParams
 from train.data import Batch, Rows, collate, idle_batch, load_rows, plan_epoch, rank_share, shard_params, \
@@ -212,9 +213,8 @@ def check_inputs(cfg: SFTConfig):
     if not shards:
         raise ConfigError(f"{cfg.scores}: no shards (*.parquet) to train on; run the scoring job first")
     meta = read_meta(shards[0])
-    model_dir = cfg.model or meta.get("target_model", {}).get("path", "")
-    if not (Path(model_dir) / "config.json").exists():
-        raise ConfigError(f"model not found: {model_dir!r} has no config.json (set --model)")
+    # the model the shards were scored against, unless another is named
+    model_dir = resolve_model(cfg.model or pinned(meta.get("target_model", {})), "model to train (--model)").path
     model_cfg = AutoConfig.from_pretrained(model_dir)
     rows, meta = load_rows(cfg.scores, model_cfg.vocab_size, getattr(model_cfg, "max_position_embeddings", None))
     tok_dir = cfg.tokenizer or model_dir

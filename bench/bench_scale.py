@@ -1,0 +1,112 @@
+"""Memory against corpus size: the scoring driver and the SFT data loader on 10k and 100k rows.
+
+    python -m bench.bench_scale [--sizes 10000,100000] [--out runs/bench-scale]
+
+A synthetic corpus of N rows is made from the embedded world's corpus (its rows repeated under new
+ids, with their behavior logprobs, so no behavior model runs) and scored with the embedded target
+(torch backend, in-process executor: the driver process does all the work, so its peak RSS is the
+job's). Then one epoch of the SFT loader (`train.data.load_rows`, the plan, `collate` of every
+micro-batch) runs over the shards. Each measurement runs in a fresh process and reports its own
+peak resident memory (ru_maxrss). Printed: per size, peak RSS and time; then the ratio of the
+largest size to the smallest (goal: at most 1.2). JSON goes to $OUT/bench_scale.json, else
+bench/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = ROOT / "artifacts" / "world"
+
+SCORE = """
+import resource, sys, time
+from scorer import job
+t = time.perf_counter()
+rc = job.main(sys.argv[1:])
+print("RESULT", rc, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - t)
+"""
+
+LOAD = """
+import resource, sys, time
+import numpy as np
+from train.data import collate, load_rows, plan_epoch
+t = time.perf_counter()
+rows, meta = load_rows(sys.argv[1], 1 << 20)
+tokens = 0
+for index in plan_epoch(rows.lengths, 2048, 0, 0):
+    tokens += collate(rows, index).num_tokens
+assert tokens == int(rows.response_lengths.sum()), "every scored token once"
+print("RESULT", 0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - t)
+"""
+
+
+def make_corpus(n: int, path: Path) -> None:
+    """n rows cycled from the world corpus, each with its own id; written in bounded batches."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    base = pq.read_table(WORLD / "corpus.parquet").drop_columns(["id"])
+    with pq.ParquetWriter(path, base.schema.append(pa.field("id", pa.string()))) as w:
+        for start in range(0, n, 5000):
+            k = min(5000, n - start)
+            t = base.take(pa.array([(start + i) % base.num_rows for i in range(k)]))
+            w.write_table(t.append_column("id", pa.array([f"row-{start + i:07d}" for i in range(k)])))
+
+
+def run(code: str, args: list[str]) -> tuple[float, float]:
+    """(peak RSS in MiB, seconds) of a fresh process running `code`."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT")), None)
+    if out.returncode or line is None:
+        raise RuntimeError(f"benchmark process failed:\n{out.stderr[-3000:]}")
+    _, rc, rss_kib, seconds = line.split()
+    if rc != "0":
+        raise RuntimeError(f"scoring exited {rc}:\n{out.stderr[-3000:]}")
+    return int(rss_kib) / 1024, float(seconds)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="10000,100000")
+    p.add_argument("--out", default="runs/bench-scale")
+    a = p.parse_args(argv)
+    from pipelines.world import WorldConfig, build
+
+    build(WORLD, WorldConfig())
+    work = Path(a.out)
+    work.mkdir(parents=True, exist_ok=True)
+    results = []
+    for n in [int(x) for x in a.sizes.split(",")]:
+        corpus, scores = work / f"corpus-{n}.parquet", work / f"scores-{n}"
+        make_corpus(n, corpus)
+        score_rss, score_s = run(SCORE, ["--data", str(corpus), "--out", str(scores), "--target", str(WORLD / "target"),
+                                         "--executor", "local", "--backend", "torch", "--overwrite", "true"])
+        load_rss, load_s = run(LOAD, [str(scores)])
+        results.append({"rows": n, "driver_peak_rss_mib": round(score_rss, 1), "score_seconds": round(score_s, 1),
+                        "loader_peak_rss_mib": round(load_rss, 1), "loader_epoch_seconds": round(load_s, 1)})
+        print(f"{n:>7} rows: scoring driver peak RSS {score_rss:7.1f} MiB ({score_s:6.1f} s); "
+              f"SFT loader peak RSS {load_rss:7.1f} MiB (one epoch {load_s:5.1f} s)", flush=True)
+    lo, hi = results[0], results[-1]
+    ratios = {"driver": hi["driver_peak_rss_mib"] / lo["driver_peak_rss_mib"],
+              "loader": hi["loader_peak_rss_mib"] / lo["loader_peak_rss_mib"]}
+    print(f"peak RSS ratio {hi['rows']} / {lo['rows']} rows: driver {ratios['driver']:.2f}x, "
+          f"loader {ratios['loader']:.2f}x (goal: at most 1.2)")
+    report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d"),
+              "results": results, "ratios": ratios}
+    dest = Path(os.environ.get("OUT") or ROOT / "bench" / "results") / "bench_scale.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"written {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
