@@ -252,8 +252,15 @@ EAGER = {  # name -> TorchScorer options; budgets in units of K tokens (1024 her
     "packed.16k.c4k.native": dict(attention="packed", token_budget=16 * K, chunk_size=4 * K, upcast_logits=False),
     "packed.64k.c4k.native": dict(attention="packed", token_budget=64 * K, chunk_size=4 * K, upcast_logits=False),
 }
+def uncompile():
+    """Eager layers again (nn.Module.compile keeps the compiled forward in `_compiled_call_impl`)."""
+    for layer in model.get_decoder().layers:
+        layer._compiled_call_impl = None
+
+
 for name, kw in EAGER.items():
     bench_scoring(name, torch_scorer(**{"token_budget": 32 * K, "chunk_size": 8 * K, **kw}), est_s=1.2 * unit_s)
+    uncompile()  # the defaults compile the shared model's layers in place (on a GPU); the rest run eager
 try:
     from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     R["varlen_attn"] = "used by packed" if cuda else "skipped: needs CUDA; packed ran one SDPA call per sequence"
@@ -310,6 +317,7 @@ for name in dict.fromkeys([best, "TorchScorer defaults"]):
     if name and fits("profile", f"profile {name}", 1.0 * unit_s):
         try:
             profile(name, torch_scorer(**{"token_budget": 32 * K, "chunk_size": 8 * K, **EAGER[name]}))
+            uncompile()
         except Exception as e:
             R.setdefault("profile", {})[name] = f"{type(e).__name__}: {str(e)[:300]}"
 
@@ -318,12 +326,6 @@ for name in dict.fromkeys([best, "TorchScorer defaults"]):
 def tps(name):
     rec = R["scoring"].get(name)
     return rec["tok_per_s"] if isinstance(rec, dict) else 0
-
-
-def uncompile():
-    """Eager layers again (nn.Module.compile keeps the compiled forward in `_compiled_call_impl`)."""
-    for layer in model.get_decoder().layers:
-        layer._compiled_call_impl = None
 
 
 COMPILED = {  # the chunk function is compiled too: fused softmax, no float32 logits in memory

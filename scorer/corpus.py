@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 CONSUMED = ("id", "behavior_logprobs", "response_ids")  # replaced by the output schema
+INPUT_COLUMNS = ("prompt", "response", "messages", "tools")  # read to build the ids (and passed through)
+# roles the common chat templates know; others are passed to the template, and counted
+KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython", "function")
 
 
 class RowError(Exception):

@@ -205,7 +205,15 @@ class TorchScorer:
         return hidden.flatten(0, 1), ids.flatten(), [j * T for j in range(len(seqs))]
 
     def close(self):
-        pass
+        """Drop the model (its memory goes back, on the GPU too, once nothing else holds it)."""
+        import gc
+
+        import torch
+
+        self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _logprobs_upcast(hidden, weight, labels):  # (n, D), (V, D), (n,) -> (n,) float32

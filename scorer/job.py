@@ -11,6 +11,7 @@ that a shard is only ever written by one actor, in one piece, with the rows of i
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,10 +25,11 @@ import pyarrow as pa
 
 from scorer import __version__
 from scorer.config import ConfigError, field, parse
-from scorer.corpus import CONSUMED, RowError, encode_row, row_id
+from scorer.corpus import CONSUMED, INPUT_COLUMNS, KNOWN_ROLES, RowError, encode_row, row_id
 from scorer.engines import make_scorer, vllm_available
+from scorer.lock import locked, writable_folder
 from scorer.models import model_record, pinned, resolve_model
-from scorer.shards import (CORE_NAMES, REJECT_SCHEMA, SCHEMA_VERSION, ShardError, core_table, list_shards, read_meta,
+from scorer.shards import (CORE_NAMES, REJECT_SCHEMA, SCHEMA_VERSION, NotAShard, ShardError, core_table, list_shards, read_meta,
                            tokenizer_sha256, write_atomic, write_json_atomic)
 from scorer.sources import InputError, Source, open_source, open_sources
 from scorer.stats import stats_of_shards
@@ -134,21 +136,26 @@ class ShardScorer:
         rejects = [dict(e, id=f"{path}:{e['row']}", source=str(path)) for e in read_errors]
 
         # tokenize and validate
-        examples, keep = [], []
+        examples, keep, unknown_roles = [], [], 0
         for offset, row in enumerate(rows):
             if row is None:
                 continue
             index = start + offset
             try:
+                if table is None:
+                    self.check_passthrough(row)
                 ex = encode_row(row, index, str(path), self.tokenizer, max_len=self.max_len,
                                 truncate=self.cfg.truncate, append_eos=self.cfg.append_eos,
                                 vocab_size=self.vocab_size)
                 if ex.behavior_logprobs is None and self.cfg.behavior_model is None:
                     raise RowError("behavior_logprobs", "is null and no behavior model was given")
-            except RowError as e:
-                rejects.append({"id": row_id(row, index, str(path)), "source": str(path), "row": index,
-                                "field": e.field, "reason": e.reason})
+            except Exception as e:  # whatever is wrong with one row rejects that row, not the job
+                field, reason = (e.field, e.reason) if isinstance(e, RowError) else ("<row>", f"{type(e).__name__}: {e}")
+                rejects.append({"id": _safe_id(row, index, str(path)), "source": str(path), "row": index,
+                                "field": field, "reason": reason})
                 continue
+            unknown_roles += sum(1 for m in row.get("messages") or [] if isinstance(m, dict)
+                                 and m.get("role") not in KNOWN_ROLES)
             examples.append(ex)
             keep.append(offset)
 
@@ -184,7 +191,7 @@ class ShardScorer:
         weights, _ = ragged_weights(target_lps, behavior_lps, self.params)
         out = core_table([ex.id for ex in examples], [ex.input_ids for ex in examples],
                          [ex.spans for ex in examples], target_lps, behavior_lps, weights)
-        out = _with_passthrough(out, rows, table, keep, self.passthrough)
+        out = _with_passthrough(out, rows, table, keep, self.passthrough, set(self.job_meta["json_encoded_columns"]))
 
         out_dir = Path(self.cfg.out)
         # rejects first: a unit counts as done only once its shard exists
@@ -192,11 +199,34 @@ class ShardScorer:
         behavior_source = ("model" if from_model == len(examples) and examples else
                            "column+model" if from_model else "column")
         meta = dict(self.job_meta, source=str(path), source_fingerprint=json.loads(unit["fingerprint"]), rows=[start, stop],
+                    rows_sha256=rows_sha256(rows), unknown_roles=unknown_roles,
                     behavior=dict(self.job_meta["behavior"], source=behavior_source, rows_from_model=from_model))
         write_atomic(out, out_dir / unit["shard"], meta)
         n_tokens = int(sum(len(x) for x in input_ids))
         return {"shard": unit["shard"], "rows_in": stop - start, "rows_written": out.num_rows,
-                "rows_rejected": len(rejects), "tokens": n_tokens, "seconds": time.perf_counter() - t0}
+                "rows_rejected": len(rejects), "tokens": n_tokens, "unknown_roles": unknown_roles,
+                "seconds": time.perf_counter() - t0}
+
+    def check_passthrough(self, row: dict) -> None:
+        """A JSON row's other columns must be the corpus's columns (taken from its first rows) and fit
+        their types, or they would be lost from the shard (Parquet rows are typed)."""
+        unknown = [k for k in row if k not in self.passthrough.names and k not in CONSUMED + INPUT_COLUMNS]
+        if unknown:
+            raise RowError(unknown[0], "is not among the corpus's columns, taken from its first rows (it would be "
+                                       "dropped); give every row the same columns, or use Parquet")
+        for f in self.passthrough:
+            value = row.get(f.name)
+            if value is None or f.name in self.job_meta["json_encoded_columns"]:
+                continue
+            try:
+                pa.array([value], type=f.type)
+                lost = _unknown_key(value, f.type)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+                raise RowError(f.name, f"value {str(value)[:40]!r} ({type(value).__name__}) does not fit the "
+                                       f"column's type {f.type}, taken from the corpus's first rows") from None
+            if lost:
+                raise RowError(f.name, f"key {lost!r} is not in the column's type {f.type}, taken from the "
+                                       "corpus's first rows (it would be dropped); use Parquet for such a column")
 
     def close(self):
         self.target.close()
@@ -204,26 +234,51 @@ class ShardScorer:
             self._behavior.close()
 
 
+def _unknown_key(value, typ: pa.DataType) -> str | None:
+    """A dict key (at any depth) that Arrow would silently drop when storing `value` as `typ`."""
+    if pa.types.is_struct(typ) and isinstance(value, dict):
+        names = {typ.field(i).name: typ.field(i).type for i in range(typ.num_fields)}
+        for k, v in value.items():
+            if k not in names:
+                return str(k)
+            lost = _unknown_key(v, names[k])
+            if lost:
+                return f"{k}.{lost}"
+    elif (pa.types.is_list(typ) or pa.types.is_large_list(typ)) and isinstance(value, list):
+        for v in value:
+            lost = _unknown_key(v, typ.value_type)
+            if lost:
+                return lost
+    return None
+
+
+def _safe_id(row: dict, index: int, source: str) -> str:
+    try:
+        return row_id(row, index, source)
+    except Exception:  # an id that cannot even be derived: the row's place names it
+        return f"{source}:{index}"
+
+
 def _with_passthrough(out: pa.Table, rows: list, table: pa.Table | None, keep: list[int],
-                      schema: pa.Schema) -> pa.Table:
+                      schema: pa.Schema, json_columns: set[str]) -> pa.Table:
     """Append the corpus's other columns for the kept rows. Every shard carries every column of
-    the corpus with one type (null where its file lacks the column), so all shards read as one
-    table; a value that does not fit the type keeps its own (logged)."""
+    the corpus with one type (null where its source lacks the column), so all shards read as one
+    table. JSON columns whose first rows mix types are strings: JSON text of each value."""
     src = None
     if table is not None:
         src = table.take(pa.array(keep, pa.int64())) if keep else table.slice(0, 0)
     for f in schema:
         if src is not None and f.name in src.column_names:
             col = src.column(f.name)
+            if col.type != f.type:
+                col = col.cast(f.type)  # a wider type of the same kind (unified in check_inputs)
         elif src is None:
-            col = pa.array([(rows[i] or {}).get(f.name) for i in keep])
+            values = [rows[i].get(f.name) for i in keep]
+            if f.name in json_columns:
+                values = [v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False) for v in values]
+            col = pa.array(values, type=f.type)  # each value checked against the type already
         else:
             col = pa.nulls(len(keep), f.type)
-        if col.type != f.type:
-            try:
-                col = col.cast(f.type)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-                log.warning("column %r: values of type %s kept as they are (corpus type %s)", f.name, col.type, f.type)
         out = out.append_column(f.name, col)
     return out
 
@@ -273,8 +328,7 @@ def check_inputs(cfg: ScoreConfig) -> tuple[list[Source], dict, bytes]:
         raise ConfigError(f"executor must be ray or local, got {cfg.executor!r}")
     if cfg.resolved_backend() == "vllm" and not vllm_available():
         raise ConfigError("backend vllm asked for, but vllm is not installed; use --backend torch")
-    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
-        raise ConfigError(f"--out {cfg.out!r} is a file, not a folder")
+    writable_folder(cfg.out)
     try:
         sources = open_sources(cfg.data, config=cfg.data_config or None, split=cfg.data_split or None,
                                exclude=Path(cfg.out))  # never our own shards
@@ -302,20 +356,44 @@ def check_inputs(cfg: ScoreConfig) -> tuple[list[Source], dict, bytes]:
             raise ConfigError(f"behavior model {cfg.behavior_model!r} uses another tokenizer than the target "
                               f"{cfg.target!r}; token-level ratios need identical token ids")
         behavior["model"] = model_record(ref)
-    # the union of the sources' other columns: every shard carries all of them with one type each
-    try:
-        merged = pa.unify_schemas([pa.schema([x for x in sc if x.name not in CONSUMED + tuple(CORE_NAMES)])
-                                   for sc in schemas], promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise ConfigError(f"the corpus files disagree on a column's type: {e}") from None
+    merged, json_columns = passthrough_schema(sources, schemas)
     passthrough = merged.serialize().to_pybytes()
     params = cfg.weight_params()
     window = getattr(AutoConfig.from_pretrained(target.path), "max_position_embeddings", None) or cfg.max_len
     meta = {"schema_version": SCHEMA_VERSION, **params.as_dict(), "target_model": model_record(target),
             "behavior": behavior, "tokenizer_sha256": tok_sha, "backend": cfg.resolved_backend(),
             "version": __version__, "max_len": min(cfg.max_len, window), "truncate": cfg.truncate,
-            "append_eos": cfg.append_eos, "passthrough_columns": merged.names}
+            "append_eos": cfg.append_eos, "passthrough_columns": merged.names, "json_encoded_columns": json_columns}
     return sources, meta, passthrough
+
+
+def passthrough_schema(sources: list[Source], schemas: list[pa.Schema]) -> tuple[pa.Schema, list[str]]:
+    """The union of the sources' other columns, one type each, and the columns kept as JSON text.
+
+    Types of one kind widen (int32 and int64, string and large_string); a column of two kinds in
+    two sources is an error naming both. A JSON column whose first rows mix kinds (or hold only
+    nulls) becomes a string column of JSON text, so that no row is lost over it.
+    """
+    fields: dict[str, tuple[pa.Field, str]] = {}
+    for src, schema in zip(sources, schemas):
+        for f in schema:
+            if f.name in CONSUMED + tuple(CORE_NAMES):
+                continue
+            if f.name not in fields or pa.types.is_null(fields[f.name][0].type):
+                fields[f.name] = (f, src.key)
+                continue
+            seen, where = fields[f.name]
+            if pa.types.is_null(f.type):
+                continue
+            try:
+                unified = pa.unify_schemas([pa.schema([seen]), pa.schema([f])], promote_options="permissive")[0]
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                raise ConfigError(f"column {f.name!r} is {seen.type} in {where} but {f.type} in {src.key}; "
+                                  "make it one type") from None
+            fields[f.name] = (unified, where)
+    json_columns = [name for name, (f, _) in fields.items() if pa.types.is_null(f.type)]
+    merged = pa.schema([pa.field(name, pa.string()) if name in json_columns else f for name, (f, _) in fields.items()])
+    return merged, json_columns
 
 
 def _same_scores(a: dict, b: dict) -> bool:
@@ -324,39 +402,78 @@ def _same_scores(a: dict, b: dict) -> bool:
     return all(a.get(k) == b.get(k) for k in keys) and a["behavior"].get("model") == b["behavior"].get("model")
 
 
-def run(cfg: ScoreConfig, progress: bool = True) -> dict:
-    """Score what is missing under `cfg.out`, then write the merged rejects and summary.json."""
-    sources, job_meta, passthrough = check_inputs(cfg)
-    units = plan_units(sources, cfg.rows_per_shard)
-    out = Path(cfg.out)
-    (out / "rejects" / "parts").mkdir(parents=True, exist_ok=True)
+def reconcile(cfg: ScoreConfig, out: Path, units: list[dict], job_meta: dict) -> list[dict]:
+    """Decide, shard by shard, what a rerun keeps; returns the units to score.
 
-    # resume: a shard that exists is done, if it was made the same way from the same rows
+    A shard is kept when it was made with these settings from the same rows: the same source and
+    row range, and either the same source fingerprint (size and modification time, or the
+    dataset's fingerprint) or, when that moved, the same content hash of its rows. A unit whose
+    rows changed is scored again. A shard made with other settings, or not part of this corpus's
+    plan (a file that shrank or went away), cannot be reconciled: it is refused by name, or
+    deleted with --overwrite true.
+    """
     planned = {u["shard"]: u for u in units}
+    weights = list(WeightParams().as_dict())
+    stale: list[dict] = []
     for shard in list_shards(out):
-        meta = read_meta(shard)
+        try:
+            meta = read_meta(shard)
+        except NotAShard as e:
+            raise ConfigError(f"{e}: move it out of the output folder") from None
+        except ShardError as e:
+            if not cfg.overwrite:
+                raise ConfigError(f"{e}; remove it, or --overwrite true to score its unit again") from None
+            shard.unlink()
+            continue
         unit = planned.get(shard.name)
-        problem = ("it is not part of this corpus's plan" if unit is None else
-                   "it was made with other settings" if not _same_scores(meta, job_meta) or
-                   {k: meta.get(k) for k in WeightParams().as_dict()} != {k: job_meta[k] for k in WeightParams().as_dict()}
-                   else "its corpus rows changed since" if (meta.get("source"), meta.get("rows"),
-                                                             json.dumps(meta.get("source_fingerprint"), sort_keys=True))
-                   != (unit["key"], [unit["start"], unit["stop"]], unit["fingerprint"]) else None)
+        problem = ("it is not part of this corpus's plan (its source changed or went away)" if unit is None else
+                   "it was made with other settings" if not _same_scores(meta, job_meta)
+                   or {k: meta.get(k) for k in weights} != {k: job_meta[k] for k in weights} else None)
         if problem:
             if not cfg.overwrite:
                 raise ConfigError(f"{shard}: {problem}; use a new --out, `reweight` for new weights, "
                                   "or --overwrite true to score it again")
             shard.unlink()
-    pending = [u for u in units if not (out / u["shard"]).exists()]
-    log.info("%d units, %d already scored, %d to score (backend %s, executor %s)",
-             len(units), len(units) - len(pending), len(pending), job_meta["backend"], cfg.executor)
+            continue
+        same_place = (meta.get("source"), meta.get("rows")) == (unit["key"], [unit["start"], unit["stop"]])
+        if same_place and json.dumps(meta.get("source_fingerprint"), sort_keys=True) == unit["fingerprint"]:
+            continue
+        if same_place and meta.get("rows_sha256") == rows_sha256(open_source(json.loads(unit["source"])).read(
+                unit["start"], unit["stop"])[0]):
+            continue  # the file was touched, its rows are the same
+        stale.append(unit)
+        shard.unlink()
+    if stale:
+        log.warning("%d shards were made from rows that changed since; scoring them again: %s", len(stale),
+                    ", ".join(u["shard"] for u in stale[:5]) + (" ..." if len(stale) > 5 else ""))
+    return [u for u in units if not (out / u["shard"]).exists()]
 
-    t0 = time.perf_counter()
-    results = execute(cfg, pending, job_meta, passthrough, progress) if pending else []
-    wall = time.perf_counter() - t0
 
-    summary = summarize(cfg, out, units, results, wall, job_meta)
-    write_json_atomic(summary, out / "summary.json")
+def rows_sha256(rows: list[dict | None]) -> str:
+    """Content hash of a unit's rows as read (order and every field)."""
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps(row, sort_keys=True, default=str, ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def run(cfg: ScoreConfig, progress: bool = True) -> dict:
+    """Score what is missing under `cfg.out`, then write the merged rejects and summary.json.
+    OUT is locked for the whole job: a second job on it is refused at once."""
+    sources, job_meta, passthrough = check_inputs(cfg)
+    units = plan_units(sources, cfg.rows_per_shard)
+    out = Path(cfg.out)
+    with locked(out):
+        (out / "rejects" / "parts").mkdir(parents=True, exist_ok=True)
+        pending = reconcile(cfg, out, units, job_meta)
+        log.info("%d units, %d already scored, %d to score (backend %s, executor %s)",
+                 len(units), len(units) - len(pending), len(pending), job_meta["backend"], cfg.executor)
+        t0 = time.perf_counter()
+        results = execute(cfg, pending, job_meta, passthrough, progress) if pending else []
+        wall = time.perf_counter() - t0
+        summary = summarize(cfg, out, units, results, wall, job_meta, sources)
+        write_json_atomic(summary, out / "summary.json")
     return summary
 
 
@@ -415,11 +532,12 @@ def init_ray():
 
 
 def summarize(cfg: ScoreConfig, out: Path, units: list[dict], results: list[dict], wall: float,
-              job_meta: dict) -> dict:
-    """rows in = written + rejected, the merged rejects file, and every variant's diagnostics."""
+              job_meta: dict, sources: list[Source]) -> dict:
+    """rows in = written + rejected, the merged rejects file, every variant's diagnostics, and the
+    warnings: empty sources, duplicate ids, unknown chat roles (each a log line and a count)."""
     import pyarrow.parquet as pq
 
-    parts = sorted((out / "rejects" / "parts").glob("*.parquet"))
+    parts = [p for p in (out / "rejects" / "parts" / u["shard"] for u in units) if p.exists()]
     by_field: dict[str, int] = {}
     tmp = out / "rejects" / ".rejects.parquet.tmp"
     with pq.ParquetWriter(tmp, REJECT_SCHEMA, compression="zstd") as writer:  # part by part
@@ -431,6 +549,10 @@ def summarize(cfg: ScoreConfig, out: Path, units: list[dict], results: list[dict
     os.replace(tmp, out / "rejects" / "rejects.parquet")
     shards = list_shards(out)
     n_written = sum(pq.ParquetFile(s).metadata.num_rows for s in shards)
+    with_units = {u["key"] for u in units}
+    warnings = {"empty_sources": [src.key for src in sources if src.key not in with_units],
+                **duplicate_ids(shards),
+                "unknown_roles": sum(read_meta(s).get("unknown_roles", 0) for s in shards)}
     variants = stats_of_shards(shards, cfg.weight_params())
     rows_in = sum(u["stop"] - u["start"] for u in units)
     scored_tokens = sum(r["tokens"] for r in results)
@@ -449,10 +571,41 @@ def summarize(cfg: ScoreConfig, out: Path, units: list[dict], results: list[dict
         "params": {k: job_meta[k] for k in WeightParams().as_dict()},
         "backend": job_meta["backend"],
         "variants": variants,
+        "warnings": warnings,
     }
+    if warnings["empty_sources"]:
+        log.warning("%d empty input(s), no rows: %s", len(warnings["empty_sources"]), ", ".join(warnings["empty_sources"][:5]))
+    if warnings["duplicate_ids"]:
+        log.warning("%d rows repeat an earlier row's id (%d of these ids name different content: see summary.json)",
+                    warnings["duplicate_ids"], warnings["conflicting_ids"])
+    if warnings["unknown_roles"]:
+        log.warning("%d messages have a role the common chat templates do not know (not one of %s); they went "
+                    "through the template as they are", warnings["unknown_roles"], ", ".join(KNOWN_ROLES))
     if summary["rows_in"] != summary["rows_written"] + summary["rows_rejected"]:
         log.error("row accounting does not add up: %s", {k: summary[k] for k in ("rows_in", "rows_written", "rows_rejected")})
     return summary
+
+
+def duplicate_ids(shards: list[Path]) -> dict:
+    """Rows whose id an earlier row already has, and the ids among them whose rows differ (other ids).
+
+    Read shard by shard; 16 bytes per row are kept (a hash of the id and of the row's ids).
+    """
+    import pyarrow.parquet as pq
+
+    h64 = lambda b: int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), "little")
+    keys, contents = [np.zeros(0, np.uint64)], [np.zeros(0, np.uint64)]
+    for shard in shards:
+        t = pq.read_table(shard, columns=["id", "input_ids"])
+        keys.append(np.fromiter((h64(str(i).encode()) for i in t.column("id").to_pylist()), np.uint64))
+        contents.append(np.fromiter((h64(np.asarray(x, np.int32).tobytes())
+                                     for x in t.column("input_ids").to_numpy(zero_copy_only=False)), np.uint64))
+    k, c = np.concatenate(keys), np.concatenate(contents)
+    order = np.lexsort((c, k))
+    k, c = k[order], c[order]
+    repeat = k[1:] == k[:-1]
+    conflicting = np.unique(k[1:][repeat & (c[1:] != c[:-1])])
+    return {"duplicate_ids": int(repeat.sum()), "conflicting_ids": int(len(conflicting))}
 
 
 def format_summary(s: dict) -> str:

@@ -19,7 +19,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from scorer.config import field, parse
+from scorer.config import ConfigError, field, parse
+from scorer.lock import locked
 from scorer.shards import META_KEY, ShardError, list_shards, read_meta, write_json_atomic
 from scorer.stats import BATCH_ROWS, LOGPROB_COLUMNS, VariantStats, logprob_rows
 from scorer.weights import WeightParams
@@ -110,8 +111,11 @@ def main(argv=None) -> int:
     cfg = parse(ReweightConfig, argv, description=__doc__)
     try:
         params = WeightParams(cfg.variant, cfg.gamma, cfg.block_size, tuple(cfg.delta_clip), tuple(cfg.log_weight_clip))
-        reweight(Path(cfg.scores), params)
-    except (ShardError, FileNotFoundError, ValueError) as e:
+        if not Path(cfg.scores).is_dir():
+            raise FileNotFoundError(f"scores folder not found: {cfg.scores}")
+        with locked(cfg.scores, "--scores"):  # no scoring job or other reweight writes meanwhile
+            reweight(Path(cfg.scores), params)
+    except (ConfigError, ShardError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"reweighted {cfg.scores} with {params.as_dict()}")

@@ -46,6 +46,10 @@ class ShardError(ValueError):
     """A shard that cannot be used: names the file (and row where there is one)."""
 
 
+class NotAShard(ShardError):
+    """A readable Parquet file without the `pear` metadata: someone else's file, never deleted."""
+
+
 def core_table(ids, input_ids, spans, target_lps, behavior_lps, weights) -> pa.Table:
     """The schema columns from per-row Python/numpy values; `spans`: per row a list of (start, end)."""
     f32 = pa.list_(pa.float32())
@@ -83,7 +87,7 @@ def read_meta(path: Path) -> dict:
     except (OSError, pa.ArrowException) as e:
         raise ShardError(f"{path}: cannot read ({e})") from None
     if META_KEY not in md:
-        raise ShardError(f"{path}: no '{META_KEY.decode()}' metadata; not a scored shard")
+        raise NotAShard(f"{path}: no '{META_KEY.decode()}' metadata; not a scored shard")
     return json.loads(md[META_KEY])
 
 

@@ -91,7 +91,7 @@ def log_weights_from_delta(
         # the blocks after it: total - cum[e-1], discounted by the tokens left after the block.
         block_end = torch.minimum((pos // B + 1) * B, lengths).clamp(min=1)  # (B, T), 1-based
         future = total - cum.gather(-1, block_end - 1)
-        log_g = (lengths - block_end) * math.log(gamma) + future
+        log_g = (lengths - block_end).double() * math.log(gamma) + future  # int x float would be float32
     else:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     log_g = log_g.clamp(*log_weight_clip)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.rl import pack, response_logprobs, step_prompts
+from train.rl import combine_stat, pack, response_logprobs, step_prompts
 from train.rollout import WORLD_TASK_KWARGS, prompt_token_ids, reasoning_gym_examples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -192,3 +192,12 @@ def test_embedded_recipe_raises_the_reward(world, tmp_path):
     assert set(np.unique(np.round(np.array(rewards) * 256))) <= set(range(257))  # 0/1 rewards, 256 samples
     first, last = np.mean(rewards[:3]), np.mean(rewards[-3:])
     assert last > first + 0.1, rewards
+
+
+def test_a_steps_ratio_max_is_the_largest_over_mini_batches():
+    values = {"ratio_max": [1.1, 1.5, 1.2], "ratio_min": [0.9, 0.7, 0.8], "loss": [1.0, 2.0, 3.0]}
+    for name, vs in values.items():
+        got = None
+        for v in vs:
+            got = combine_stat(name, got, v, len(vs))
+        assert got == pytest.approx({"ratio_max": 1.5, "ratio_min": 0.7, "loss": 2.0}[name])

@@ -4,6 +4,9 @@ A tiny random Llama in float32, sequences of mixed lengths and prompt lengths at
 prompt of one token (everything scored), responses of one token, an empty response, and a
 sequence longer than the token budget.
 """
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -75,6 +78,10 @@ def test_model_loaded_from_a_path(tmp_path, data, reference):
     scorer = TorchScorer(str(tmp_path), device="cpu", token_budget=128)
     assert scorer.model.dtype == torch.float32
     assert_matches(scorer.score(*data), reference, data)
+    model = weakref.ref(scorer.model)
+    scorer.close()  # the model is released, not kept until the scorer goes
+    gc.collect()
+    assert model() is None
 
 
 def test_no_sequences_and_unknown_attention():

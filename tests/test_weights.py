@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from scorer.weights import WeightParams, pear_log_weights, pear_weights, ragged_weights
+from scorer.weights import WeightParams, log_weights_from_delta, pear_log_weights, pear_weights, ragged_weights
 
 # One 5-token response. Raw deltas: 0.05, -0.5, 0.4, 0.0, -0.6
 # clipped to [-0.08, 0.3]:          0.05, -0.08, 0.3, 0.0, -0.08   (sum 0.19)
@@ -102,3 +102,12 @@ def test_weights_are_exp_and_zero_outside_response():
 def test_bad_params_are_refused(bad):
     with pytest.raises(ValueError):
         WeightParams(**bad)
+
+
+def test_the_discount_is_computed_in_float64():
+    T = 20_001
+    delta = torch.zeros(1, T, dtype=torch.float64)
+    mask = torch.ones(1, T, dtype=torch.bool)
+    log_g = log_weights_from_delta(delta, mask, "token", gamma=0.999, log_weight_clip=(-1e9, 1e9))
+    assert log_g.dtype == torch.float64
+    assert log_g[0, 0].item() == (T - 1) * math.log(0.999)  # float32 would be off by about 1e-6 here

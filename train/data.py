@@ -98,10 +98,10 @@ class ShardRows:
     least-recently-used cache."""
 
     def __init__(self, paths: list[Path], ids: list[str], where: np.ndarray, lengths: np.ndarray,
-                 prompt_lens: np.ndarray, response_lengths: np.ndarray, weighting: str, cache_groups: int = 64):
+                 prompt_lens: np.ndarray, response_lengths: np.ndarray, made_from: str, cache_groups: int = 64):
         self.paths, self.ids, self.where = paths, ids, where  # where: (n, 3) int64 shard, row group, row in group
         self.lengths, self.prompt_lens, self.response_lengths = lengths, prompt_lens, response_lengths
-        self.weighting, self.cache_groups = weighting, cache_groups
+        self.made_from, self.cache_groups = made_from, cache_groups
         self._cache: OrderedDict[tuple[int, int], Rows] = OrderedDict()
 
     def __len__(self) -> int:
@@ -110,7 +110,7 @@ class ShardRows:
     def subset(self, index) -> "ShardRows":
         index = np.asarray([int(i) for i in index], dtype=np.int64)
         view = ShardRows(self.paths, [self.ids[i] for i in index], self.where[index], self.lengths[index],
-                         self.prompt_lens[index], self.response_lengths[index], self.weighting, self.cache_groups)
+                         self.prompt_lens[index], self.response_lengths[index], self.made_from, self.cache_groups)
         view._cache = self._cache  # one cache for the rows and their subsets
         return view
 
@@ -134,9 +134,9 @@ class ShardRows:
         return rows
 
     def fingerprint(self) -> str:
-        """Hash of the ids, lengths and the stored weighting: a resumed run must see the same rows
-        in the same plan, weighted the same way (a `reweight` in between changes the weights)."""
-        return _fingerprint(self.ids, self.lengths, self.prompt_lens, self.weighting)
+        """Hash of the ids, lengths and every shard's metadata: a resumed run must see the same rows
+        in the same plan, made the same way (a `reweight` in between changes the weights)."""
+        return _fingerprint(self.ids, self.lengths, self.prompt_lens, self.made_from)
 
 
 def load_rows(scores: str | Path, vocab_size: int, max_len: int | None = None) -> tuple[ShardRows, dict]:
@@ -151,10 +151,12 @@ def load_rows(scores: str | Path, vocab_size: int, max_len: int | None = None) -
     if not paths:
         raise ShardError(f"{scores}: no shards (*.parquet) to train on")
     first_meta = None
+    made_from = []  # every shard's metadata: weighting, source rows, models
     ids: list[str] = []
     where, lengths, plens, rlens = [], [], [], []
     for s, path in enumerate(paths):
         meta = check_meta(path)
+        made_from.append([path.name, meta])
         if first_meta is None:
             first_meta = meta
         for key in SAME_ACROSS_SHARDS:
@@ -180,9 +182,8 @@ def load_rows(scores: str | Path, vocab_size: int, max_len: int | None = None) -
                 offset += table.num_rows
         except (OSError, pa.ArrowException) as e:
             raise ShardError(f"{path}: cannot read ({e})") from None
-    weighting = json.dumps({k: first_meta.get(k) for k in WeightParams().as_dict()}, sort_keys=True)
     rows = ShardRows(paths, ids, np.array(where, np.int64).reshape(-1, 3), np.array(lengths, np.int64),
-                     np.array(plens, np.int64), np.array(rlens, np.int64), weighting)
+                     np.array(plens, np.int64), np.array(rlens, np.int64), json.dumps(made_from, sort_keys=True))
     return rows, first_meta
 
 

@@ -19,14 +19,19 @@ A reward that raises is not allowed to stop a run: `safe_score` turns it into 0 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
 import logging
 import math
 import re
+import signal
+import threading
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 log = logging.getLogger("pear.rewards")
 
@@ -140,24 +145,56 @@ def load_reward(spec: str) -> Reward:
             raise ValueError(f"reward file not found: {path}")
         mod_spec = importlib.util.spec_from_file_location(f"pear_user_reward_{path.stem}", path)
         module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
+        try:
+            mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
+        except Exception as e:  # a SyntaxError, a failing import inside it: whatever its code raises
+            raise ValueError(f"reward file {path} cannot be loaded: {type(e).__name__}: {e}") from None
     else:
         try:
             module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise ValueError(f"cannot import reward module {module_name!r}: {e}") from None
+        except Exception as e:
+            raise ValueError(f"cannot import reward module {module_name!r}: {type(e).__name__}: {e}") from None
     fn = getattr(module, func_name, None)
     if not callable(fn):
         raise ValueError(f"{module_name} has no function {func_name!r}")
     return fn
 
 
-def safe_score(fn: Reward, completion: str, example: dict) -> tuple[float, str | None]:
-    """(reward, error): a reward that raises or returns a non-finite number counts as 0.0."""
+class RewardTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise RewardTimeout in this thread after `seconds` (0: no limit). A timer signal interrupts
+    Python code, sleeps and I/O; it only works in the main thread, elsewhere there is no limit."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise RewardTimeout(f"took longer than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        value = float(fn(completion, example))
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def safe_score(fn: Reward, completion: str, example: dict, timeout: float = 0.0) -> tuple[float, str | None]:
+    """(reward, error): a reward that raises, runs past `timeout` seconds, or returns anything but a
+    finite real number (a str such as "0.75" included) counts as 0.0, with the reason."""
+    try:
+        with time_limit(timeout):
+            value = fn(completion, example)
     except Exception as e:  # a user's reward must not stop the run; the row is logged instead
         return 0.0, f"{type(e).__name__}: {e}"
+    if not isinstance(value, (int, float, np.integer, np.floating)):  # bool is an int: pass/fail
+        return 0.0, f"returned {type(value).__name__} {str(value)[:30]!r}, not a number"
+    value = float(value)
     if not math.isfinite(value):
         return 0.0, f"non-finite reward {value!r}"
     return value, None

@@ -19,12 +19,14 @@ the last checkpoint. Bad input prints one line, exit code 2.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -32,7 +34,8 @@ import numpy as np
 import torch
 
 from scorer.config import ConfigError, field, parse
-from scorer.models import resolve_model
+from scorer.lock import locked
+from scorer.models import model_record, resolve_model
 from scorer.shards import write_json_atomic
 from train.loss import token_logprobs
 from train.rewards import load_reward, safe_score
@@ -61,6 +64,8 @@ class RLConfig:
                                    "reasoning_gym, reasoning_gym_partial (partial credit), math, "
                                    "or 'module:function' / 'file.py:function'")
     pass_threshold: float = field(1.0, "a sample passes when its reward is at least this")
+    reward_timeout: float = field(30.0, "seconds one reward call may take before it counts as failed (0: no limit)")
+    max_reward_failures: float = field(0.5, "stop the run when more than this share of a step's rewards fail")
     steps: int = field(60, "RL steps (each: one batch of rollouts, `mini_batches` optimizer steps)")
     prompts_per_step: int = field(16, "prompts per step")
     samples_per_prompt: int = field(8, "samples per prompt (the group of the advantage)")
@@ -91,7 +96,8 @@ class RLConfig:
 
 
 # settings a resumed run may change: they do not alter what a step computes
-NOT_TRAJECTORY = ("out", "steps", "save_every", "keep_checkpoints", "overwrite", "threads", "progress")
+NOT_TRAJECTORY = ("out", "steps", "save_every", "keep_checkpoints", "overwrite", "threads", "progress",
+                  "reward_timeout", "max_reward_failures")
 
 
 # ---- pieces of a step ----------------------------------------------------------------------------
@@ -135,17 +141,35 @@ def response_logprobs(lm, input_ids, label_mask, response_mask, chunk: int) -> t
     return torch.zeros(response_mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(response_mask, flat)
 
 
-def score_groups(reward_fn, texts: list[list[str]], examples: list[dict]):
-    """Rewards (P, n) and the rows whose reward raised (each counted as 0)."""
+def combine_stat(name: str, so_far: float | None, value: float, parts: int) -> float:
+    """A step's statistic from its mini-batches': the largest `*_max`, the smallest `*_min`, else the mean."""
+    if so_far is None:
+        return value if name.endswith(("_max", "_min")) else value / parts
+    if name.endswith("_max"):
+        return max(so_far, value)
+    if name.endswith("_min"):
+        return min(so_far, value)
+    return so_far + value / parts
+
+
+def score_groups(reward_fn, texts: list[list[str]], examples: list[dict], timeout: float = 0.0,
+                 max_failures: float = 1.0):
+    """Rewards (P, n) and the rows whose reward failed (each counted as 0). ConfigError as soon as
+    more than `max_failures` of the P x n calls failed: a broken reward must not train a model."""
     rewards, errors = [], []
+    limit = max_failures * sum(len(g) for g in texts)
     for i, (group, ex) in enumerate(zip(texts, examples)):
         row = []
         for j, text in enumerate(group):
-            value, err = safe_score(reward_fn, text, ex)
+            value, err = safe_score(reward_fn, text, ex, timeout)
             row.append(value)
             if err:
                 errors.append({"prompt": ex["prompt"], "answer": ex["answer"], "sample": j, "completion": text,
                                "error": err, "group": i})
+                if len(errors) > limit:
+                    raise ConfigError(f"more than {max_failures:.0%} of a step's rewards failed ({len(errors)} so far; "
+                                      f"first: {errors[0]['error']}); fix the reward (--reward) or raise "
+                                      "--max-reward-failures")
         rewards.append(row)
     return torch.tensor(rewards, dtype=torch.float32), errors
 
@@ -217,8 +241,9 @@ def keep_lines_upto(path: Path, step: int) -> None:
 
 # ---- the run -----------------------------------------------------------------------------------
 
-def train(cfg: RLConfig) -> dict:
-    """One RL run; returns the summary (also written to out/rl_summary.json)."""
+def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
+    """One RL run; returns the summary (also written to out/rl_summary.json).
+    `held`: where the output folder's lock is kept; None: no lock."""
     from tqdm import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -232,6 +257,8 @@ def train(cfg: RLConfig) -> dict:
 
     # 1. inputs, all checked before anything is written
     tokenizer, examples, reward_fn = check_inputs(cfg)
+    if held is not None:
+        held.enter_context(locked(out))  # one run per output folder
     max_model_len = max(len(ex["prompt_ids"]) for ex in examples) + cfg.max_new_tokens
     limit = getattr(AutoConfig.from_pretrained(cfg.model), "max_position_embeddings", None)
     if limit and max_model_len > limit:
@@ -239,6 +266,9 @@ def train(cfg: RLConfig) -> dict:
 
     # 2. resume from the last checkpoint made with the same settings
     trajectory = {k: v for k, v in asdict(cfg).items() if k not in NOT_TRAJECTORY}
+    # what the run learns from, by content: the prompt pool and the starting model's weights
+    trajectory["inputs"] = hashlib.sha256(json.dumps([[ex["prompt"], str(ex.get("answer"))] for ex in examples]).encode()
+                                          + model_record(model_ref)["sha256"].encode()).hexdigest()
     ckpt, state = latest_checkpoint(out), None
     if ckpt is not None:
         state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
@@ -302,7 +332,7 @@ def train(cfg: RLConfig) -> dict:
             texts = [[tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in g] for g in groups]
 
             # 5b. rewards and group-normalised advantages
-            rewards, errors = score_groups(reward_fn, texts, batch)  # (P, n)
+            rewards, errors = score_groups(reward_fn, texts, batch, cfg.reward_timeout, cfg.max_reward_failures)
             advantages = group_advantages(rewards, cfg.advantage_scale).reshape(-1).to(device)  # (B,)
 
             # 5c. the trainer's view of the same tokens: pi_old, the reference, TIS weights
@@ -337,7 +367,7 @@ def train(cfg: RLConfig) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 engine.push_weights(lm)
                 for k, v in {"loss": loss.detach(), **stats}.items():
-                    stats_sum[k] = stats_sum.get(k, 0.0) + float(v) / cfg.mini_batches
+                    stats_sum[k] = combine_stat(k, stats_sum.get(k), float(v), cfg.mini_batches)
             lm.eval()
 
             # 5e. one metrics line
@@ -417,7 +447,8 @@ def format_summary(s: dict) -> str:
 def main(argv=None) -> int:
     cfg = parse(RLConfig, argv, description=__doc__)
     try:
-        summary = train(cfg)
+        with ExitStack() as held:
+            summary = train(cfg, held)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -26,7 +26,7 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from scorer.config import ConfigError, field, parse
+from scorer.lock import locked
 from scorer.models import pinned, resolve_model
 from scorer.shards import ShardError, fingerprint, list_shards, read_meta, tokenizer_sha256, write_json_atomic
 from scorer.weights import WeightParams
@@ -228,6 +229,9 @@ def check_inputs(cfg: SFTConfig):
     if meta.get("target_model", {}).get("sha256") not in (None, fingerprint(model_dir)["sha256"]):
         log.warning("training %s, but the shards' target logprobs come from %s: the stored PEAR weights refer "
                     "to that model", model_dir, meta["target_model"].get("path"))
+    if len(rows) == 0:
+        raise ConfigError(f"{cfg.scores}: the shards hold no rows; every row was rejected "
+                          f"(see {Path(cfg.scores) / 'rejects' / 'rejects.parquet'})")
     train_rows, heldout = split_heldout(rows, cfg.heldout_fraction)
     if len(train_rows) == 0:
         raise ConfigError(f"no training rows left after holding out {cfg.heldout_fraction:.0%}")
@@ -292,8 +296,9 @@ def heldout_nll(net, rows: Rows, cfg: SFTConfig, device, rank: int, world: int, 
 
 # ---- the run ---------------------------------------------------------------------------------
 
-def train(cfg: SFTConfig) -> dict:
-    """One training run; returns the summary (also written to out/train_summary.json by rank 0)."""
+def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
+    """One training run; returns the summary (also written to out/train_summary.json by rank 0).
+    `held`: where the output folder's lock is kept (rank 0 holds it for all ranks); None: no lock."""
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
@@ -308,6 +313,8 @@ def train(cfg: SFTConfig) -> dict:
 
     # 1. inputs, all checked before anything is written
     model_dir, tokenizer, rows, heldout, meta = check_inputs(cfg)
+    if held is not None and rank == 0:
+        held.enter_context(locked(out))  # one run per output folder
     params = cfg.weight_params()
     if cfg.weighting == "pear-live" and params is None:
         params = shard_params(meta)
@@ -488,7 +495,8 @@ def format_summary(s: dict) -> str:
 def main(argv=None) -> int:
     cfg = parse(SFTConfig, argv, description=__doc__)
     try:
-        summary = train(cfg)
+        with ExitStack() as held:
+            summary = train(cfg, held)
     except (ConfigError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
