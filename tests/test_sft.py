@@ -97,8 +97,9 @@ def test_vllm_loads_the_trained_checkpoint(scores, tmp_path):
     out = tmp_path / "uniform"
     train(cfg_for(scores, out, weighting="uniform", max_steps=3))
     rows, _ = load_rows(scores, 10_000)
-    ids = [x.tolist() for x in rows.input_ids[:6]]
-    plens = [int(p) for p in rows.prompt_lens[:6]]
+    first = rows.take(range(6))
+    ids = [x.tolist() for x in first.input_ids]
+    plens = [int(p) for p in first.prompt_lens]
     engine = VllmScorer(str(out), max_model_len=512, dtype="float32")
     try:
         by_vllm = engine.score(ids, plens)
