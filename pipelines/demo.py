@@ -13,13 +13,13 @@ run only prints the table.
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from pipelines import score
+from scorer.config import setup_logging
 
 ARMS = ("uniform", "pear")
 
@@ -34,7 +34,7 @@ def step(title: str, args: list[str], done: Path) -> None:
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     t0 = time.time()
     print("== score: runs/score (embedded corpus, target and behavior models)", flush=True)
     rc = score.main(["--out", "runs/score"])

@@ -41,6 +41,7 @@ import numpy as np
 from pipelines.rl import EMBEDDED_EVAL, EMBEDDED_RECIPE as RL_RECIPE
 from pipelines.sft import EMBEDDED_RECIPE as SFT_RECIPE
 from pipelines.world import WorldConfig, build
+from scorer.config import setup_logging
 from train.eval import per_prompt_metrics, read_eval
 
 log = logging.getLogger("pear.experiment")
@@ -411,7 +412,7 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="one seed, a few steps: checks that the outputs are complete")
     p.add_argument("--jobs", type=int, default=2, help="arm-seed chains run at once (each on one CPU thread)")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     t0 = time.time()
     seeds = [0] if a.smoke else list(range(a.seeds))
     recipe = SMOKE if a.smoke else RECIPE

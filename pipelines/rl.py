@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from pipelines.world import WorldConfig, build
-from scorer.config import parse
+from scorer.config import parse, setup_logging
 from train import eval as evaluation
 from train import rl
 
@@ -104,7 +104,7 @@ def run_eval(argv) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     if not argv or argv[0] not in ("rl", "eval"):
         print("usage: python -m pipelines.rl {rl,eval} [flags]  (see --help of each)", file=sys.stderr)
         return 2

@@ -9,13 +9,12 @@ exit code 2 on bad input, with one line that says what is wrong.
 """
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
 from pipelines.world import WorldConfig, build
 from scorer import job
-from scorer.config import parse
+from scorer.config import parse, setup_logging
 from scorer.job import ScoreConfig
 
 WORLD = "artifacts/world"
@@ -35,7 +34,7 @@ def embedded_defaults(argv: list[str]) -> list[str]:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse(ScoreConfig, argv, description=__doc__)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     if not cfg.data:
         build(Path(WORLD), WorldConfig())
         argv = embedded_defaults(argv)

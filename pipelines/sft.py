@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from scorer.config import setup_logging
 from scorer.shards import ShardError, list_shards, read_meta
 from scorer.weights import WeightParams
 from train import sft
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/sft", help="output folder (out/<weighting>/ for several weightings)")
     p.add_argument("--weighting", default="uniform,pear", help="comma-separated: uniform, pear, pear-live")
     args, rest = p.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     try:
         ensure_scores(args.scores)
     except (FileNotFoundError, ShardError, subprocess.CalledProcessError) as e:

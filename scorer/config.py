@@ -1,13 +1,19 @@
-"""Flat, typed configuration: one dataclass per stage, overridable from a YAML file and the CLI.
+"""Typed configuration: one dataclass per stage, overridable from a YAML file and the CLI.
 
 Each field carries its help text as `metadata={"help": ...}`. Precedence: defaults < YAML
 (`--config recipe.yaml`) < command-line flags. Field `foo_bar` is flag `--foo-bar`; tuples take
-comma-separated values (`--delta-clip=-0.08,0.3`); booleans take true/false.
+comma-separated values (`--delta-clip=-0.08,0.3`); booleans take true/false. A field whose type
+is itself such a dataclass is a group shared by several stages (`WeightConfig`): its fields are
+flags of their own (`--variant`, not `--weights-variant`), and YAML takes them flat or nested
+under the group's name.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import logging
+import sys
 import typing
 from pathlib import Path
 
@@ -17,10 +23,32 @@ class ConfigError(Exception):
 
 
 def field(default, help: str, **kw):
-    """A dataclass field with help text (mutable defaults become factories)."""
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    """A dataclass field with help text (mutable defaults, groups included, become factories)."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help}, **kw)
     return dataclasses.field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclasses.dataclass
+class WeightConfig:
+    """The PEAR weighting's constants as every stage takes them (one group, nested in each config)."""
+
+    variant: str = field("token", "PEAR variant: sequence, token, block or none")
+    gamma: float = field(0.999, "discount of the token and block variants")
+    block_size: int = field(4, "tokens per block (block variant)")
+    delta_clip: tuple[float, ...] = field((-0.08, 0.3), "clip of the per-token log-ratio, lo,hi")
+    log_weight_clip: tuple[float, ...] = field((-10.0, 5.0), "clip of log G, lo,hi")
+
+    def __post_init__(self):
+        if self.variant:  # empty: a stage that keeps the stored weights (SFT)
+            self.params()  # a bad constant fails here, naming it
+
+    def params(self):
+        """The checked `WeightParams` (ValueError names the bad constant)."""
+        from scorer.weights import WeightParams
+
+        return WeightParams(**{**dataclasses.asdict(self), "delta_clip": tuple(self.delta_clip),
+                               "log_weight_clip": tuple(self.log_weight_clip)})
 
 
 def _to_bool(s: str) -> bool:
@@ -51,15 +79,31 @@ def _convert(value, tp):
     return value
 
 
+def _flags(cls) -> list[tuple[str, dataclasses.Field, object, str | None]]:
+    """(name, field, type, group) of every flag of `cls`: its own fields and its groups' fields."""
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += [(sub.name, sub, typing.get_type_hints(tp)[sub.name], f.name) for sub in dataclasses.fields(tp)]
+        else:
+            out.append((f.name, f, tp, None))
+    names = [n for n, *_ in out]
+    assert len(names) == len(set(names)), f"{cls.__name__}: a group repeats a flag name"
+    return out
+
+
 def parse(cls, argv=None, description: str | None = None):
     """Build `cls` from defaults, an optional `--config` YAML file and command-line flags."""
-    hints = typing.get_type_hints(cls)
+    flags = _flags(cls)
     p = argparse.ArgumentParser(description=description or cls.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=None, help="YAML file of field values (flags override it)")
-    for f in dataclasses.fields(cls):
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                       help=f.metadata.get("help", "") + f" (default: {_default(f)})")
+    defaults = cls() if all(_default(f) != "required" for f in dataclasses.fields(cls)) else None
+    for name, f, _, group in flags:
+        shown = getattr(getattr(defaults, group), name) if group and defaults is not None else _default(f)
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
+                       help=(f.metadata.get("help", "") + f" (default: {shown})").replace("%", "%%"))
     ns = p.parse_args(argv)
     values = {}
     if ns.config is not None:
@@ -68,16 +112,28 @@ def parse(cls, argv=None, description: str | None = None):
         if not ns.config.exists():
             p.error(f"config file not found: {ns.config}")
         loaded = yaml.safe_load(ns.config.read_text()) or {}
-        unknown = set(loaded) - {f.name for f in dataclasses.fields(cls)}
+        groups = {g for *_, g in flags if g}
+        for g in groups & set(loaded):  # a group's fields nested under its name
+            if not isinstance(loaded[g], dict):
+                p.error(f"{ns.config}: {g} must be a mapping of its fields")
+            loaded.update(loaded.pop(g))
+        unknown = set(loaded) - {n for n, *_ in flags}
         if unknown:
             p.error(f"{ns.config}: unknown fields {sorted(unknown)}")
         values.update(loaded)
-    for f in dataclasses.fields(cls):
-        v = getattr(ns, f.name)
+    for name, *_ in flags:
+        v = getattr(ns, name)
         if v is not None:
-            values[f.name] = v
+            values[name] = v
     try:
-        return cls(**{k: _convert(v, hints[k]) for k, v in values.items()})
+        top, grouped = {}, {}
+        for name, _, tp, group in flags:
+            if name in values:
+                (grouped.setdefault(group, {}) if group else top)[name] = _convert(values[name], tp)
+        for group, given in grouped.items():
+            base = getattr(defaults, group) if defaults is not None else typing.get_type_hints(cls)[group]()
+            top[group] = dataclasses.replace(base, **given)
+        return cls(**top)
     except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
         p.error(str(e))
 
@@ -88,3 +144,23 @@ def _default(f):
     if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
         return f.default_factory()  # type: ignore[misc]
     return "required"
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """The entry points' console log: time, logger name, message (once per process)."""
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s")
+
+
+def cli(cls, argv, description: str | None, work, report, errors: tuple[type[Exception], ...] = ()) -> int:
+    """An entry point: the config from `argv`, then `work(cfg)`; a ConfigError (or one of `errors`)
+    is one line `error: ...` and exit code 2; otherwise `report(result)` is printed, exit code 0."""
+    cfg = parse(cls, argv, description=description)
+    try:
+        result = work(cfg)
+    except (ConfigError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = report(result)
+    if text:
+        print(text)
+    return 0

@@ -17,6 +17,7 @@ import functools
 import inspect
 import logging
 import os
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -345,12 +346,34 @@ def packed_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
     return batches
 
 
-def make_scorer(backend: str, model: str, **kwargs):
-    if backend == "torch":
-        keys = ("device", "dtype", "token_budget", "chunk_size", "attention", "compile")
-        return TorchScorer(model, **{k: v for k, v in kwargs.items() if k in keys and v is not None})
-    if backend == "vllm":
-        if not vllm_available():
-            raise RuntimeError("backend 'vllm' asked for, but vllm is not installed; use --backend torch")
-        return VllmScorer(model, **{k: v for k, v in kwargs.items() if k in ("max_model_len", "dtype")})
-    raise ValueError(f"backend must be 'torch' or 'vllm', got {backend!r}")
+class Scorer(Protocol):
+    """What the scoring job needs of a backend."""
+
+    name: str
+
+    def score(self, input_ids: list[list[int]], prompt_lens: list[int]) -> list[np.ndarray]:
+        """float32 logprobs of `input_ids[i][prompt_lens[i]:]` under the model, one array per sequence."""
+
+    def close(self) -> None:
+        """Release the model and its memory."""
+
+
+def _torch_scorer(model: str, **kw) -> Scorer:
+    keys = ("device", "dtype", "token_budget", "chunk_size", "attention", "compile")
+    return TorchScorer(model, **{k: v for k, v in kw.items() if k in keys and v is not None})
+
+
+def _vllm_scorer(model: str, **kw) -> Scorer:
+    if not vllm_available():
+        raise RuntimeError("backend 'vllm' asked for, but vllm is not installed; use --backend torch")
+    return VllmScorer(model, **{k: v for k, v in kw.items() if k in ("max_model_len", "dtype")})
+
+
+# every scoring backend, by the name `--backend` takes; a new one is a class and a line here
+BACKENDS: dict[str, Callable[..., Scorer]] = {"torch": _torch_scorer, "vllm": _vllm_scorer}
+
+
+def make_scorer(backend: str, model: str, **kwargs) -> Scorer:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return BACKENDS[backend](model, **kwargs)

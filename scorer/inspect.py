@@ -27,8 +27,7 @@ def shard_params(path: Path) -> tuple[WeightParams, dict]:
     except (OSError, pa.ArrowException) as e:
         raise ShardError(f"{path}: cannot read ({e})") from None
     try:
-        params = WeightParams(meta["variant"], meta["gamma"], meta["block_size"], tuple(meta["delta_clip"]),
-                              tuple(meta["log_weight_clip"]))
+        params = WeightParams.from_dict(meta)
     except (KeyError, TypeError, ValueError) as e:
         raise ShardError(f"{path}: bad weight constants in its metadata ({e!r})") from None
     return params, meta

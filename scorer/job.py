@@ -17,16 +17,16 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from scorer import __version__
-from scorer.config import ConfigError, field, parse
+from scorer.config import ConfigError, WeightConfig, cli, field, setup_logging
 from scorer.corpus import CONSUMED, INPUT_COLUMNS, KNOWN_ROLES, RowError, encode_row, row_id
-from scorer.engines import make_scorer, vllm_available
+from scorer.engines import BACKENDS, make_scorer, vllm_available
 from scorer.lock import locked, writable_folder
 from scorer.models import model_record, pinned, resolve_model
 from scorer.shards import (CORE_NAMES, REJECT_SCHEMA, SCHEMA_VERSION, NotAShard, ShardError, core_table, list_shards, read_meta,
@@ -53,11 +53,7 @@ class ScoreConfig:
                               "empty or 'none': the corpus column only")
     backend: str = field("auto", "scoring backend: vllm, torch, or auto (torch: the fastest measured, "
                                  "see bench/RESULTS.md)")
-    variant: str = field("token", "PEAR variant: sequence, token, block or none")
-    gamma: float = field(0.999, "discount of the token and block variants")
-    block_size: int = field(4, "tokens per block (block variant)")
-    delta_clip: tuple[float, ...] = field((-0.08, 0.3), "clip of the per-token log-ratio, lo,hi")
-    log_weight_clip: tuple[float, ...] = field((-10.0, 5.0), "clip of log G, lo,hi")
+    weights: WeightConfig = field(WeightConfig(), "PEAR weighting: --variant, --gamma, --block-size, --delta-clip, --log-weight-clip")
     max_len: int = field(4096, "longest prompt+response in tokens; longer rows are rejected")
     truncate: bool = field(False, "cut over-long responses to max_len instead of rejecting them")
     append_eos: bool = field(True, "end tokenized responses with the tokenizer's EOS token")
@@ -73,8 +69,7 @@ class ScoreConfig:
     overwrite: bool = field(False, "delete shards made with other settings instead of refusing")
 
     def weight_params(self) -> WeightParams:
-        return WeightParams(self.variant, self.gamma, self.block_size, tuple(self.delta_clip),
-                            tuple(self.log_weight_clip))
+        return self.weights.params()
 
     def resolved_backend(self) -> str:
         # torch measured faster than vLLM's prompt logprobs on the CPU (tiny model) and is the only
@@ -91,10 +86,10 @@ class ScoreConfig:
 class ShardScorer:
     """Ray Data callable class: engines are loaded once per actor, then whole units are scored."""
 
-    def __init__(self, cfg: dict, job_meta: dict, passthrough: bytes):
+    def __init__(self, cfg: ScoreConfig, job_meta: dict, passthrough: bytes):
         from transformers import AutoConfig, AutoTokenizer
 
-        self.cfg = ScoreConfig(**cfg)
+        self.cfg = cfg
         self.job_meta = job_meta
         self.passthrough = pa.ipc.read_schema(pa.py_buffer(passthrough))
         self.params = self.cfg.weight_params()
@@ -320,8 +315,8 @@ def check_inputs(cfg: ScoreConfig) -> tuple[list[Source], dict, bytes]:
         raise ConfigError(str(e)) from None
     if cfg.rows_per_shard < 1:
         raise ConfigError(f"--rows-per-shard must be at least 1, got {cfg.rows_per_shard}")
-    if cfg.backend not in ("auto", "vllm", "torch"):
-        raise ConfigError(f"backend must be auto, vllm or torch, got {cfg.backend!r}")
+    if cfg.backend != "auto" and cfg.backend not in BACKENDS:
+        raise ConfigError(f"backend must be auto or one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
     if cfg.torch_compile.lower() not in ("auto", "true", "false") or cfg.torch_attention not in ("", "padded", "packed"):
         raise ConfigError("torch_compile must be auto/true/false and torch_attention padded/packed")
     if cfg.executor not in ("ray", "local"):
@@ -483,7 +478,7 @@ def execute(cfg: ScoreConfig, units: list[dict], job_meta: dict, passthrough: by
     bar = tqdm(total=len(units), desc="scoring shards", unit="shard", disable=not progress, file=sys.stderr)
     results = []
     if cfg.executor == "local":
-        scorer = ShardScorer(asdict(cfg), job_meta, passthrough)
+        scorer = ShardScorer(cfg, job_meta, passthrough)
         try:
             for u in units:
                 results.append(scorer.score_unit(u))
@@ -503,7 +498,7 @@ def execute(cfg: ScoreConfig, units: list[dict], job_meta: dict, passthrough: by
     if gpus < 0:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     ds = ray.data.from_items(units, override_num_blocks=len(units))
-    ds = ds.map_batches(ShardScorer, fn_constructor_kwargs={"cfg": asdict(cfg), "job_meta": job_meta, "passthrough": passthrough},
+    ds = ds.map_batches(ShardScorer, fn_constructor_kwargs={"cfg": cfg, "job_meta": job_meta, "passthrough": passthrough},
                         batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.actors),
                         num_cpus=cfg.cpus_per_actor, num_gpus=gpus)
     for r in ds.iter_rows():
@@ -628,15 +623,8 @@ def format_summary(s: dict) -> str:
 
 
 def main(argv=None) -> int:
-    cfg = parse(ScoreConfig, argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        summary = run(cfg)
-    except (ConfigError, ShardError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_summary(summary))
-    return 0
+    setup_logging()
+    return cli(ScoreConfig, argv, None, run, format_summary, errors=(ShardError,))
 
 
 if __name__ == "__main__":

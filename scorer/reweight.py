@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from scorer.config import ConfigError, field, parse
+from scorer.config import ConfigError, WeightConfig, field, parse
 from scorer.lock import locked
 from scorer.shards import META_KEY, ShardError, list_shards, read_meta, write_json_atomic
 from scorer.stats import BATCH_ROWS, LOGPROB_COLUMNS, VariantStats, logprob_rows
@@ -31,11 +31,7 @@ class ReweightConfig:
     """New PEAR weights for existing shards."""
 
     scores: str = field("runs/score", "scoring output folder")
-    variant: str = field("token", "sequence, token, block or none")
-    gamma: float = field(0.999, "discount of the token and block variants")
-    block_size: int = field(4, "tokens per block (block variant)")
-    delta_clip: tuple[float, ...] = field((-0.08, 0.3), "clip of the per-token log-ratio, lo,hi")
-    log_weight_clip: tuple[float, ...] = field((-10.0, 5.0), "clip of log G, lo,hi")
+    weights: WeightConfig = field(WeightConfig(), "PEAR weighting: --variant, --gamma, --block-size, --delta-clip, --log-weight-clip")
 
 
 def reweight(scores: Path, params: WeightParams) -> dict:
@@ -110,7 +106,7 @@ def rewrite_shard(path: Path, out: Path, params: WeightParams, stats: VariantSta
 def main(argv=None) -> int:
     cfg = parse(ReweightConfig, argv, description=__doc__)
     try:
-        params = WeightParams(cfg.variant, cfg.gamma, cfg.block_size, tuple(cfg.delta_clip), tuple(cfg.log_weight_clip))
+        params = cfg.weights.params()
         if not Path(cfg.scores).is_dir():
             raise FileNotFoundError(f"scores folder not found: {cfg.scores}")
         with locked(cfg.scores, "--scores"):  # no scoring job or other reweight writes meanwhile

@@ -46,6 +46,11 @@ class WeightParams:
         object.__setattr__(self, "delta_clip", tuple(float(x) for x in self.delta_clip))
         object.__setattr__(self, "log_weight_clip", tuple(float(x) for x in self.log_weight_clip))
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "WeightParams":
+        """From `as_dict()`'s keys (as shard metadata records them); other keys are ignored."""
+        return cls(d["variant"], d["gamma"], d["block_size"], tuple(d["delta_clip"]), tuple(d["log_weight_clip"]))
+
     def as_dict(self) -> dict:
         return {
             "variant": self.variant,

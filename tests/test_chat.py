@@ -6,6 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from scorer.config import WeightConfig
 from scorer.corpus import RowError, encode_row
 from scorer.job import ScoreConfig, run
 from scorer.shards import list_shards, spans_of
@@ -112,8 +113,8 @@ def test_future_sums_run_over_later_turns_and_sft_trains_only_the_spans(chat_mod
         f.writelines(json.dumps(r) + "\n" for r in rows)
     out = tmp_path / "scores"
     run(ScoreConfig(data=str(tmp_path / "chat.jsonl"), out=str(out), target=str(folder), executor="local",
-                    backend="torch", variant="token", delta_clip=(-10.0, 10.0),
-                    log_weight_clip=(-100.0, 100.0)), progress=False)
+                    backend="torch", weights=WeightConfig("token", delta_clip=(-10.0, 10.0),
+                                                          log_weight_clip=(-100.0, 100.0))), progress=False)
     table = pq.read_table(list_shards(out)[0])
     a, b = (dict(zip(table.column_names, r)) for r in zip(*[table.column(c).to_pylist() for c in table.column_names]))
     assert spans_of(table)[0] == encode({"messages": msgs}, tok).spans

@@ -10,6 +10,7 @@ import pytest
 from train.eval import (ConfigError, EvalConfig, bootstrap_ci, compare_with_baseline, evaluate, held_out,
                         held_out_set, occurrence_keys, paired_difference, pass_at_k, prompt_texts, read_eval,
                         seen_prompt_sets, summarize)
+from train.rollout import PromptConfig
 
 
 def brute_force_pass_at_k(n: int, c: int, k: int) -> float:
@@ -134,7 +135,7 @@ def test_same_held_out_prompts_before_and_after_rl(world, tmp_path):
     sft, rl = tmp_path / "sft", tmp_path / "rl"
     sft.mkdir(), rl.mkdir()
     (sft / "train_summary.json").write_text(json.dumps({"scores": str(tmp_path / "no-scores")}))
-    r = RLConfig()
+    r = RLConfig().prompt_set
     pool = reasoning_gym_examples(r.tasks, r.num_prompts, r.prompt_seed, r.task_kwargs)
     (rl / "rl_prompts.jsonl").write_text("".join(json.dumps({"prompt": e["prompt"]}) + "\n" for e in pool))
     (rl / "rl_summary.json").write_text(json.dumps({"model": str(sft), "prompt_source": {
@@ -154,7 +155,7 @@ def test_default_split_is_disjoint_by_seed(world):
     from train.rl import RLConfig
     from train.rollout import reasoning_gym_examples
 
-    cfg, rl = EvalConfig(), RLConfig()
+    cfg, rl = EvalConfig().prompt_set, RLConfig().prompt_set
     assert cfg.prompt_seed != rl.prompt_seed
     evals = reasoning_gym_examples(cfg.tasks, cfg.num_prompts, cfg.prompt_seed, cfg.task_kwargs)
     pool = reasoning_gym_examples(rl.tasks, rl.num_prompts, rl.prompt_seed, rl.task_kwargs)
@@ -173,12 +174,13 @@ def test_evaluate_end_to_end(world, tmp_path):
     shutil.copytree(world / "target", model)
     from train.rollout import reasoning_gym_examples
 
-    rl_prompts = reasoning_gym_examples(["chain_sum"], 64, 30_000, EvalConfig().task_kwargs)[:10]
+    rl_prompts = reasoning_gym_examples(["chain_sum"], 64, 30_000, EvalConfig().prompt_set.task_kwargs)[:10]
     (model / "rl_prompts.jsonl").write_text("".join(json.dumps({"prompt": e["prompt"]}) + "\n" for e in rl_prompts))
     (model / "rl_summary.json").write_text(json.dumps({"model": str(world / "target"),
                                                        "prompt_source": {"tasks": ["chain_sum"], "seed": 20_000}}))
     out = tmp_path / "eval"
-    cfg = EvalConfig(model=str(model), out=str(out), num_prompts=40, n=4, k=(1, 2, 4, 8), max_new_tokens=48,
+    cfg = EvalConfig(model=str(model), out=str(out), prompt_set=PromptConfig(num_prompts=40, prompt_seed=30_000),
+                     n=4, k=(1, 2, 4, 8), max_new_tokens=48,
                      bootstrap=200, exclude=(str(world / "corpus.parquet"),))
     report = evaluate(cfg)
 
@@ -200,4 +202,4 @@ def test_evaluate_end_to_end(world, tmp_path):
 
     # evaluating on the RL seed is refused: the split is by seed
     with pytest.raises(ConfigError, match="split is by seed"):
-        evaluate(EvalConfig(model=str(model), out=str(out), prompt_seed=20_000, exclude=()))
+        evaluate(EvalConfig(model=str(model), out=str(out), prompt_set=PromptConfig(num_prompts=200), exclude=()))

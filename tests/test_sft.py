@@ -3,7 +3,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from scorer.config import ConfigError
+from scorer.config import ConfigError, WeightConfig
 from scorer.shards import list_shards, read_meta, write_atomic
-from train import sft
+from train import checkpoint, sft
 from train.data import collate, is_heldout, load_rows, plan_epoch, shard_params, split_heldout, steps_of
 from train.loss import token_weights
 from train.sft import SFTConfig, train
@@ -40,7 +40,8 @@ def scores(world, tmp_path_factory):
 def cfg_for(scores, out, **kw) -> SFTConfig:
     base = dict(scores=str(scores), out=str(out), lr=2e-3, token_budget=512, heldout_fraction=0.1,
                 warmup_ratio=0.1, progress=False, threads=1, save_every=0)
-    return SFTConfig(**{**base, **kw})
+    weights = {k: kw.pop(k) for k in [f.name for f in fields(WeightConfig)] if k in kw}  # the weighting group
+    return SFTConfig(**{**base, **kw}, weights=WeightConfig(**{"variant": "", **weights}))
 
 
 def metrics(out) -> list[dict]:
@@ -181,7 +182,7 @@ def test_killed_run_resumes_to_the_same_final_loss(scores, tmp_path, monkeypatch
     assert whole["steps"] > 7
 
     # the second run dies right after its checkpoint at step 6
-    save = sft.save_checkpoint
+    save = checkpoint.save
 
     def save_then_die(out, step, *a, **kw):
         folder = save(out, step, *a, **kw)
@@ -189,11 +190,11 @@ def test_killed_run_resumes_to_the_same_final_loss(scores, tmp_path, monkeypatch
             raise Killed
         return folder
 
-    monkeypatch.setattr(sft, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
     cut = replace(cfg, out=str(tmp_path / "cut"))
     with pytest.raises(Killed):
         train(cut)
-    monkeypatch.setattr(sft, "save_checkpoint", save)
+    monkeypatch.setattr(checkpoint, "save", save)
     state = torch.load(tmp_path / "cut" / "checkpoints" / "step-000006" / "trainer_state.pt", weights_only=False)
     assert state["step"] == 6 and state["data_position"]["micro_batch"] == 6 % whole["steps_per_epoch"]
     assert len(list((tmp_path / "cut" / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints

@@ -189,8 +189,7 @@ def load_rows(scores: str | Path, vocab_size: int, max_len: int | None = None) -
 
 def shard_params(meta: dict) -> WeightParams:
     """The weighting the shards' stored weights were made with."""
-    return WeightParams(meta["variant"], meta["gamma"], meta["block_size"], tuple(meta["delta_clip"]),
-                        tuple(meta["log_weight_clip"]))
+    return WeightParams.from_dict(meta)
 
 
 def is_heldout(row_id: str, fraction: float) -> bool:

@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from scorer.config import ConfigError, field, parse
+from scorer.config import ConfigError, cli, field, setup_logging
 from scorer.models import resolve_model
 from scorer.shards import write_json_atomic
 from train.rewards import load_reward, safe_score
-from train.rollout import RL_POOL_SIZE, RL_PROMPT_SEED, WORLD_TASK_KWARGS, RolloutEngine, prompt_token_ids, \
-    read_prompt_file, reasoning_gym_examples
+from train.rollout import EVAL_PROMPT_SEED, RL_POOL_SIZE, RL_PROMPT_SEED, PromptConfig, RolloutEngine, \
+    prompt_token_ids, reasoning_gym_examples
 
 log = logging.getLogger("pear.eval")
 
@@ -49,11 +49,9 @@ class EvalConfig:
 
     model: str = field("runs/rl/pear", "model to evaluate (HF folder)")
     out: str = field("runs/eval/pear", "output folder: eval.json, eval.md, samples.jsonl")
-    tasks: tuple[str, ...] = field(("chain_sum",), "reasoning-gym task names")
-    task_kwargs: str = field(WORLD_TASK_KWARGS, "JSON: task name -> reasoning-gym dataset settings")
-    num_prompts: int = field(200, "held-out prompts to generate (before dropping any seen ones)")
-    prompt_seed: int = field(30_000, "seed of the held-out prompts (the world's eval range; RL uses 20000)")
-    prompts: str = field("", "Parquet/JSONL with `prompt` and `answer` instead of reasoning-gym tasks")
+    prompt_set: PromptConfig = field(PromptConfig(num_prompts=200, prompt_seed=EVAL_PROMPT_SEED),
+                                     "the held-out prompts: --tasks, --task-kwargs, --num-prompts (before dropping "
+                                     "any seen ones), --prompt-seed, or --prompts (a file)")
     exclude: tuple[str, ...] = field((),
                                      "prompt sets the eval prompts must not contain (Parquet/JSONL/shard folder "
                                      "with a `prompt` or `question` column); the model's own RL and SFT "
@@ -187,24 +185,25 @@ def held_out_set(cfg: EvalConfig) -> tuple[list[dict], int, list, set[str]]:
     model's own RL and SFT prompts, the default RL pool) are dropped, then the rest is checked.
     """
     try:
-        examples = read_prompt_file(cfg.prompts) if cfg.prompts else \
-            reasoning_gym_examples(cfg.tasks, cfg.num_prompts, cfg.prompt_seed, cfg.task_kwargs)
+        ps = cfg.prompt_set
+        examples = ps.examples()
         sources = [Path(x) for x in cfg.exclude if x] + seen_prompt_sets(cfg.model)
         seen: set[str] = set()
         for src in sources:
             seen |= prompt_texts(src)
-        if cfg.exclude_rl_pool and not cfg.prompts:
-            pool = reasoning_gym_examples(cfg.tasks, RL_POOL_SIZE, RL_PROMPT_SEED, cfg.task_kwargs)
+        if cfg.exclude_rl_pool and not ps.prompts:
+            pool = reasoning_gym_examples(ps.tasks, RL_POOL_SIZE, RL_PROMPT_SEED, ps.task_kwargs)
             seen |= {ex["prompt"].strip() for ex in pool}
-            sources.append(f"RL pool ({', '.join(cfg.tasks)}, seed {RL_PROMPT_SEED}, {RL_POOL_SIZE} prompts)")
+            sources.append(f"RL pool ({', '.join(ps.tasks)}, seed {RL_PROMPT_SEED}, {RL_POOL_SIZE} prompts)")
     except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
         raise ConfigError(str(e)) from None
     rl_summary = Path(cfg.model) / "rl_summary.json"
     rl_source = json.loads(rl_summary.read_text()).get("prompt_source") if rl_summary.exists() else None
-    if isinstance(rl_source, dict) and not cfg.prompts:  # task k draws from seed + k
+    if isinstance(rl_source, dict) and not cfg.prompt_set.prompts:  # task k draws from seed + k
         rl_seeds = {rl_source["seed"] + k for k in range(len(rl_source["tasks"]))}
-        if rl_seeds & {cfg.prompt_seed + k for k in range(len(cfg.tasks))}:
-            raise ConfigError(f"--prompt-seed {cfg.prompt_seed} shares seeds with the RL prompts "
+        seed = cfg.prompt_set.prompt_seed
+        if rl_seeds & {seed + k for k in range(len(cfg.prompt_set.tasks))}:
+            raise ConfigError(f"--prompt-seed {seed} shares seeds with the RL prompts "
                               f"(seed {rl_source['seed']}): the split is by seed")
     examples, dropped = held_out(examples, seen)
     if {ex["prompt"].strip() for ex in examples} & seen:  # cannot happen after held_out; kept as the check
@@ -360,17 +359,10 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 
 def main(argv=None) -> int:
-    cfg = parse(EvalConfig, argv, description=__doc__)
-    try:
-        report = evaluate(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(markdown(report))
-    print(f"report in {cfg.out}/eval.json and {cfg.out}/eval.md")
-    return 0
+    return cli(EvalConfig, argv, __doc__, lambda cfg: (evaluate(cfg), cfg.out),
+               lambda done: f"{markdown(done[0])}\nreport in {done[1]}/eval.json and {done[1]}/eval.md")
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     sys.exit(main())

@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from contextlib import ExitStack
@@ -33,16 +32,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scorer.config import ConfigError, field, parse
+from scorer.config import ConfigError, cli, field, setup_logging
 from scorer.lock import locked
 from scorer.models import model_record, resolve_model
 from scorer.shards import write_json_atomic
+from train import checkpoint
 from train.loss import token_logprobs
 from train.rewards import load_reward, safe_score
 from train.rl_math import (ADVANTAGE_SCALES, AGGREGATIONS, aggregate, clipped_policy_loss, group_advantages, kl_k3,
                            masked_mean, tis_weights)
-from train.rollout import RL_POOL_SIZE, RL_PROMPT_SEED, WORLD_TASK_KWARGS, RolloutEngine, prompt_token_ids, \
-    read_prompt_file, reasoning_gym_examples
+from train.rollout import PromptConfig, RolloutEngine, prompt_token_ids
 
 log = logging.getLogger("pear.rl")
 
@@ -54,12 +53,8 @@ class RLConfig:
 
     model: str = field("runs/sft/pear", "starting model (HF folder); also the reference of the KL term")
     out: str = field("runs/rl/pear", "output: HF model folder, metrics.jsonl, rl_summary.json, checkpoints/")
-    tasks: tuple[str, ...] = field(("chain_sum",), "reasoning-gym task names for the prompt pool")
-    task_kwargs: str = field(WORLD_TASK_KWARGS, "JSON: task name -> reasoning-gym dataset settings")
-    num_prompts: int = field(RL_POOL_SIZE, "size of the reasoning-gym prompt pool")
-    prompt_seed: int = field(RL_PROMPT_SEED, "seed of the reasoning-gym prompt pool (the world's RL range; eval uses 30000)")
-    prompts: str = field("", "Parquet/JSONL with `prompt` and `answer` (optional `task`, `metadata`) instead of "
-                             "reasoning-gym tasks")
+    prompt_set: PromptConfig = field(PromptConfig(), "the prompt pool: --tasks, --task-kwargs, --num-prompts, "
+                                                     "--prompt-seed, or --prompts (a file)")
     reward: str = field("default", "default (0/1: reasoning-gym checker at full credit, else math-verify), "
                                    "reasoning_gym, reasoning_gym_partial (partial credit), math, "
                                    "or 'module:function' / 'file.py:function'")
@@ -193,15 +188,7 @@ def check_inputs(cfg: RLConfig):
                     "the untempered one, so the rollouts are slightly off-policy", cfg.temperature)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     try:
-        if cfg.prompts:
-            examples = read_prompt_file(cfg.prompts)
-        else:
-            from train.rewards import is_reasoning_gym_task
-
-            bad = [t for t in cfg.tasks if not is_reasoning_gym_task(t)]
-            if bad:
-                raise ValueError(f"not reasoning-gym tasks: {bad}")
-            examples = reasoning_gym_examples(cfg.tasks, cfg.num_prompts, cfg.prompt_seed, cfg.task_kwargs)
+        examples = cfg.prompt_set.examples()
         reward_fn = load_reward(cfg.reward)
     except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
         raise ConfigError(str(e)) from None
@@ -210,33 +197,6 @@ def check_inputs(cfg: RLConfig):
     for ex in examples:
         ex["prompt_ids"] = prompt_token_ids(tokenizer, ex["prompt"])
     return tokenizer, examples, reward_fn
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted((out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else []
-    return ckpts[-1] if ckpts else None
-
-
-def save_checkpoint(out: Path, step: int, lm, tokenizer, optimizer, state: dict, keep: int) -> Path:
-    """HF folder + trainer_state.pt, written under a temporary name and renamed (a kill leaves no half)."""
-    folder = out / "checkpoints" / f"step-{step:06d}"
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    lm.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save({**state, "optimizer": optimizer.state_dict()}, tmp / "trainer_state.pt")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    for old in sorted((out / "checkpoints").glob("step-*"))[:-max(1, keep)]:
-        shutil.rmtree(old, ignore_errors=True)
-    return folder
-
-
-def keep_lines_upto(path: Path, step: int) -> None:
-    """Drop the lines of steps after `step` (those a resumed run will redo)."""
-    if path.exists():
-        kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in kept))
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -265,21 +225,13 @@ def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
         raise ConfigError(f"longest prompt + max_new_tokens = {max_model_len} tokens, over the model's {limit}")
 
     # 2. resume from the last checkpoint made with the same settings
-    trajectory = {k: v for k, v in asdict(cfg).items() if k not in NOT_TRAJECTORY}
+    made_from = {k: v for k, v in asdict(cfg).items() if k not in NOT_TRAJECTORY}
     # what the run learns from, by content: the prompt pool and the starting model's weights
-    trajectory["inputs"] = hashlib.sha256(json.dumps([[ex["prompt"], str(ex.get("answer"))] for ex in examples]).encode()
-                                          + model_record(model_ref)["sha256"].encode()).hexdigest()
-    ckpt, state = latest_checkpoint(out), None
-    if ckpt is not None:
-        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-        if state["config"] != trajectory:
-            if not cfg.overwrite:
-                changed = sorted(k for k in trajectory if state["config"].get(k) != trajectory[k])
-                raise ConfigError(f"{ckpt} was made with other settings ({', '.join(changed)}); "
-                                  "use a new --out or --overwrite")
-            state = None
-    if state is None and out.exists():
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    made_from["inputs"] = hashlib.sha256(json.dumps([[ex["prompt"], str(ex.get("answer"))] for ex in examples]).encode()
+                                         + model_record(model_ref)["sha256"].encode()).hexdigest()
+    ckpt, state = checkpoint.resume(out, made_from, cfg.overwrite)
+    if state is None:
+        checkpoint.clear(out)
     start_step = state["step"] if state else 0
     source = str(ckpt) if state else cfg.model
     log.info("%s from %s: %d prompts in the pool, %d steps of %d prompts x %d samples",
@@ -309,7 +261,7 @@ def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
     metrics_path, errors_path = out / "metrics.jsonl", out / "reward_errors.jsonl"
     for path in (metrics_path, errors_path):
         if state:
-            keep_lines_upto(path, start_step)
+            checkpoint.keep_lines_upto(path, start_step)
         else:
             path.write_text("")
     with open(out / "rl_prompts.jsonl", "w") as f:
@@ -322,7 +274,7 @@ def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
         for step in range(start_step, cfg.steps):
             t0 = time.perf_counter()
             batch = [examples[i] for i in step_prompts(len(examples), cfg.prompts_per_step, cfg.seed, step)]
-            P, n = len(batch), cfg.samples_per_prompt
+            n = cfg.samples_per_prompt
 
             # 5a. rollouts: n samples per prompt, token ids and the engine's logprobs
             groups = engine.generate([ex["prompt_ids"] for ex in batch], n, cfg.temperature, cfg.max_new_tokens,
@@ -409,8 +361,9 @@ def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
 
             # 5f. checkpoint: HF folder, optimizer, step, RNG
             if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-                save_checkpoint(out, step + 1, lm, tokenizer, optimizer,
-                                {"step": step + 1, "config": trajectory, "torch_rng": torch.get_rng_state()},
+                checkpoint.save(out, step + 1, lm, tokenizer, {"step": step + 1, "made_from": made_from,
+                                                               "optimizer": optimizer.state_dict(),
+                                                               "torch_rng": torch.get_rng_state()},
                                 cfg.keep_checkpoints)
     finally:
         bar.close()
@@ -428,9 +381,9 @@ def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
         "mean_reward_last": mean_of(steps[-window:], "mean_reward"),
         "pass_rate_first": mean_of(steps[:window], "pass_rate"), "pass_rate_last": mean_of(steps[-window:], "pass_rate"),
         "window_steps": window, "reward_errors": sum(m["reward_errors"] for m in steps),
-        "prompt_pool": len(examples), "prompt_source": cfg.prompts or {"tasks": list(cfg.tasks),
-                                                                       "seed": cfg.prompt_seed,
-                                                                       "size": cfg.num_prompts},
+        "prompt_pool": len(examples), "prompt_source": cfg.prompt_set.prompts or {"tasks": list(cfg.prompt_set.tasks),
+                                                                       "seed": cfg.prompt_set.prompt_seed,
+                                                                       "size": cfg.prompt_set.num_prompts},
         "seconds": round(time.perf_counter() - t_start, 2), "config": asdict(cfg),
     }
     write_json_atomic(summary, out / "rl_summary.json")
@@ -445,17 +398,13 @@ def format_summary(s: dict) -> str:
 
 
 def main(argv=None) -> int:
-    cfg = parse(RLConfig, argv, description=__doc__)
-    try:
+    def work(cfg: RLConfig) -> dict:
         with ExitStack() as held:
-            summary = train(cfg, held)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_summary(summary))
-    return 0
+            return train(cfg, held)
+
+    return cli(RLConfig, argv, __doc__, work, format_summary)
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     sys.exit(main())

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from scorer.config import field
 from scorer.engines import make_vllm_engine, shutdown_vllm
 
 log = logging.getLogger("pear.rollout")
@@ -86,6 +87,7 @@ WORLD_TASK_KWARGS = '{"chain_sum": {"min_terms": 2, "max_terms": 4, "min_digits"
 # so that a model evaluated before RL and after it is scored on the same held-out prompts.
 RL_PROMPT_SEED = 20_000
 RL_POOL_SIZE = 512
+EVAL_PROMPT_SEED = 30_000
 
 
 def reasoning_gym_examples(tasks, size: int, seed: int, task_kwargs: str | dict = "") -> list[dict]:
@@ -130,6 +132,31 @@ def read_prompt_file(path: str) -> list[dict]:
             raise ValueError(f"{path}: row {i} needs a string `prompt` and an `answer`")
         r["answer"] = str(r["answer"])
     return rows
+
+
+@dataclass
+class PromptConfig:
+    """Where a stage's prompts come from: reasoning-gym tasks from a seed, or a file of prompts and
+    answers (one group, nested in the RL and evaluation configs with their own defaults)."""
+
+    tasks: tuple[str, ...] = field(("chain_sum",), "reasoning-gym task names")
+    task_kwargs: str = field(WORLD_TASK_KWARGS, "JSON: task name -> reasoning-gym dataset settings")
+    num_prompts: int = field(RL_POOL_SIZE, "prompts to generate from the tasks")
+    prompt_seed: int = field(RL_PROMPT_SEED, f"seed of the generated prompts, task k from seed + k (the world's "
+                                             f"ranges: RL {RL_PROMPT_SEED}, evaluation {EVAL_PROMPT_SEED})")
+    prompts: str = field("", "Parquet/JSONL with `prompt` and `answer` (optional `task`, `metadata`) instead "
+                             "of reasoning-gym tasks")
+
+    def examples(self) -> list[dict]:
+        """The prompt rows (prompt, answer, and what the rewards need); ValueError names what is wrong."""
+        if self.prompts:
+            return read_prompt_file(self.prompts)
+        from train.rewards import is_reasoning_gym_task
+
+        bad = [t for t in self.tasks if not is_reasoning_gym_task(t)]
+        if bad:
+            raise ValueError(f"not reasoning-gym tasks: {bad}")
+        return reasoning_gym_examples(self.tasks, self.num_prompts, self.prompt_seed, self.task_kwargs)
 
 
 def prompt_token_ids(tokenizer, text: str) -> list[int]:

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import ExitStack, nullcontext
@@ -33,11 +32,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from scorer.config import ConfigError, field, parse
+from scorer.config import ConfigError, WeightConfig, cli, field, setup_logging
 from scorer.lock import locked
 from scorer.models import pinned, resolve_model
 from scorer.shards import ShardError, fingerprint, list_shards, read_meta, tokenizer_sha256, write_json_atomic
 from scorer.weights import WeightParams
+from train import checkpoint
 from train.data import Batch, Rows, collate, idle_batch, load_rows, plan_epoch, rank_share, shard_params, \
     split_heldout, steps_of
 from train.loss import cosine_lr, effective_sample_size, token_logprobs, token_weights, weighted_nll
@@ -59,12 +59,9 @@ class SFTConfig:
     uniform_weight: float = field(1.0, "with --weighting uniform: the weight of every token (1: plain SFT; a PEAR "
                                        "run's mean weight: a control with PEAR's average loss scale and no "
                                        "per-token shape)")
-    variant: str = field("", "recompute weights with this PEAR variant (sequence, token, block, none); "
-                             "empty: the stored weights (pear) or the shards' own settings (pear-live)")
-    gamma: float = field(0.999, "discount of the token and block variants (with --variant)")
-    block_size: int = field(4, "tokens per block of the block variant (with --variant)")
-    delta_clip: tuple[float, ...] = field((-0.08, 0.3), "clip of the per-token log-ratio, lo,hi (with --variant)")
-    log_weight_clip: tuple[float, ...] = field((-10.0, 5.0), "clip of log G, lo,hi (with --variant)")
+    weights: WeightConfig = field(WeightConfig(variant=""), "with --variant, recompute the weights with this PEAR "
+                                  "weighting (--gamma, --block-size, --delta-clip, --log-weight-clip); no "
+                                  "--variant: the stored weights (pear) or the shards' own settings (pear-live)")
     epochs: int = field(1, "passes over the training rows")
     max_steps: int = field(0, "stop after this many optimizer steps (the schedule spans them); 0: all epochs")
     lr: float = field(1e-5, "peak learning rate (AdamW)")
@@ -94,10 +91,7 @@ class SFTConfig:
 
     def weight_params(self) -> WeightParams | None:
         """The weighting to recompute with, or None for the stored weights."""
-        if not self.variant:
-            return None
-        return WeightParams(self.variant, self.gamma, self.block_size, tuple(self.delta_clip),
-                            tuple(self.log_weight_clip))
+        return self.weights.params() if self.weights.variant else None
 
 
 # settings that do not change what a run computes: a resumed run may change them
@@ -193,7 +187,7 @@ def check_inputs(cfg: SFTConfig):
 
     if cfg.weighting not in WEIGHTINGS:
         raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {cfg.weighting!r}")
-    if cfg.variant and cfg.weighting == "uniform":
+    if cfg.weights.variant and cfg.weighting == "uniform":
         raise ConfigError("--variant recomputes PEAR weights; it does not apply to --weighting uniform")
     if cfg.uniform_weight != 1.0 and cfg.weighting != "uniform":
         raise ConfigError("--uniform-weight applies to --weighting uniform only")
@@ -238,11 +232,6 @@ def check_inputs(cfg: SFTConfig):
     return model_dir, tokenizer, train_rows, heldout, meta
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted((out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else []
-    return ckpts[-1] if ckpts else None
-
-
 def full_state(net, optimizer, fsdp: bool) -> tuple[dict | None, dict | None]:
     """(model state dict, or None: the module's own; optimizer state dict, or None without an
     optimizer), complete on rank 0.
@@ -257,21 +246,6 @@ def full_state(net, optimizer, fsdp: bool) -> tuple[dict | None, dict | None]:
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd = {k.removeprefix("lm."): v for k, v in get_model_state_dict(net, options=opts).items()}
     return model_sd, get_optimizer_state_dict(net, optimizer, options=opts) if optimizer else None
-
-
-def save_checkpoint(out: Path, step: int, net, tokenizer, model_sd, optim_sd: dict, state: dict, keep: int) -> Path:
-    """An HF folder plus trainer_state.pt, written under a temporary name and renamed (rank 0)."""
-    folder = out / "checkpoints" / f"step-{step:06d}"
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    net.lm.save_pretrained(tmp, state_dict=model_sd)
-    tokenizer.save_pretrained(tmp)
-    torch.save({**state, "optimizer": optim_sd}, tmp / "trainer_state.pt")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    for old in sorted((out / "checkpoints").glob("step-*"))[:-max(1, keep)]:
-        shutil.rmtree(old, ignore_errors=True)
-    return folder
 
 
 @torch.no_grad()
@@ -330,20 +304,10 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
 
     # 3. resume from the last checkpoint made with the same settings
-    trajectory = {k: v for k, v in asdict(cfg).items() if k not in NOT_TRAJECTORY}
-    ckpt = latest_checkpoint(out)
-    state = None
-    if ckpt is not None:
-        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-        same = state["config"] == trajectory and state["data_fingerprint"] == rows.fingerprint()
-        if not same and not cfg.overwrite:
-            changed = sorted(k for k in trajectory if state["config"].get(k) != trajectory[k])
-            raise ConfigError(f"{ckpt} was made with other settings or data ({', '.join(changed) or 'rows'}); "
-                              "use a new --out or --overwrite")
-        if not same:
-            state = None
-    if state is None and rank == 0 and out.exists():
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    made_from = {**{k: v for k, v in asdict(cfg).items() if k not in NOT_TRAJECTORY}, "data": rows.fingerprint()}
+    ckpt, state = checkpoint.resume(out, made_from, cfg.overwrite)
+    if state is None and rank == 0:
+        checkpoint.clear(out)
     if world > 1:
         dist.barrier()  # no rank loads while rank 0 clears an old run
     start_step = state["step"] if state else 0
@@ -388,9 +352,10 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        kept = [line for line in (metrics_path.read_text().splitlines() if metrics_path.exists() and state else [])
-                if json.loads(line)["step"] <= start_step]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
+        if state:
+            checkpoint.keep_lines_upto(metrics_path, start_step)
+        else:
+            metrics_path.write_text("")
     bar = tqdm(total=total_steps, initial=start_step, desc=f"sft {cfg.weighting}", unit="step",
                disable=not (cfg.progress and rank == 0), file=sys.stderr)
 
@@ -438,12 +403,12 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
             model_sd, optim_sd = full_state(net, optimizer, fsdp)  # every rank: FSDP gathers
             if rank == 0:
                 nxt = divmod(step + 1, steps_per_epoch)
-                save_checkpoint(out, step + 1, net, tokenizer, model_sd, optim_sd, {
+                checkpoint.save(out, step + 1, net.lm, tokenizer, {
                     "step": step + 1, "data_position": {"epoch": nxt[0], "step_in_epoch": nxt[1],
                                                         "micro_batch": nxt[1] * cfg.micro_batches},
-                    "config": trajectory, "data_fingerprint": rows.fingerprint(),
-                    "torch_rng": torch.get_rng_state(), "heldout_nll_start": nll_start, "tokens_done": tokens_done,
-                    "loop_seconds": seconds_before + time.perf_counter() - t_loop}, cfg.keep_checkpoints)
+                    "made_from": made_from, "optimizer": optim_sd, "torch_rng": torch.get_rng_state(),
+                    "heldout_nll_start": nll_start, "tokens_done": tokens_done,
+                    "loop_seconds": seconds_before + time.perf_counter() - t_loop}, cfg.keep_checkpoints, model_sd)
             if world > 1:
                 dist.barrier()
     bar.close()
@@ -493,21 +458,17 @@ def format_summary(s: dict) -> str:
 
 
 def main(argv=None) -> int:
-    cfg = parse(SFTConfig, argv, description=__doc__)
-    try:
-        with ExitStack() as held:
-            summary = train(cfg, held)
-    except (ConfigError, ShardError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if summary:
-        print(format_summary(summary))
-    return 0
+    def work(cfg: SFTConfig) -> dict:
+        try:
+            with ExitStack() as held:
+                return train(cfg, held)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    return cli(SFTConfig, argv, __doc__, work, lambda s: s and format_summary(s), errors=(ShardError,))
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     sys.exit(main())
