@@ -145,7 +145,7 @@ def test_rl_run_killed_then_resumed(world, tmp_path):
 
     # other settings on the same folder are refused, before any work
     bad = subprocess.run(cmd[:-2] + ["--lr", "5e-4"], cwd=ROOT, env=env, timeout=120, capture_output=True, text=True)
-    assert bad.returncode == 2 and "other settings (lr)" in bad.stderr
+    assert bad.returncode == 2 and "other settings or data (lr)" in bad.stderr
 
     done = subprocess.run(cmd, cwd=ROOT, env=env, timeout=300, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
