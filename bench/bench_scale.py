@@ -6,7 +6,7 @@ A synthetic corpus of N rows is made from the embedded world's corpus (its rows 
 ids, with their behavior logprobs, so no behavior model runs) and scored with the embedded target
 (torch backend, in-process executor: the driver process does all the work, so its peak RSS is the
 job's). Then one epoch of the SFT loader (`train.data.load_rows`, the plan, `collate` of every
-micro-batch) runs over the shards. Each measurement runs in a fresh process and reports its own
+micro-batch, read as the trainer reads them) runs over the shards. Each measurement runs in a fresh process and reports its own
 peak resident memory (ru_maxrss). Printed: per size, peak RSS and time; then the ratio of the
 largest size to the smallest (goal: at most 1.2). JSON goes to $OUT/bench_scale.json, else
 bench/results/.
@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -36,12 +37,12 @@ print("RESULT", rc, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.per
 LOAD = """
 import resource, sys, time
 import numpy as np
-from train.data import collate, load_rows, plan_epoch
+from train.data import collated, load_rows, plan_epoch
 t = time.perf_counter()
 rows, meta = load_rows(sys.argv[1], 1 << 20)
 tokens = 0
-for index in plan_epoch(rows.lengths, 2048, 0, 0):
-    tokens += collate(rows, index).num_tokens
+for batch in collated(rows, plan_epoch(rows.lengths, 2048, 0, 0)):  # as the trainer reads them
+    tokens += batch.num_tokens
 assert tokens == int(rows.response_lengths.sum()), "every scored token once"
 print("RESULT", 0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - t)
 """
@@ -87,8 +88,9 @@ def main(argv=None) -> int:
     for n in [int(x) for x in a.sizes.split(",")]:
         corpus, scores = work / f"corpus-{n}.parquet", work / f"scores-{n}"
         make_corpus(n, corpus)
+        shutil.rmtree(scores, ignore_errors=True)  # scored from scratch (a rerun would keep unchanged shards)
         score_rss, score_s = run(SCORE, ["--data", str(corpus), "--out", str(scores), "--target", str(WORLD / "target"),
-                                         "--executor", "local", "--backend", "torch", "--overwrite", "true"])
+                                         "--executor", "local", "--backend", "torch"])
         load_rss, load_s = run(LOAD, [str(scores)])
         results.append({"rows": n, "driver_peak_rss_mib": round(score_rss, 1), "score_seconds": round(score_s, 1),
                         "loader_peak_rss_mib": round(load_rss, 1), "loader_epoch_seconds": round(load_s, 1)})
@@ -99,7 +101,8 @@ def main(argv=None) -> int:
               "loader": hi["loader_peak_rss_mib"] / lo["loader_peak_rss_mib"]}
     print(f"peak RSS ratio {hi['rows']} / {lo['rows']} rows: driver {ratios['driver']:.2f}x, "
           f"loader {ratios['loader']:.2f}x (goal: at most 1.2)")
-    report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d"),
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d"), "commit": commit,
               "results": results, "ratios": ratios}
     dest = Path(os.environ.get("OUT") or ROOT / "bench" / "results") / "bench_scale.json"
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -98,11 +99,12 @@ class ShardRows:
     least-recently-used cache."""
 
     def __init__(self, paths: list[Path], ids: list[str], where: np.ndarray, lengths: np.ndarray,
-                 prompt_lens: np.ndarray, response_lengths: np.ndarray, made_from: str, cache_groups: int = 64):
+                 prompt_lens: np.ndarray, response_lengths: np.ndarray, made_from: str, cache_groups: int = 8):
         self.paths, self.ids, self.where = paths, ids, where  # where: (n, 3) int64 shard, row group, row in group
         self.lengths, self.prompt_lens, self.response_lengths = lengths, prompt_lens, response_lengths
         self.made_from, self.cache_groups = made_from, cache_groups
         self._cache: OrderedDict[tuple[int, int], Rows] = OrderedDict()
+        self._window: dict[tuple[int, int, int], tuple] = {}  # (shard, group, row) -> the row's data
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -112,15 +114,38 @@ class ShardRows:
         view = ShardRows(self.paths, [self.ids[i] for i in index], self.where[index], self.lengths[index],
                          self.prompt_lens[index], self.response_lengths[index], self.made_from, self.cache_groups)
         view._cache = self._cache  # one cache for the rows and their subsets
+        view._window = self._window
         return view
 
+    def prefetch(self, index) -> None:
+        """Read the rows `index` now, each of their row groups once, and keep only them (replacing
+        the previous window): micro-batches draw rows from all over the corpus, and reading a row
+        group per row would read each group many times."""
+        where = self.where[np.asarray([int(i) for i in index], dtype=np.int64)]
+        wanted: dict[tuple[int, int], list[int]] = {}
+        for s, g, r in where.tolist():
+            wanted.setdefault((s, g), []).append(r)
+        self._window.clear()
+        for (s, g), rs in wanted.items():
+            grp = self._cache.get((s, g)) or _rows_of(pq.ParquetFile(self.paths[s]).read_row_group(g))
+            for r in rs:  # copies: a view would keep its whole row group's Arrow buffers alive
+                self._window[(s, g, r)] = (grp.ids[r], grp.input_ids[r].copy(), grp.prompt_lens[r],
+                                           grp.target_logprobs[r].copy(), grp.behavior_logprobs[r].copy(),
+                                           grp.weights[r].copy(), grp.spans[r].copy())
+
     def take(self, index) -> Rows:
-        """The rows `index` with their token data, in that order."""
-        groups = [self._group(int(s), int(g)) for s, g, _ in self.where[[int(i) for i in index]]]
-        rows = [int(r) for _, _, r in self.where[[int(i) for i in index]]]
-        pick = lambda col: [getattr(grp, col)[r] for grp, r in zip(groups, rows)]
-        return Rows(pick("ids"), pick("input_ids"), np.array([grp.prompt_lens[r] for grp, r in zip(groups, rows)]),
-                    pick("target_logprobs"), pick("behavior_logprobs"), pick("weights"), pick("spans"))
+        """The rows `index` with their token data, in that order (from the prefetched window, else
+        from their row group)."""
+        found = []
+        for s, g, r in self.where[[int(i) for i in index]].tolist():
+            row = self._window.get((s, g, r))
+            if row is None:
+                grp = self._group(s, g)
+                row = (grp.ids[r], grp.input_ids[r], grp.prompt_lens[r], grp.target_logprobs[r],
+                       grp.behavior_logprobs[r], grp.weights[r], grp.spans[r])
+            found.append(row)
+        ids, input_ids, plens, target, behavior, weights, spans = (list(c) for c in zip(*found))
+        return Rows(ids, input_ids, np.array(plens, np.int64), target, behavior, weights, spans)
 
     def _group(self, shard: int, group: int) -> Rows:
         key = (shard, group)
@@ -151,12 +176,12 @@ def load_rows(scores: str | Path, vocab_size: int, max_len: int | None = None) -
     if not paths:
         raise ShardError(f"{scores}: no shards (*.parquet) to train on")
     first_meta = None
-    made_from = []  # every shard's metadata: weighting, source rows, models
+    made_from = hashlib.sha256()  # every shard's metadata: weighting, source rows, models
     ids: list[str] = []
-    where, lengths, plens, rlens = [], [], [], []
+    where, lengths, plens, rlens = [], [], [], []  # per row group: int32 arrays (no Python int per row)
     for s, path in enumerate(paths):
         meta = check_meta(path)
-        made_from.append([path.name, meta])
+        made_from.update(json.dumps([path.name, meta], sort_keys=True).encode())
         if first_meta is None:
             first_meta = meta
         for key in SAME_ACROSS_SHARDS:
@@ -169,21 +194,22 @@ def load_rows(scores: str | Path, vocab_size: int, max_len: int | None = None) -
             for g in range(pf.num_row_groups):
                 table = pf.read_row_group(g)
                 check_table(path, table, vocab_size, first_row=offset)
-                n = [len(x) for x in table.column("input_ids").to_pylist()]
-                for r, x in enumerate(n):
-                    if max_len is not None and x > max_len:
-                        raise ShardError(f"{path}: row {offset + r}: {x} tokens, longer than the model's context "
-                                         f"of {max_len}")
+                n = pc.list_value_length(table.column("input_ids")).to_numpy().astype(np.int32)
+                if max_len is not None and (n > max_len).any():
+                    r = int(np.argmax(n > max_len))
+                    raise ShardError(f"{path}: row {offset + r}: {n[r]} tokens, longer than the model's context "
+                                     f"of {max_len}")
                 ids += [str(x) for x in table.column("id").to_pylist()]
-                where += [(s, g, r) for r in range(table.num_rows)]
-                lengths += n
-                plens += table.column("prompt_len").to_pylist()
-                rlens += [sum(b - a for a, b in sp) for sp in spans_of(table)]
+                where.append(np.stack([np.full(len(n), s), np.full(len(n), g), np.arange(len(n))], 1).astype(np.int32))
+                lengths.append(n)
+                plens.append(table.column("prompt_len").to_numpy().astype(np.int32))
+                rlens.append(np.array([sum(b - a for a, b in sp) for sp in spans_of(table)], np.int32))
                 offset += table.num_rows
         except (OSError, pa.ArrowException) as e:
             raise ShardError(f"{path}: cannot read ({e})") from None
-    rows = ShardRows(paths, ids, np.array(where, np.int64).reshape(-1, 3), np.array(lengths, np.int64),
-                     np.array(plens, np.int64), np.array(rlens, np.int64), json.dumps(made_from, sort_keys=True))
+    cat = lambda parts, width=None: np.concatenate(parts).astype(np.int64) if parts else \
+        np.zeros((0,) if width is None else (0, width), np.int64)
+    rows = ShardRows(paths, ids, cat(where, 3), cat(lengths), cat(plens), cat(rlens), made_from.hexdigest())
     return rows, first_meta
 
 
@@ -266,6 +292,25 @@ class Batch:
         moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
                  for k, v in self.__dict__.items()}
         return Batch(**moved)
+
+
+PREFETCH_ROWS = 16384  # rows read ahead at once: bounds memory, and each row group is read once per window
+
+
+def collated(rows: Rows | ShardRows, batches: list, max_rows: int = PREFETCH_ROWS):
+    """The micro-batches `batches` (arrays of row indices) collated in order, their rows read a
+    window of at most `max_rows` rows at a time."""
+    i = 0
+    while i < len(batches):
+        j, n = i, 0
+        while j < len(batches) and (n == 0 or n + len(batches[j]) <= max_rows):
+            n += len(batches[j])
+            j += 1
+        if isinstance(rows, ShardRows):
+            rows.prefetch(np.concatenate([np.asarray(b) for b in batches[i:j]]))
+        for b in batches[i:j]:
+            yield collate(rows, b)
+        i = j
 
 
 def collate(rows: Rows | ShardRows, index, pad_id: int = 0) -> Batch:

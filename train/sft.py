@@ -19,6 +19,7 @@ the last checkpoint. Bad input (shards, model) prints one line naming the file a
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -38,7 +39,7 @@ from scorer.models import pinned, resolve_model
 from scorer.shards import ShardError, fingerprint, list_shards, read_meta, tokenizer_sha256, write_json_atomic
 from scorer.weights import WeightParams
 from train import checkpoint
-from train.data import Batch, Rows, collate, idle_batch, load_rows, plan_epoch, rank_share, shard_params, \
+from train.data import Batch, Rows, collated, idle_batch, load_rows, plan_epoch, rank_share, shard_params, \
     split_heldout, steps_of
 from train.loss import cosine_lr, effective_sample_size, token_logprobs, token_weights, weighted_nll
 
@@ -255,9 +256,9 @@ def heldout_nll(net, rows: Rows, cfg: SFTConfig, device, rank: int, world: int, 
         return None
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     plan = plan_epoch(rows.lengths, cfg.token_budget, 0, 0)
-    mine = [collate(rows, index) for index in plan[rank::world]]
-    mine += [idle_batch()] * (math.ceil(len(plan) / world) - len(mine))  # FSDP: equal forward counts
-    for b in mine:
+    mine = plan[rank::world]
+    idle = [idle_batch()] * (math.ceil(len(plan) / world) - len(mine))  # FSDP: equal forward counts
+    for b in itertools.chain(collated(rows, mine), idle):
         b = b.to(device)
         with autocast:
             lp = net(b.input_ids, b.rows, b.cols, b.labels)
@@ -367,12 +368,15 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
         epoch, k = divmod(step, steps_per_epoch)
-        if epoch != plan_epoch_no:
+        if epoch != plan_epoch_no or step == start_step:
             plan, plan_epoch_no = plan_epoch(lengths, cfg.token_budget, cfg.seed, epoch), epoch
-        this_step = steps_of(len(plan), cfg.micro_batches)[k]
+            steps = steps_of(len(plan), cfg.micro_batches)
+            # this rank's micro-batches from here to the epoch's end, read a window at a time
+            upcoming = collated(rows, [plan[i] for st in steps[k:] for i in rank_share(st, rank, world)])
+        this_step = steps[k]
         # every rank knows the plan, so the global token count needs no communication
         global_tokens = int(sum(resp_lengths[plan[i]].sum() for i in this_step))
-        batches = [collate(rows, plan[i]) for i in rank_share(this_step, rank, world)]
+        batches = [next(upcoming) for _ in rank_share(this_step, rank, world)]
         # every rank runs as many micro-batches as the busiest (a short step leaves some without
         # one): FSDP gathers weights in each forward, so all ranks must run the same number
         batches += [idle_batch()] * (math.ceil(len(this_step) / world) - len(batches))
