@@ -93,6 +93,13 @@ def _rows_of(table) -> Rows:
                 _ragged(table, "weights", np.float32), spans)
 
 
+def _row(rows: Rows, r: int, copy: bool = False) -> tuple:
+    """Row `r` of `rows` as a tuple in the order of Rows' fields (arrays copied if asked)."""
+    arr = (lambda x: x.copy()) if copy else (lambda x: x)
+    return (rows.ids[r], arr(rows.input_ids[r]), rows.prompt_lens[r], arr(rows.target_logprobs[r]),
+            arr(rows.behavior_logprobs[r]), arr(rows.weights[r]), arr(rows.spans[r]))
+
+
 class ShardRows:
     """Rows of scored shards, read on demand. Held in memory: per row its id, shard, row-group and
     lengths; the token data of a row group is read when a micro-batch needs it and kept in a small
@@ -129,9 +136,7 @@ class ShardRows:
         for (s, g), rs in wanted.items():
             grp = self._cache.get((s, g)) or _rows_of(pq.ParquetFile(self.paths[s]).read_row_group(g))
             for r in rs:  # copies: a view would keep its whole row group's Arrow buffers alive
-                self._window[(s, g, r)] = (grp.ids[r], grp.input_ids[r].copy(), grp.prompt_lens[r],
-                                           grp.target_logprobs[r].copy(), grp.behavior_logprobs[r].copy(),
-                                           grp.weights[r].copy(), grp.spans[r].copy())
+                self._window[(s, g, r)] = _row(grp, r, copy=True)
 
     def take(self, index) -> Rows:
         """The rows `index` with their token data, in that order (from the prefetched window, else
@@ -139,11 +144,7 @@ class ShardRows:
         found = []
         for s, g, r in self.where[[int(i) for i in index]].tolist():
             row = self._window.get((s, g, r))
-            if row is None:
-                grp = self._group(s, g)
-                row = (grp.ids[r], grp.input_ids[r], grp.prompt_lens[r], grp.target_logprobs[r],
-                       grp.behavior_logprobs[r], grp.weights[r], grp.spans[r])
-            found.append(row)
+            found.append(row if row is not None else _row(self._group(s, g), r))
         ids, input_ids, plens, target, behavior, weights, spans = (list(c) for c in zip(*found))
         return Rows(ids, input_ids, np.array(plens, np.int64), target, behavior, weights, spans)
 
