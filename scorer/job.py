@@ -29,7 +29,7 @@ from scorer.corpus import CONSUMED, INPUT_COLUMNS, KNOWN_ROLES, RowError, encode
 from scorer.engines import BACKENDS, make_scorer, vllm_available
 from scorer.lock import locked, writable_folder
 from scorer.models import model_record, pinned, resolve_model
-from scorer.shards import (CORE_NAMES, REJECT_SCHEMA, SCHEMA_VERSION, NotAShard, ShardError, core_table, list_shards, read_meta,
+from scorer.shards import (CORE_NAMES, META_KEY, REJECT_SCHEMA, SCHEMA_VERSION, NotAShard, ShardError, core_table, list_shards, read_meta,
                            tokenizer_sha256, write_atomic, write_json_atomic)
 from scorer.sources import InputError, Source, open_source, open_sources
 from scorer.stats import stats_of_shards
@@ -410,6 +410,7 @@ def reconcile(cfg: ScoreConfig, out: Path, units: list[dict], job_meta: dict) ->
     planned = {u["shard"]: u for u in units}
     weights = list(WeightParams().as_dict())
     stale: list[dict] = []
+    opened: dict[str, Source] = {}  # a source is opened once, however many of its units are checked
     for shard in list_shards(out):
         try:
             meta = read_meta(shard)
@@ -433,9 +434,11 @@ def reconcile(cfg: ScoreConfig, out: Path, units: list[dict], job_meta: dict) ->
         same_place = (meta.get("source"), meta.get("rows")) == (unit["key"], [unit["start"], unit["stop"]])
         if same_place and json.dumps(meta.get("source_fingerprint"), sort_keys=True) == unit["fingerprint"]:
             continue
-        if same_place and meta.get("rows_sha256") == rows_sha256(open_source(json.loads(unit["source"])).read(
-                unit["start"], unit["stop"])[0]):
-            continue  # the file was touched, its rows are the same
+        if same_place:
+            if unit["source"] not in opened:
+                opened[unit["source"]] = open_source(json.loads(unit["source"]))
+            if meta.get("rows_sha256") == rows_sha256(opened[unit["source"]].read(unit["start"], unit["stop"])[0]):
+                continue  # the file was touched, its rows are the same
         stale.append(unit)
         shard.unlink()
     if stale:
@@ -543,11 +546,12 @@ def summarize(cfg: ScoreConfig, out: Path, units: list[dict], results: list[dict
                 by_field[str(f)] = by_field.get(str(f), 0) + 1
     os.replace(tmp, out / "rejects" / "rejects.parquet")
     shards = list_shards(out)
-    n_written = sum(pq.ParquetFile(s).metadata.num_rows for s in shards)
+    footers = [pq.read_metadata(s) for s in shards]  # one footer read per shard: row count and `pear` metadata
+    n_written = sum(f.num_rows for f in footers)
     with_units = {u["key"] for u in units}
     warnings = {"empty_sources": [src.key for src in sources if src.key not in with_units],
                 **duplicate_ids(shards),
-                "unknown_roles": sum(read_meta(s).get("unknown_roles", 0) for s in shards)}
+                "unknown_roles": sum(json.loads(f.metadata[META_KEY]).get("unknown_roles", 0) for f in footers)}
     variants = stats_of_shards(shards, cfg.weight_params())
     rows_in = sum(u["stop"] - u["start"] for u in units)
     scored_tokens = sum(r["tokens"] for r in results)

@@ -147,17 +147,6 @@ def check_meta(path: Path) -> dict:
     return meta
 
 
-def check_shard(path: Path, vocab_size: int | None = None) -> tuple[dict, pa.Table]:
-    """Read one whole shard and check it; ShardError names the file and row."""
-    meta = check_meta(path)
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowException) as e:
-        raise ShardError(f"{path}: cannot read ({e})") from None
-    check_table(path, table, vocab_size)
-    return meta, table
-
-
 def fingerprint(folder: str | Path) -> dict:
     """Path and content hash of a model folder (weights and config), recorded in the metadata.
 
