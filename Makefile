@@ -1,6 +1,6 @@
 # PEAR pipeline. Two commands on a fresh machine:  make demo   then   make test
 # Variables (all optional): DATA DATA_CONFIG SPLIT OUT TARGET BEHAVIOR VARIANT BACKEND SCORES MODEL
-#                            WEIGHTING EPOCHS LR TASKS STEPS CONFIG N K BASELINE
+#                            WEIGHTING EPOCHS LR TASKS STEPS CONFIG N K BASELINE CONVENTION
 # DATA, TARGET, BEHAVIOR, MODEL take local paths or hub ids (org/name[@revision]); with DATA, TARGET
 # is required and nothing of the embedded demo is built or used.
 SHELL := /bin/bash
@@ -15,7 +15,7 @@ SCORE_ARGS = $(call opt,data,$(DATA)) $(call opt,data-config,$(DATA_CONFIG)) $(c
              $(call opt,out,$(OUT)) $(call opt,target,$(TARGET)) \
              $(call opt,behavior,$(BEHAVIOR)) $(call opt,variant,$(VARIANT)) $(call opt,backend,$(BACKEND))
 
-.PHONY: setup demo world score reweight inspect sft rl eval experiment experiment-smoke test test-fast bench bench-sft bench-gpu bench-scale lint clean
+.PHONY: setup demo world score reweight export inspect sft rl eval experiment experiment-smoke test test-fast bench bench-sft bench-gpu bench-scale lint clean
 
 setup: $(VENV)/.installed
 
@@ -26,9 +26,9 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then \
-	  $(VENV)/bin/pip install -e ".[gpu,rl,test]"; \
+	  $(VENV)/bin/pip install -e ".[gpu,rl,test,trl,lora,track]"; \
 	else \
-	  $(VENV)/bin/pip install "torch==2.13.0" -e ".[cpu,rl,test]" && \
+	  $(VENV)/bin/pip install "torch==2.13.0" -e ".[cpu,rl,test,trl,lora,track]" && \
 	  $(VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec triton; \
 	fi
 	touch $@
@@ -44,6 +44,11 @@ score: setup
 
 reweight: setup
 	$(PY) -m scorer.reweight --scores '$(or $(SCORES),runs/score)' $(call opt,variant,$(VARIANT))
+
+# whole-sequence Parquet for other trainers: CONVENTION=pear|trl|verl|openrlhf
+export: setup
+	$(PY) -m scorer.export --scores '$(or $(SCORES),runs/score)' --out '$(or $(OUT),runs/export)' \
+	  $(call opt,convention,$(CONVENTION))
 
 inspect: setup
 	$(PY) -m scorer.inspect --scores '$(or $(SCORES),runs/score)'

@@ -28,3 +28,19 @@ def tokenizer(world):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(world / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def scores(world, tmp_path_factory):
+    """96 rows of the embedded corpus scored with the torch backend, in two shards (read-only)."""
+    import polars as pl
+
+    from scorer.job import ScoreConfig, run
+
+    tmp = tmp_path_factory.mktemp("sft_scores")
+    pl.read_parquet(world / "corpus.parquet").head(96).write_parquet(tmp / "corpus.parquet")
+    out = tmp / "scores"
+    run(ScoreConfig(data=str(tmp / "corpus.parquet"), out=str(out), target=str(world / "target"),
+                    behavior=str(world / "behavior"), backend="torch", executor="local", rows_per_shard=48),
+        progress=False)
+    return out

@@ -7,7 +7,6 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -21,20 +20,6 @@ from train.loss import token_weights
 from train.sft import SFTConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def scores(world, tmp_path_factory):
-    """96 rows of the embedded corpus scored with the torch backend, in two shards."""
-    from scorer.job import ScoreConfig, run
-
-    tmp = tmp_path_factory.mktemp("sft_scores")
-    pl.read_parquet(world / "corpus.parquet").head(96).write_parquet(tmp / "corpus.parquet")
-    out = tmp / "scores"
-    run(ScoreConfig(data=str(tmp / "corpus.parquet"), out=str(out), target=str(world / "target"),
-                    behavior=str(world / "behavior"), backend="torch", executor="local", rows_per_shard=48),
-        progress=False)
-    return out
 
 
 def cfg_for(scores, out, **kw) -> SFTConfig:
