@@ -32,7 +32,7 @@ from scorer.models import model_record, pinned, resolve_model
 from scorer.shards import (CORE_NAMES, META_KEY, REJECT_SCHEMA, SCHEMA_VERSION, NotAShard, ShardError, core_table, list_shards, read_meta,
                            tokenizer_sha256, write_atomic, write_json_atomic)
 from scorer.sources import InputError, Source, open_source, open_sources
-from scorer.stats import stats_of_shards
+from scorer.stats import stats_of_shards, weight_table
 from scorer.weights import WeightParams, ragged_weights
 
 log = logging.getLogger("pear.scorer")
@@ -613,14 +613,9 @@ def format_summary(s: dict) -> str:
              f"shards {s['shards']} ({s['shards_scored_now']} scored now), response tokens {s['response_tokens']}, "
              f"backend {s['backend']}, {s['tokens_per_second'] or '-'} tokens/s scoring, wall {s['seconds']}s",
              f"{'variant':9} {'p1':>9} {'p50':>9} {'p99':>9} {'at lo':>6} {'at hi':>6} {'ESS tok':>8} {'ESS seq':>8}"]
-    for v, st in s["variants"].items():
-        if not st.get("tokens"):
-            continue
-        q = st["weight_quantiles"]
-        mark = "*" if v == s["params"]["variant"] else " "
-        lines.append(f"{v + mark:9} {q['p1']:9.3g} {q['p50']:9.3g} {q['p99']:9.3g} "
-                     f"{st['share_at_log_weight_clip']['lo']:6.1%} {st['share_at_log_weight_clip']['hi']:6.1%} "
-                     f"{st['ess_tokens_fraction']:8.1%} {st['ess_sequences_fraction']:8.1%}")
+    for v, written, p1, p50, p99, _, lo, hi, _, _, ess_tok, ess_seq in weight_table(s):
+        lines.append(f"{v + ('*' if written else ' '):9} {p1:9.3g} {p50:9.3g} {p99:9.3g} {lo:6.1%} {hi:6.1%} "
+                     f"{ess_tok:8.1%} {ess_seq:8.1%}")
     lines.append("(* the variant written to the shards; at lo/hi: share of tokens at the log-weight clip; "
                  "ESS as a share of tokens/sequences)")
     return "\n".join(lines)

@@ -299,3 +299,20 @@ def logprob_rows(data: pa.Table | pa.RecordBatch, path: Path, first_row: int = 0
         raise ShardError(f"{path}: row {first_row + r}: {lengths[0][r]} target_logprobs but "
                          f"{lengths[1][r]} behavior_logprobs")
     return rows[0], rows[1]
+
+
+TABLE_COLUMNS = ("variant", "written", "p1", "p50", "p99", "mean", "log_clip_lo", "log_clip_hi", "delta_clip_lo",
+                 "delta_clip_hi", "ess_tokens_fraction", "ess_sequences_fraction")
+
+
+def weight_table(summary: dict) -> list[tuple]:
+    """One row per variant of a scoring summary (TABLE_COLUMNS): weight quantiles and mean, shares
+    of tokens at each clip, ESS fractions; `written` marks the variant stored in the shards."""
+    rows = []
+    for v, st in summary.get("variants", {}).items():
+        if not st.get("tokens"):
+            continue
+        q, lc, dc = st["weight_quantiles"], st["share_at_log_weight_clip"], st["share_at_delta_clip"]
+        rows.append((v, v == summary["params"]["variant"], q["p1"], q["p50"], q["p99"], st["weight_mean"],
+                     lc["lo"], lc["hi"], dc["lo"], dc["hi"], st["ess_tokens_fraction"], st["ess_sequences_fraction"]))
+    return rows

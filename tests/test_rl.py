@@ -126,7 +126,7 @@ def test_rl_run_killed_then_resumed(world, tmp_path):
     cmd = [sys.executable, "-m", "train.rl", "--model", str(world / "target"), "--out", str(out),
            "--steps", str(steps), "--prompts-per-step", "4", "--samples-per-prompt", "4", "--num-prompts", "32",
            "--max-new-tokens", "24", "--save-every", "1", "--lr", "1e-3", "--reward", f"{reward}:score",
-           "--progress", "false"]
+           "--report-to", "tensorboard", "--progress", "false"]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "ERROR"}
 
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
@@ -160,6 +160,11 @@ def test_rl_run_killed_then_resumed(world, tmp_path):
     assert all(m["logprob_gap_mean"] < 1e-3 for m in metrics)  # engine and trainer agree in float32
     assert all(0.99 < m["tis_mean"] < 1.01 for m in metrics)
     assert len(list((out / "checkpoints").glob("step-*"))) <= 2  # keep_checkpoints
+    # TensorBoard has every step once, the killed run's steps past its checkpoint dropped
+    from test_tracking import tensorboard_scalars
+
+    scalars, _ = tensorboard_scalars(out / "tensorboard")
+    assert scalars["train/mean_reward"] == [(m["step"], pytest.approx(m["mean_reward"])) for m in metrics]
 
     # a raising reward counted as 0 and was logged with its row; the run went on
     errors = [json.loads(x) for x in (out / "reward_errors.jsonl").read_text().splitlines()]

@@ -42,6 +42,7 @@ from train.rewards import load_reward, safe_score
 from train.rl_math import (ADVANTAGE_SCALES, AGGREGATIONS, aggregate, clipped_policy_loss, group_advantages, kl_k3,
                            masked_mean, tis_weights)
 from train.rollout import PromptConfig, RolloutEngine, prompt_token_ids
+from train.tracking import check_report_to, open_tracker
 
 log = logging.getLogger("pear.rl")
 
@@ -88,11 +89,12 @@ class RLConfig:
     threads: int = field(0, "CPU threads; 0: all cores")
     gpu_memory_utilization: float = field(0.3, "share of the GPU the engine may take (the trainer shares it)")
     progress: bool = field(True, "progress bar")
+    report_to: str = field("none", "also send the per-step metrics to none, tensorboard or wandb (train/tracking.py)")
 
 
 # settings a resumed run may change: they do not alter what a step computes
 NOT_TRAJECTORY = ("out", "steps", "save_every", "keep_checkpoints", "overwrite", "threads", "progress",
-                  "reward_timeout", "max_reward_failures")
+                  "reward_timeout", "max_reward_failures", "report_to")
 
 
 # ---- pieces of a step ----------------------------------------------------------------------------
@@ -175,6 +177,7 @@ def check_inputs(cfg: RLConfig):
     """Everything that can fail before training: (tokenizer, examples, reward function)."""
     from transformers import AutoTokenizer
 
+    check_report_to(cfg.report_to)
     if cfg.aggregation not in AGGREGATIONS:
         raise ConfigError(f"aggregation must be one of {AGGREGATIONS}, got {cfg.aggregation!r}")
     if cfg.advantage_scale not in ADVANTAGE_SCALES:
@@ -268,6 +271,7 @@ def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
         for ex in examples:
             f.write(json.dumps({"prompt": ex["prompt"], "answer": ex["answer"], "task": ex.get("task")}) + "\n")
     bar = tqdm(total=cfg.steps, initial=start_step, desc="rl", unit="step", disable=not cfg.progress, file=sys.stderr)
+    tracker = open_tracker(cfg.report_to, out, f"rl {out.name}", asdict(cfg), start_step)
 
     # 5. the loop
     try:
@@ -349,6 +353,7 @@ def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
             }
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            tracker.log(metrics, step + 1)
             if errors:
                 log.warning("step %d: %d rewards raised and count as 0 (first: %s); rows in %s", step + 1,
                             len(errors), errors[0]["error"], errors_path)
@@ -367,6 +372,7 @@ def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
                                 cfg.keep_checkpoints)
     finally:
         bar.close()
+        tracker.close()
         engine.close()
 
     # 6. the final HF folder and the summary

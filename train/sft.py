@@ -38,10 +38,12 @@ from scorer.lock import locked
 from scorer.models import pinned, resolve_model
 from scorer.shards import ShardError, fingerprint, list_shards, read_meta, tokenizer_sha256, write_json_atomic
 from scorer.weights import WeightParams
+from scorer.stats import TABLE_COLUMNS, weight_table
 from train import checkpoint
 from train.data import Batch, Rows, collated, idle_batch, load_rows, plan_epoch, rank_share, shard_params, \
     split_heldout, steps_of
 from train.loss import cosine_lr, effective_sample_size, token_logprobs, token_weights, weighted_nll
+from train.tracking import Tracker, check_report_to, open_tracker
 
 log = logging.getLogger("pear.train")
 WEIGHTINGS = ("uniform", "pear", "pear-live")
@@ -89,6 +91,8 @@ class SFTConfig:
     overwrite: bool = field(False, "start afresh instead of resuming from checkpoints made with other settings")
     threads: int = field(0, "CPU threads per rank; 0: cores / ranks on this machine")
     progress: bool = field(True, "progress bar (rank 0)")
+    report_to: str = field("none", "also send the per-step metrics and the scorer's weight table to none, "
+                                   "tensorboard or wandb (train/tracking.py)")
 
     def weight_params(self) -> WeightParams | None:
         """The weighting to recompute with, or None for the stored weights."""
@@ -96,7 +100,8 @@ class SFTConfig:
 
 
 # settings that do not change what a run computes: a resumed run may change them
-NOT_TRAJECTORY = ("out", "save_every", "keep_checkpoints", "overwrite", "threads", "progress", "gradient_checkpointing")
+NOT_TRAJECTORY = ("out", "save_every", "keep_checkpoints", "overwrite", "threads", "progress", "gradient_checkpointing",
+                  "report_to")
 
 
 # ---- the model's side of the loss --------------------------------------------------------------
@@ -186,6 +191,7 @@ def check_inputs(cfg: SFTConfig):
     """Everything that can fail before training: (model dir, tokenizer, train rows, held-out rows, meta)."""
     from transformers import AutoConfig, AutoTokenizer
 
+    check_report_to(cfg.report_to)
     if cfg.weighting not in WEIGHTINGS:
         raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {cfg.weighting!r}")
     if cfg.weights.variant and cfg.weighting == "uniform":
@@ -359,6 +365,12 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
             metrics_path.write_text("")
     bar = tqdm(total=total_steps, initial=start_step, desc=f"sft {cfg.weighting}", unit="step",
                disable=not (cfg.progress and rank == 0), file=sys.stderr)
+    tracker = Tracker()
+    if rank == 0:
+        tracker = open_tracker(cfg.report_to, out, f"sft {cfg.weighting} {out.name}", asdict(cfg), start_step)
+        scoring = Path(cfg.scores) / "summary.json"
+        if scoring.exists() and not state:
+            tracker.table("scorer/weights", TABLE_COLUMNS, weight_table(json.loads(scoring.read_text())))
 
     # 6. the loop: one optimizer step over `micro_batches` micro-batches shared out over the ranks
     net.train()
@@ -399,6 +411,7 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            tracker.log(metrics, step + 1)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", wloss=f"{metrics['weighted_loss']:.3f}",
                             tok_s=f"{metrics['tokens_per_s']:.0f}")
@@ -416,6 +429,7 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
             if world > 1:
                 dist.barrier()
     bar.close()
+    tracker.close()
     loop_seconds = seconds_before + time.perf_counter() - t_loop
 
     # 7. held-out NLL, the final HF folder and the summary
