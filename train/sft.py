@@ -85,6 +85,12 @@ class SFTConfig:
     gradient_checkpointing: bool = field(False, "recompute each decoder layer's activations in backward: "
                                                 "about a quarter of the peak memory for about 10-20% more step time "
                                                 "(bench/RESULTS.md)")
+    lora_rank: int = field(0, "train LoRA adapters of this rank (peft) instead of every weight; 0: full "
+                              "fine-tuning. The output folder holds the merged model (adapter/ holds the adapter)")
+    lora_alpha: float = field(0.0, "LoRA scaling alpha; 0: twice the rank")
+    lora_targets: tuple[str, ...] = field(("all-linear",), "modules that get adapters: names or suffixes "
+                                                           "(q_proj,v_proj), or all-linear (every linear layer "
+                                                           "but the output head)")
     seed: int = field(0, "seed of the data order and of torch")
     save_every: int = field(50, "checkpoint every N optimizer steps (and at the end); 0: only at the end")
     keep_checkpoints: int = field(2, "checkpoints kept (the newest)")
@@ -194,6 +200,10 @@ def check_inputs(cfg: SFTConfig):
     check_report_to(cfg.report_to)
     if cfg.weighting not in WEIGHTINGS:
         raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {cfg.weighting!r}")
+    if cfg.lora_rank < 0:
+        raise ConfigError(f"--lora-rank must be 0 (off) or positive, got {cfg.lora_rank}")
+    if cfg.lora_rank and cfg.fsdp:
+        raise ConfigError("--lora-rank with --fsdp: LoRA's training state is small, use DDP (leave --fsdp false)")
     if cfg.weights.variant and cfg.weighting == "uniform":
         raise ConfigError("--variant recomputes PEAR weights; it does not apply to --weighting uniform")
     if cfg.uniform_weight != 1.0 and cfg.weighting != "uniform":
@@ -218,6 +228,11 @@ def check_inputs(cfg: SFTConfig):
     # the model the shards were scored against, unless another is named
     model_dir = resolve_model(cfg.model or pinned(meta.get("target_model", {})), "model to train (--model)").path
     model_cfg = AutoConfig.from_pretrained(model_dir)
+    if cfg.lora_rank:  # the adapter's targets must name modules: checked on an empty (meta) model
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            with_lora(AutoModelForCausalLM.from_config(model_cfg), cfg, None)
     rows, meta = load_rows(cfg.scores, model_cfg.vocab_size, getattr(model_cfg, "max_position_embeddings", None))
     tok_dir = cfg.tokenizer or model_dir
     try:
@@ -237,6 +252,23 @@ def check_inputs(cfg: SFTConfig):
     if len(train_rows) == 0:
         raise ConfigError(f"no training rows left after holding out {cfg.heldout_fraction:.0%}")
     return model_dir, tokenizer, train_rows, heldout, meta
+
+
+def with_lora(lm, cfg: SFTConfig, adapter: Path | None):
+    """`lm` with trainable LoRA adapters (peft), fresh or loaded from a checkpoint's `adapter`."""
+    try:
+        from peft import LoraConfig, PeftModel, get_peft_model
+    except ImportError:
+        raise ConfigError('--lora-rank needs the `peft` package: pip install -e ".[lora]"') from None
+    if adapter is not None:
+        return PeftModel.from_pretrained(lm, adapter, is_trainable=True)
+    targets = cfg.lora_targets[0] if list(cfg.lora_targets) == ["all-linear"] else list(cfg.lora_targets)
+    config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank, lora_dropout=0.0,
+                        target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(lm, config)
+    except ValueError as e:  # a target that names no module
+        raise ConfigError(f"--lora-targets {','.join(cfg.lora_targets)}: {e}") from None
 
 
 def full_state(net, optimizer, fsdp: bool) -> tuple[dict | None, dict | None]:
@@ -325,8 +357,10 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
 
     # 4. model and optimizer
     fsdp = cfg.fsdp and world > 1
-    lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    lm = AutoModelForCausalLM.from_pretrained(model_dir if cfg.lora_rank else source, dtype=torch.float32)
     lm.config.use_cache = False
+    if cfg.lora_rank:  # a LoRA checkpoint holds the adapter; the base is the starting model
+        lm = with_lora(lm, cfg, ckpt if state else None)
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     net = ResponseLogprobs(lm, cfg.loss_chunk)
@@ -344,7 +378,8 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
             net.to(device), device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     else:
         model = net.to(device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
     if state:
         if fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -438,6 +473,9 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
     model_sd, _ = full_state(net, None, fsdp)
     summary = {}
     if rank == 0:
+        if cfg.lora_rank:  # the adapter, then the merged model: a plain HF folder for transformers and vLLM
+            net.lm.save_pretrained(out / "adapter")
+            net.lm = net.lm.merge_and_unload()
         net.lm.save_pretrained(out, state_dict=model_sd)
         tokenizer.save_pretrained(out)
         steps = [json.loads(line) for line in metrics_path.read_text().splitlines()]
