@@ -15,10 +15,11 @@ The conventions (README "Using the weights in other trainers"):
     pear      input_ids, loss_mask, token_weights
     trl       + labels (TRL's SFTTrainer takes pre-tokenized rows with `labels`; train/trl_trainer.py
               multiplies its per-token loss by token_weights)
-    verl      loss_mask and token_weights as verl's SFT trainer consumes them: shifted one to the left,
-              position t describing the prediction made at t (of input_ids[t + 1]); the last is 0
-    openrlhf  as pear (OpenRLHF's SFT loss takes a mask over the same positions as its logprobs, and
-              the recipe shifts where it multiplies)
+    verl      as pear: verl's SFT dataset marks the trained tokens themselves and its loss rolls the
+              mask one to the left
+    openrlhf  loss_mask and token_weights shifted one to the left, as OpenRLHF's SFT dataset builds
+              its mask: position t describes the prediction made at t (of input_ids[t + 1]); the
+              last position is 0
 
 The weights written are the shards' stored ones (`make reweight` first for another variant). The
 `pear` metadata of each shard is kept, with `export` added (convention, source file).
@@ -55,8 +56,8 @@ class Convention:
 CONVENTIONS = {
     "pear": Convention(labels=False, shifted=False),
     "trl": Convention(labels=True, shifted=False),
-    "verl": Convention(labels=False, shifted=True),
-    "openrlhf": Convention(labels=False, shifted=False),
+    "verl": Convention(labels=False, shifted=False),
+    "openrlhf": Convention(labels=False, shifted=True),
 }
 
 

@@ -66,15 +66,15 @@ def test_export_aligns_weights_to_the_sequence(scores, tmp_path):
     assert ds.num_rows == 96 and ds.features["token_weights"].feature.dtype == "float32"
 
 
-def test_trl_and_verl_conventions(scores, tmp_path):
+def test_trl_and_openrlhf_conventions(scores, tmp_path):
     pear = exported(scores, tmp_path / "pear").sort("id")
     trl = exported(scores, tmp_path / "trl", "trl").sort("id")
-    verl = exported(scores, tmp_path / "verl", "verl").sort("id")
-    for a, b, c in zip(pear.iter_rows(named=True), trl.iter_rows(named=True), verl.iter_rows(named=True)):
+    orl = exported(scores, tmp_path / "openrlhf", "openrlhf").sort("id")
+    for a, b, c in zip(pear.iter_rows(named=True), trl.iter_rows(named=True), orl.iter_rows(named=True)):
         ids, mask = np.array(a["input_ids"]), np.array(a["loss_mask"])
         assert np.array(b["labels"]).tolist() == np.where(mask == 1, ids, -100).tolist()
         assert b["token_weights"] == a["token_weights"]
-        # verl: position t carries the prediction of token t + 1
+        # openrlhf: position t carries the prediction of token t + 1
         assert c["loss_mask"] == a["loss_mask"][1:] + [0]
         assert c["token_weights"] == a["token_weights"][1:] + [0.0]
     assert "labels" not in pear.columns and "labels" in exported(scores, tmp_path / "l", labels=True).columns
@@ -201,3 +201,76 @@ def test_collator_keeps_weights_aligned_padding_free_and_truncated(world, trl_da
         WeightedCollator(DataCollatorForLanguageModeling(pad_token_id=0))(cut)  # not truncated by TRL: refused
     with pytest.raises(ValueError, match="packing"):
         trl_trainer(world, trl_data, tmp_path, packing=True, max_length=64)
+
+
+# ---- verl and OpenRLHF: their loss formulas on exported rows (the frameworks are not installed here) ----
+
+def exported_rows(scores, out, convention, n=8) -> list[dict]:
+    export(ExportConfig(scores=str(scores), out=str(out), convention=convention, progress=False))
+    rows = pl.read_parquet(Path(out) / "*.parquet").sort("id")
+    return list(rows.gather(np.linspace(0, rows.height - 1, n).astype(int)).iter_rows(named=True))
+
+
+def next_token_logprobs(model, seqs: list[list[int]]) -> torch.Tensor:
+    """(B, L-1): log p(x[t+1] | x[:t+1]) of right-padded rows (0 past each row's end)."""
+    L = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), L, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], attn[i, : len(s)] = torch.tensor(s), 1
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+    lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+    return lp * attn[:, 1:]
+
+
+def our_loss(model, scores, ids: list[str]) -> tuple[float, int]:
+    """train.sft's loss on these rows as one global batch, and its number of trained tokens."""
+    rows, _ = load_rows(scores, 10_000)
+    batch = collate(rows, [rows.ids.index(i) for i in ids])
+    with torch.no_grad():
+        loss, _ = micro_batch_loss(ResponseLogprobs(model, 2048), batch, "pear", None, batch.num_tokens,
+                                   nullcontext())
+    return float(loss), batch.num_tokens
+
+
+def test_verl_sft_loss_on_exported_rows_is_ours(world, scores, tmp_path):
+    """verl's SFT loss (verl/workers/utils/losses.py `sft_loss`, no-padding batches): the rows are
+    concatenated, the log-prob at flat position t is that of token t + 1 (rolled input_ids), the
+    token-aligned loss_mask is rolled by -1 the same way, and
+        loss = -sum_t logp_t * mask_rolled_t / (sum of loss_mask over the global batch)
+    (times dp_size, which FSDP's gradient average cancels). The README recipe multiplies the rolled
+    token_weights into the numerator and leaves the denominator the mask's token count."""
+    model = AutoModelForCausalLM.from_pretrained(world / "target", dtype=torch.float32).eval()
+    rows = exported_rows(scores, tmp_path / "verl", "verl")
+    lp = next_token_logprobs(model, [r["input_ids"] for r in rows])
+    flat_lp = torch.cat([torch.cat([lp[i, : len(r["input_ids"]) - 1], torch.tensor([-1e4])])  # row end: masked
+                         for i, r in enumerate(rows)])
+    mask = torch.cat([torch.tensor(r["loss_mask"], dtype=torch.float32) for r in rows])
+    w = torch.cat([torch.tensor(r["token_weights"]) for r in rows])
+    assert all(r["loss_mask"][0] == 0 for r in rows)  # the roll carries a row's first mask into the row before
+    theirs = -(flat_lp * torch.roll(w, -1)).sum() / mask.sum()
+    ours, n = our_loss(model, scores, [r["id"] for r in rows])
+    assert int(mask.sum()) == n
+    assert abs(float(theirs) - ours) < 1e-5
+    # the shortcut "weights as a float loss_mask" normalises by sum(w) instead: another loss
+    shortcut = -(flat_lp * torch.roll(w, -1)).sum() / w.sum()
+    assert abs(float(shortcut) - ours * n / float(w.sum())) < 1e-5 and abs(float(shortcut) - ours) > 1e-3
+
+
+def test_openrlhf_sft_loss_on_exported_rows_is_ours(world, scores, tmp_path):
+    """OpenRLHF's SFT loss (openrlhf/trainer/sft_trainer.py with models/loss.py `SFTLoss`): the
+    dataset's loss_mask is prediction-aligned (position t masks the prediction of token t + 1),
+    the trainer takes loss_mask[:, :-1] against the actor's log-probs of the rolled sequence, and
+        loss = sum_t -logp_t * mask_t / (sum of the mask over the optimizer step, all ranks)
+    The README recipe multiplies the shifted token_weights into the numerator."""
+    model = AutoModelForCausalLM.from_pretrained(world / "target", dtype=torch.float32).eval()
+    rows = exported_rows(scores, tmp_path / "openrlhf", "openrlhf")
+    lp = next_token_logprobs(model, [r["input_ids"] for r in rows])  # (B, L-1)
+    pad = lambda key: torch.stack([torch.nn.functional.pad(torch.tensor(r[key], dtype=torch.float32),  # noqa: E731
+                                                           (0, lp.shape[1] + 1 - len(r[key]))) for r in rows])
+    mask, w = pad("loss_mask")[:, :-1], pad("token_weights")[:, :-1]
+    theirs = (w * -lp).sum() / mask.sum()
+    ours, n = our_loss(model, scores, [r["id"] for r in rows])
+    assert int(mask.sum()) == n
+    assert abs(float(theirs) - ours) < 1e-5
