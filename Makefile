@@ -1,6 +1,6 @@
 # PEAR pipeline. Two commands on a fresh machine:  make demo   then   make test
 # Variables (all optional): DATA DATA_CONFIG SPLIT OUT TARGET BEHAVIOR VARIANT BACKEND SCORES MODEL
-#                            WEIGHTING EPOCHS LR TASKS STEPS CONFIG N K BASELINE CONVENTION
+#                            WEIGHTING EPOCHS LR TASKS STEPS CONFIG N K BASELINE CONVENTION VERBOSE
 # DATA, TARGET, BEHAVIOR, MODEL take local paths or hub ids (org/name[@revision]); with DATA, TARGET
 # is required and nothing of the embedded demo is built or used.
 SHELL := /bin/bash
@@ -8,6 +8,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 export TOKENIZERS_PARALLELISM ?= false
+# the terminal shows each stage's own progress and results; other libraries' output (vLLM, Ray,
+# triton, warnings) goes to a .log file in the stage's output folder. VERBOSE=1: everything on the terminal
+export PEAR_QUIET := $(if $(VERBOSE),0,1)
 
 # a flag only when its variable is set; quoted, so that globs and spaces reach the program as they are
 opt = $(if $(2),--$(1) '$(2)')

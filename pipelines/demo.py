@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from pipelines import score
+from scorer import console
 from scorer.config import setup_logging
 
 ARMS = ("uniform", "pear")
@@ -27,16 +28,21 @@ ARMS = ("uniform", "pear")
 def step(title: str, args: list[str], done: Path) -> None:
     """One stage as a child process (engines and threads start clean), skipped when done."""
     if done.exists():
-        print(f"== {title}: cached ({done.parent})")
+        say(f"== {title}: cached ({done.parent})")
         return
-    print(f"== {title}", flush=True)
-    subprocess.run([sys.executable, "-m", *args], check=True)
+    say(f"== {title}")
+    subprocess.run([sys.executable, "-m", *args], check=True, **console.child_streams())
+
+
+def say(text: str = "") -> None:
+    print(text, file=console.out(), flush=True)
 
 
 def main() -> int:
     setup_logging()
+    console.quiet("runs/demo.log")
     t0 = time.time()
-    print("== score: runs/score (embedded corpus, target and behavior models)", flush=True)
+    say("== score: runs/score (embedded corpus, target and behavior models)")
     rc = score.main(["--out", "runs/score"])
     if rc:
         return rc
@@ -52,18 +58,18 @@ def main() -> int:
              Path(after) / "eval.json")
         rows.append((arm, json.loads((Path(after) / "eval.json").read_text())))
 
-    print("\n| SFT | prompts | pass@1 before RL | pass@1 after RL | difference [95% paired] | RL raised pass@1 | "
+    say("\n| SFT | prompts | pass@1 before RL | pass@1 after RL | difference [95% paired] | RL raised pass@1 | "
           "pass@8 before | pass@8 after |")
-    print("|---|---|---|---|---|---|---|---|")
+    say("|---|---|---|---|---|---|---|---|")
     for arm, report in rows:
         vs = report["vs_baseline"]
         d, p8 = vs["pass@1"], vs["pass@8"]
         raised = "yes" if d["ci95"][0] > 0 else "no (lower)" if d["ci95"][1] < 0 else "not distinguishable"
-        print(f"| {arm} | {vs['shared_prompts']} | {d['before']:.3f} | {d['after']:.3f} | {d['mean']:+.3f} "
+        say(f"| {arm} | {vs['shared_prompts']} | {d['before']:.3f} | {d['after']:.3f} | {d['mean']:+.3f} "
               f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | {raised} | {p8['before']:.3f} | {p8['after']:.3f} |")
-    print(f"\n(the same held-out prompts before and after RL, {rows[0][1]['n']} samples each; details in "
+    say(f"\n(the same held-out prompts before and after RL, {rows[0][1]['n']} samples each; details in "
           "runs/eval/*/eval.md; `make experiment` compares more arms over seeds)")
-    print(f"== demo done in {time.time() - t0:.0f}s")
+    say(f"== demo done in {time.time() - t0:.0f}s")
     return 0
 
 

@@ -41,6 +41,7 @@ import numpy as np
 from pipelines.rl import EMBEDDED_EVAL, EMBEDDED_RECIPE as RL_RECIPE
 from pipelines.sft import EMBEDDED_RECIPE as SFT_RECIPE
 from pipelines.world import WorldConfig, build
+from scorer import console
 from scorer.config import setup_logging
 from train.eval import per_prompt_metrics, read_eval
 
@@ -56,7 +57,6 @@ ARMS = {  # arm -> SFT flags (None: no SFT)
     "pear-block": ["--weighting", "pear", "--variant", "block"],
     "pear-live": ["--weighting", "pear-live"],
 }
-PEAR_ARMS = ("pear-sequence", "pear-token", "pear-block", "pear-live")
 # The one recipe: the embedded recipes of `make sft`, `make rl`, `make eval`, one CPU thread per
 # stage (two chains share the 2 cores), then what --smoke changes.
 RECIPE = {
@@ -173,10 +173,10 @@ def estimate(x: np.ndarray, seed: int = 0) -> dict:
             "se": se, "mdd": Z_POWER * se, "per_seed": [float(v) for v in x.mean(axis=1)]}
 
 
-def common_keys(root: Path, seeds: list[int]) -> list:
+def common_keys(root: Path, seeds: list[int], arms: list[str]) -> list:
     """The prompt keys every arm, seed and phase was evaluated on (the same by construction; checked)."""
     sets = [set(per_prompt(root / arm / f"seed{s}" / f"eval-{phase}", 1))
-            for arm in ARMS for s in seeds for phase in ("sft", "rl")]
+            for arm in arms for s in seeds for phase in ("sft", "rl")]
     keys = sorted(set.intersection(*sets))
     if any(len(x) != len(keys) for x in sets):
         log.warning("evaluations differ in their prompts; comparing on the %d all share", len(keys))
@@ -201,14 +201,14 @@ def weight_diagnostics(arm: str, root: Path, seeds: list[int], scores: Path) -> 
     return out
 
 
-def collect(root: Path, seeds: list[int], ks: list[int], scores: Path) -> dict:
+def collect(root: Path, seeds: list[int], ks: list[int], scores: Path, arms: list[str]) -> dict:
     """Per arm: pass@k after SFT and after RL, the RL gain, the paired difference from uniform,
     the reward curves, the held-out NLL and the weight diagnostics."""
-    keys = common_keys(root, seeds)
+    keys = common_keys(root, seeds, arms)
     out = {"prompts": len(keys), "arms": {}}
     mats = {(arm, phase, k): matrix(root, arm, phase, seeds, k, keys)
-            for arm in ARMS for phase in ("sft", "rl") for k in ks}
-    for arm in ARMS:
+            for arm in arms for phase in ("sft", "rl") for k in ks}
+    for arm in arms:
         r: dict = {"seeds": {}}
         for s in seeds:
             d = root / arm / f"seed{s}"
@@ -355,7 +355,7 @@ def check_complete(results: Path, seeds: list[int], ks: list[int]) -> None:
     """The outputs exist and hold every arm, seed and number; raises ValueError naming what is missing."""
     data = json.loads((results / "experiment.json").read_text())
     problems = []
-    for arm in ARMS:
+    for arm in data.get("meta", {}).get("arms", ARMS):  # the arms the run was asked for
         r = data["arms"].get(arm)
         if r is None:
             problems.append(f"arm {arm} missing")
@@ -387,12 +387,12 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({platform.machine()}), {gpu}"
 
 
-def wall_minutes(root: Path, seeds: list[int]) -> float:
+def wall_minutes(root: Path, seeds: list[int], arms: list[str]) -> float:
     """Minutes from the scored corpus to the last evaluation, read off the files the stages wrote
     (so a report rebuilt from cached stages still states the run's own time; a resumed run
     includes its pause)."""
     start = min(f.stat().st_mtime for f in (root / "score").glob("*.parquet"))
-    end = max((root / arm / f"seed{s}" / "eval-rl" / "eval.json").stat().st_mtime for arm in ARMS for s in seeds)
+    end = max((root / arm / f"seed{s}" / "eval-rl" / "eval.json").stat().st_mtime for arm in arms for s in seeds)
     return (end - start) / 60
 
 
@@ -411,13 +411,19 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=None, help="report folder (default results/, or the run folder for --smoke)")
     p.add_argument("--smoke", action="store_true", help="one seed, a few steps: checks that the outputs are complete")
     p.add_argument("--jobs", type=int, default=2, help="arm-seed chains run at once (each on one CPU thread)")
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run (uniform and no-sft, the "
+                                                        "references of the report, always among them)")
     a = p.parse_args(argv)
+    arms = [x.strip() for x in a.arms.split(",") if x.strip()]
+    if set(arms) - set(ARMS) or not {"uniform", "no-sft"} <= set(arms):
+        p.error(f"--arms {a.arms}: arms among {', '.join(ARMS)}, uniform and no-sft included")
     setup_logging()
     t0 = time.time()
     seeds = [0] if a.smoke else list(range(a.seeds))
     recipe = SMOKE if a.smoke else RECIPE
     root = Path(a.out or ("runs/experiment-smoke" if a.smoke else "runs/experiment"))
     results = Path(a.results or (root if a.smoke else "results"))
+    console.quiet(root / "experiment.log")
     ks = [int(k) for k in flag(recipe["eval"], "--k").split(",")]
 
     # 1. the world, its scored corpus (cached) and the control's matched weight
@@ -443,7 +449,7 @@ def main(argv=None) -> int:
         finally:
             cores.put(core)
 
-    chains = [(arm, seed) for seed in seeds for arm in ARMS]
+    chains = [(arm, seed) for seed in seeds for arm in arms]
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
         futures = {pool.submit(chain, arm, seed): (arm, seed) for arm, seed in chains}
         for fut, (arm, seed) in futures.items():
@@ -451,10 +457,10 @@ def main(argv=None) -> int:
             log.info("arm %s seed %d complete (%.0f min so far)", arm, seed, (time.time() - t0) / 60)
 
     # 3. the report
-    res = collect(root, seeds, ks, scores)
+    res = collect(root, seeds, ks, scores, arms)
     results.mkdir(parents=True, exist_ok=True)
     meta = {"seeds": len(seeds), "command": "make experiment-smoke" if a.smoke else "make experiment",
-            "machine": machine(), "minutes": round(wall_minutes(root, seeds), 1), "date": time.strftime("%Y-%m-%d"),
+            "machine": machine(), "minutes": round(wall_minutes(root, seeds, arms), 1), "arms": arms, "date": time.strftime("%Y-%m-%d"),
             "commit": commit(), "samples_per_prompt": int(flag(recipe["eval"], "--n")),
             "lr_control_factor": matched_weight}
     (results / "experiment.json").write_text(json.dumps(
@@ -462,7 +468,7 @@ def main(argv=None) -> int:
     (results / "experiment.md").write_text(markdown(res, ks, meta))
     plots(res, ks, results)
     check_complete(results, seeds, ks)
-    print((results / "experiment.md").read_text())
+    print((results / "experiment.md").read_text(), file=console.out())
     return 0
 
 

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from pipelines.world import WorldConfig, build
+from scorer import console
 from scorer.config import parse, setup_logging
 from train import eval as evaluation
 from train import rl
@@ -63,7 +64,7 @@ def ensure_sft_model(model: str) -> str:
         return model
     build(WORLD, WorldConfig())
     log.info("%s is missing: making the embedded scores and SFT checkpoints first (python -m pipelines.sft)", model)
-    subprocess.run([sys.executable, "-m", "pipelines.sft"], check=True, timeout=SFT_TIMEOUT_S)
+    subprocess.run([sys.executable, "-m", "pipelines.sft"], check=True, timeout=SFT_TIMEOUT_S, **console.child_streams())
     if not (Path(model) / "config.json").exists():
         raise FileNotFoundError(f"pipelines.sft finished but wrote no model at {model}")
     return model
@@ -71,12 +72,13 @@ def ensure_sft_model(model: str) -> str:
 
 def run_rl(argv) -> int:
     cfg = parse(rl.RLConfig, argv, description=rl.__doc__)
+    console.quiet(Path(cfg.out) / "rl.log")
     if Path(cfg.model).resolve().is_relative_to(WORLD.resolve()):
         build(WORLD, WorldConfig())
     try:
         model = ensure_sft_model(cfg.model)
     except (FileNotFoundError, subprocess.SubprocessError) as e:
-        print(f"error: could not make the starting model: {e}", file=sys.stderr)
+        print(f"error: could not make the starting model: {e}", file=console.err())
         return 2
     # the recipe comes first, so that flags given on the command line win; a YAML recipe is the
     # user's whole recipe, so the embedded one is left out then
@@ -88,6 +90,7 @@ def run_rl(argv) -> int:
 
 def run_eval(argv) -> int:
     cfg = parse(evaluation.EvalConfig, argv, description=evaluation.__doc__)
+    console.quiet(Path(cfg.out) / "eval.log")
     if not (Path(cfg.model) / "config.json").exists() and Path(cfg.model) == Path(evaluation.EvalConfig.model):
         log.info("%s is missing: running the default RL first", cfg.model)
         rc = run_rl(["--out", cfg.model])
@@ -106,7 +109,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging()
     if not argv or argv[0] not in ("rl", "eval"):
-        print("usage: python -m pipelines.rl {rl,eval} [flags]  (see --help of each)", file=sys.stderr)
+        print("usage: python -m pipelines.rl {rl,eval} [flags]  (see --help of each)", file=console.err())
         return 2
     verb, rest = argv[0], argv[1:]
     rc = run_rl(rest) if verb == "rl" else run_eval(rest)

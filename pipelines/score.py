@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from pipelines.world import WorldConfig, build
-from scorer import job
+from scorer import console, job
 from scorer.config import parse, setup_logging
 from scorer.job import ScoreConfig
 
@@ -35,16 +35,17 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse(ScoreConfig, argv, description=__doc__)
     setup_logging()
+    console.quiet(Path(cfg.out) / "score.log")
     if not cfg.data:
         build(Path(WORLD), WorldConfig())
         argv = embedded_defaults(argv)
     elif not cfg.target:
         print("error: TARGET= (--target) is required with DATA=: the model to be trained, a folder or hub id",
-              file=sys.stderr)
+              file=console.err())
         return 2
     rc = job.main(argv)
     if rc == 0:
-        print(f"shards in {cfg.out}/  (polars: pl.read_parquet('{cfg.out}/*.parquet'))")
+        print(f"shards in {cfg.out}/  (polars: pl.read_parquet('{cfg.out}/*.parquet'))", file=console.out())
     return rc
 
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from scorer import console
 from scorer.config import setup_logging
 from scorer.shards import ShardError, list_shards, read_meta
 from scorer.weights import WeightParams
@@ -52,6 +53,7 @@ def ensure_scores(scores: str) -> None:
     log.info("making sure %s holds the scored embedded corpus", scores)
     # a child process: an in-process vLLM engine pins the CPU threads that training needs next
     subprocess.run([sys.executable, "-m", "pipelines.score", "--out", scores, "--executor", "local", *weighting],
+                   **console.child_streams(),
                    check=True)
 
 
@@ -88,10 +90,11 @@ def main(argv=None) -> int:
     p.add_argument("--weighting", default="uniform,pear", help="comma-separated: uniform, pear, pear-live")
     args, rest = p.parse_known_args(argv)
     setup_logging()
+    console.quiet(Path(args.out) / "sft.log")
     try:
         ensure_scores(args.scores)
     except (FileNotFoundError, ShardError, subprocess.CalledProcessError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=console.err())
         return 2
     recipe = EMBEDDED_RECIPE if uses_world_model(args.scores, rest) else []
     arms = [w.strip() for w in args.weighting.split(",") if w.strip()]
@@ -102,8 +105,8 @@ def main(argv=None) -> int:
         if rc:
             return rc
         summaries.append(json.loads((out / "train_summary.json").read_text()))
-    print(format_table(summaries))
-    print(f"models in {', '.join(s['out'] for s in summaries)}")
+    print(format_table(summaries), file=console.out())
+    print(f"models in {', '.join(s['out'] for s in summaries)}", file=console.out())
     return 0
 
 

@@ -32,6 +32,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from scorer import console
 from scorer.config import setup_logging
 
 log = logging.getLogger("pear.world")
@@ -319,6 +320,7 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="rebuild even when the cached world matches")
     a = p.parse_args(argv)
     setup_logging()
+    console.quiet(Path(a.out) / "build.log")
     build(Path(a.out), WorldConfig(seed=a.seed), force=a.force)
 
 

@@ -13,7 +13,6 @@ import argparse
 import copy
 import dataclasses
 import logging
-import sys
 import typing
 from pathlib import Path
 
@@ -147,20 +146,29 @@ def _default(f):
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """The entry points' console log: time, logger name, message (once per process)."""
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s")
+    """The entry points' log: time, logger name, message (once per process)."""
+    from scorer.console import FORMAT
+
+    logging.basicConfig(level=level, format=FORMAT)
 
 
-def cli(cls, argv, description: str | None, work, report, errors: tuple[type[Exception], ...] = ()) -> int:
+def cli(cls, argv, description: str | None, work, report, errors: tuple[type[Exception], ...] = (),
+        log: str | None = None) -> int:
     """An entry point: the config from `argv`, then `work(cfg)`; a ConfigError (or one of `errors`)
-    is one line `error: ...` and exit code 2; otherwise `report(result)` is printed, exit code 0."""
+    is one line `error: ...` and exit code 2; otherwise `report(result)` is printed, exit code 0.
+    `log`: the file in the config's `out` folder that other libraries' output goes to
+    (scorer/console.py, with PEAR_QUIET=1)."""
+    from scorer import console
+
     cfg = parse(cls, argv, description=description)
+    if log:
+        console.quiet(Path(cfg.out) / log)
     try:
         result = work(cfg)
     except (ConfigError, *errors) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=console.err())
         return 2
     text = report(result)
     if text:
-        print(text)
+        print(text, file=console.out())
     return 0

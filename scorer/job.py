@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from scorer import __version__
+from scorer import __version__, console
 from scorer.config import ConfigError, WeightConfig, cli, field, setup_logging
 from scorer.corpus import CONSUMED, INPUT_COLUMNS, KNOWN_ROLES, RowError, encode_row, row_id
 from scorer.engines import BACKENDS, make_scorer, vllm_available
@@ -478,7 +478,7 @@ def run(cfg: ScoreConfig, progress: bool = True) -> dict:
 def execute(cfg: ScoreConfig, units: list[dict], job_meta: dict, passthrough: bytes, progress: bool) -> list[dict]:
     from tqdm import tqdm
 
-    bar = tqdm(total=len(units), desc="scoring shards", unit="shard", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=len(units), desc="scoring shards", unit="shard", disable=not progress, file=console.err())
     results = []
     if cfg.executor == "local":
         scorer = ShardScorer(cfg, job_meta, passthrough)
@@ -623,7 +623,7 @@ def format_summary(s: dict) -> str:
 
 def main(argv=None) -> int:
     setup_logging()
-    return cli(ScoreConfig, argv, None, run, format_summary, errors=(ShardError,))
+    return cli(ScoreConfig, argv, None, run, format_summary, errors=(ShardError,), log="score.log")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ["PEAR_QUIET"] = "0"  # tests read the stages' output (test_console.py sets 1 for its children)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,3 +45,32 @@ def scores(world, tmp_path_factory):
                     behavior=str(world / "behavior"), backend="torch", executor="local", rows_per_shard=48),
         progress=False)
     return out
+
+
+class Killed(Exception):
+    """A trainer stopped right after one of its checkpoints (see `train_killed_after`)."""
+
+
+@pytest.fixture
+def train_killed_after(monkeypatch):
+    """train_killed_after(run, step): `run()` raises Killed right after writing checkpoint `step`,
+    as if the process had died there; the checkpoint is whole, nothing after it is written."""
+    from train import checkpoint
+
+    def killed(run, step: int) -> None:
+        save = checkpoint.save
+
+        def save_then_die(out, at, *a, **kw):
+            folder = save(out, at, *a, **kw)
+            if at == step:
+                raise Killed
+            return folder
+
+        monkeypatch.setattr(checkpoint, "save", save_then_die)
+        try:
+            with pytest.raises(Killed):
+                run()
+        finally:
+            monkeypatch.setattr(checkpoint, "save", save)
+
+    return killed

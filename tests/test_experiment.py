@@ -14,16 +14,17 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_experiment_smoke_writes_a_complete_report(world, tmp_path):
-    from pipelines.experiment import ARMS
-
+    """Four arms (two chains of two on 2 cores): the references, the stored weights and the live
+    ones; the other arms differ only in SFT flags (test_lr_control_scales_the_recipe_learning_rate)."""
+    arms = ["no-sft", "uniform", "pear-token", "pear-live"]
     out = tmp_path / "exp"
-    proc = subprocess.run([sys.executable, "-m", "pipelines.experiment", "--smoke", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run([sys.executable, "-m", "pipelines.experiment", "--smoke", "--out", str(out),
+                           "--arms", ",".join(arms)], cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "experiment.json").read_text())
-    assert set(report["arms"]) == set(ARMS)
+    assert list(report["arms"]) == arms and report["meta"]["arms"] == arms
     md = (out / "experiment.md").read_text()
-    for arm in ARMS:
+    for arm in arms:
         assert f"| {arm} |" in md
     assert "## What the numbers show" in md
     for png in ("experiment_reward_curves.png", "experiment_offline_vs_rl.png"):
@@ -66,6 +67,14 @@ def test_mean_stored_weight_streams_every_shard(tmp_path):
     write_atomic(pa.table({"weights": [[1.0]]}), tmp_path / "c-00009.parquet", {"variant": "block"})
     with pytest.raises(ValueError, match="block weights"):
         mean_stored_weight(tmp_path)
+
+
+def test_arms_must_include_the_references():
+    from pipelines.experiment import main
+
+    for arms in ("uniform,pear-token", "no-sft,uniform,pear-magic"):
+        with pytest.raises(SystemExit):
+            main(["--smoke", "--arms", arms])
 
 
 def test_incomplete_report_names_what_is_missing(tmp_path):

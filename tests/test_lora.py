@@ -8,7 +8,7 @@ from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
 from scorer.config import WeightConfig
-from train import checkpoint, sft
+from train import sft
 from train.sft import SFTConfig, train
 
 
@@ -62,26 +62,11 @@ def test_vllm_loads_the_merged_folder(lora_run):
     assert max(np.abs(a - b).max() for a, b in zip(ours, theirs)) < 1e-3
 
 
-class Killed(Exception):
-    pass
-
-
 @pytest.mark.slow
-def test_a_killed_lora_run_resumes_to_the_same_model(scores, lora_run, tmp_path, monkeypatch):
+def test_a_killed_lora_run_resumes_to_the_same_model(scores, lora_run, tmp_path, train_killed_after):
     whole_out, whole = lora_run
-    save = checkpoint.save
-
-    def save_then_die(out, step, *a, **kw):
-        folder = save(out, step, *a, **kw)
-        if step == 4:
-            raise Killed
-        return folder
-
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
     cut = lora_cfg(scores, tmp_path / "cut", save_every=2)
-    with pytest.raises(Killed):
-        train(cut)
-    monkeypatch.setattr(checkpoint, "save", save)
+    train_killed_after(lambda: train(cut), 4)
     assert (tmp_path / "cut" / "checkpoints" / "step-000004" / "adapter_model.safetensors").exists()
     resumed = train(cut)
     assert resumed["resumed_from_step"] == 4

@@ -14,7 +14,7 @@ from torch.testing import assert_close
 
 from scorer.config import ConfigError, WeightConfig
 from scorer.shards import list_shards, read_meta, write_atomic
-from train import checkpoint, sft
+from train import sft
 from train.data import collate, is_heldout, load_rows, plan_epoch, shard_params, split_heldout, steps_of
 from train.loss import token_weights
 from train.sft import SFTConfig, train
@@ -156,30 +156,15 @@ def test_recomputed_weights_match_the_stored_ones_on_a_batch(scores):
 
 # ---- resume ----------------------------------------------------------------------------------
 
-class Killed(Exception):
-    pass
-
-
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_final_loss(scores, tmp_path, monkeypatch):
+def test_killed_run_resumes_to_the_same_final_loss(scores, tmp_path, train_killed_after):
     cfg = cfg_for(scores, tmp_path / "whole", epochs=2, save_every=3)
     whole = train(cfg)
     assert whole["steps"] > 7
 
     # the second run dies right after its checkpoint at step 6
-    save = checkpoint.save
-
-    def save_then_die(out, step, *a, **kw):
-        folder = save(out, step, *a, **kw)
-        if step == 6:
-            raise Killed
-        return folder
-
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
     cut = replace(cfg, out=str(tmp_path / "cut"))
-    with pytest.raises(Killed):
-        train(cut)
-    monkeypatch.setattr(checkpoint, "save", save)
+    train_killed_after(lambda: train(cut), 6)
     state = torch.load(tmp_path / "cut" / "checkpoints" / "step-000006" / "trainer_state.pt", weights_only=False)
     assert state["step"] == 6 and state["data_position"]["micro_batch"] == 6 % whole["steps_per_epoch"]
     assert len(list((tmp_path / "cut" / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints

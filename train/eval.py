@@ -281,7 +281,7 @@ def markdown(report: dict) -> str:
             m = groups[g][metric]
             cells.append(f"{m['mean']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]")
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
-    lines.append(f"| prompts | " + " | ".join(str(groups[g]["prompts"]) for g in names) + " |")
+    lines.append("| prompts | " + " | ".join(str(groups[g]["prompts"]) for g in names) + " |")
     vs = report.get("vs_baseline")
     if vs:
         lines += ["", f"Against the baseline `{vs['baseline_model']}` ({vs['baseline']}), paired on the "
@@ -360,7 +360,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 def main(argv=None) -> int:
     return cli(EvalConfig, argv, __doc__, lambda cfg: (evaluate(cfg), cfg.out),
-               lambda done: f"{markdown(done[0])}\nreport in {done[1]}/eval.json and {done[1]}/eval.md")
+               lambda done: f"{markdown(done[0])}\nreport in {done[1]}/eval.json and {done[1]}/eval.md", log="eval.log")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scorer import console
 from scorer.config import ConfigError, cli, field, setup_logging
 from scorer.lock import locked
 from scorer.models import model_record, resolve_model
@@ -270,7 +271,7 @@ def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
     with open(out / "rl_prompts.jsonl", "w") as f:
         for ex in examples:
             f.write(json.dumps({"prompt": ex["prompt"], "answer": ex["answer"], "task": ex.get("task")}) + "\n")
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="rl", unit="step", disable=not cfg.progress, file=sys.stderr)
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="rl", unit="step", disable=not cfg.progress, file=console.err())
     tracker = open_tracker(cfg.report_to, out, f"rl {out.name}", asdict(cfg), start_step)
 
     # 5. the loop
@@ -408,7 +409,7 @@ def main(argv=None) -> int:
         with ExitStack() as held:
             return train(cfg, held)
 
-    return cli(RLConfig, argv, __doc__, work, format_summary)
+    return cli(RLConfig, argv, __doc__, work, format_summary, log="rl.log")
 
 
 if __name__ == "__main__":

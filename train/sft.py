@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from scorer import console
 from scorer.config import ConfigError, WeightConfig, cli, field, setup_logging
 from scorer.lock import locked
 from scorer.models import pinned, resolve_model
@@ -399,7 +400,7 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
         else:
             metrics_path.write_text("")
     bar = tqdm(total=total_steps, initial=start_step, desc=f"sft {cfg.weighting}", unit="step",
-               disable=not (cfg.progress and rank == 0), file=sys.stderr)
+               disable=not (cfg.progress and rank == 0), file=console.err())
     tracker = Tracker()
     if rank == 0:
         tracker = open_tracker(cfg.report_to, out, f"sft {cfg.weighting} {out.name}", asdict(cfg), start_step)
@@ -522,7 +523,8 @@ def main(argv=None) -> int:
             if dist.is_initialized():
                 dist.destroy_process_group()
 
-    return cli(SFTConfig, argv, __doc__, work, lambda s: s and format_summary(s), errors=(ShardError,))
+    return cli(SFTConfig, argv, __doc__, work, lambda s: s and format_summary(s), errors=(ShardError,),
+               log="sft.log")
 
 
 if __name__ == "__main__":

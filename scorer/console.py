@@ -1,0 +1,65 @@
+"""What a person sees: the pipeline's own progress and results on the terminal, the rest in a log.
+
+With PEAR_QUIET=1 (the Makefile's default; `make ... VERBOSE=1` shows everything), an entry point
+calls `quiet(OUT/<stage>.log)`. File descriptors 1 and 2, where vLLM, Ray, triton, torch's C++
+code, Python warnings, other libraries' progress bars and child processes write, then go to that
+file; the terminal keeps what the pipeline writes through `out()` and `err()`: its results, its
+`pear.*` log lines (also copied to the file) and its progress bars. A child stage started with
+`**child_streams()` writes to the terminal again and quiets itself into its own log.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+FORMAT = "%(asctime)s %(name)s %(message)s"
+_terminal: tuple | None = None  # (stdout, stderr) of the terminal, once quiet
+_log: Path | None = None  # where other libraries' output goes now
+
+
+def out():
+    """Where results go: the terminal's stdout."""
+    return _terminal[0] if _terminal else sys.stdout
+
+
+def err():
+    """Where errors and progress bars go: the terminal's stderr."""
+    return _terminal[1] if _terminal else sys.stderr
+
+
+def child_streams() -> dict:
+    """subprocess keyword arguments that give a child stage the terminal (nothing when not quiet)."""
+    return {"stdout": _terminal[0], "stderr": _terminal[1]} if _terminal else {}
+
+
+def quiet(log_path: str | Path) -> Path | None:
+    """Send everything but the pipeline's own output to `log_path` (appended), if PEAR_QUIET=1.
+
+    Called again, it moves the third-party output to the new file. Returns the log's path, or None
+    when not quiet (or when the file cannot be opened: the stage then reports its output folder)."""
+    global _terminal, _log
+    if os.environ.get("PEAR_QUIET") != "1":
+        return None
+    log_path = Path(log_path)
+    if log_path == _log:
+        return log_path
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError:
+        return None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if _terminal is None:
+        _terminal = (os.fdopen(os.dup(1), "w", buffering=1), os.fdopen(os.dup(2), "w", buffering=1))
+        handler = logging.StreamHandler(_terminal[1])
+        handler.setFormatter(logging.Formatter(FORMAT))
+        logging.getLogger("pear").addHandler(handler)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    _log = log_path
+    logging.getLogger("pear").info("other libraries' output: %s", log_path)
+    return log_path
