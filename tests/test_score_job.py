@@ -213,11 +213,13 @@ def test_killed_ray_run_resumes_to_the_same_rows(world, tmp_path):
     assert 3 <= done < 32, f"kill did not land part-way: {done} of 32 shards"
     assert not (killed / "summary.json").exists()
 
-    resumed = subprocess.run(cmd + args + ["--out", str(killed)], cwd=ROOT, env=env, timeout=300,
-                             capture_output=True, text=True)
+    # the rerun as `make score` runs it (PEAR_QUIET=1): Ray's and vLLM's output goes to OUT/score.log
+    resumed = subprocess.run(cmd + args + ["--out", str(killed)], cwd=ROOT, env={**env, "PEAR_QUIET": "1"},
+                             timeout=300, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["shards_scored_now"] == 32 - done
+    assert_quiet(resumed, killed / "score.log")
 
     whole = tmp_path / "whole"
     run(ScoreConfig(data=str(data), out=str(whole), target=str(world / "target"), behavior=str(world / "behavior"),
@@ -230,3 +232,17 @@ def test_killed_ray_run_resumes_to_the_same_rows(world, tmp_path):
         diff = max(np.abs(np.array(x) - np.array(y)).max() for x, y in zip(a[col], b[col]))
         assert diff < 1e-5, (col, diff)
     assert not list(killed.glob(".*tmp*"))  # no half-written file left visible
+
+
+NOISE = ("Ray instance", "INFO", "Triton", "Loading safetensors", "Loading weights", "core_worker", "Warning",
+         "WARNING")
+
+
+def assert_quiet(proc, log_path):
+    """The terminal had the stage's own lines only (log lines, progress bar, summary); the rest is in the log."""
+    terminal = proc.stdout + proc.stderr
+    assert "pear.scorer" in proc.stderr and "scoring shards" in proc.stderr and "rows in 256" in proc.stdout
+    assert proc.stderr.count(f"other libraries' output: {log_path}") == 1
+    assert not [word for word in NOISE if word in terminal], terminal
+    log = log_path.read_text()
+    assert "Ray instance" in log and "vllm" in log.lower() and "pear.scorer" in log

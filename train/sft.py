@@ -38,8 +38,8 @@ from scorer.config import ConfigError, WeightConfig, cli, field, setup_logging
 from scorer.lock import locked
 from scorer.models import pinned, resolve_model
 from scorer.shards import ShardError, fingerprint, list_shards, read_meta, tokenizer_sha256, write_json_atomic
-from scorer.weights import WeightParams
 from scorer.stats import TABLE_COLUMNS, weight_table
+from scorer.weights import WeightParams
 from train import checkpoint
 from train.data import Batch, Rows, collated, idle_batch, load_rows, plan_epoch, rank_share, shard_params, \
     split_heldout, steps_of
