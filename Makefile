@@ -29,9 +29,9 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then \
-	  $(VENV)/bin/pip install -e ".[gpu,rl,test,trl,lora,track]"; \
+	  $(VENV)/bin/pip install -q -e ".[gpu,rl,test,trl,lora,track]"; \
 	else \
-	  $(VENV)/bin/pip install "torch==2.13.0" -e ".[cpu,rl,test,trl,lora,track]" && \
+	  $(VENV)/bin/pip install -q "torch==2.13.0" -e ".[cpu,rl,test,trl,lora,track]" && \
 	  $(VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec triton; \
 	fi
 	touch $@
