@@ -121,8 +121,12 @@ def export_shard(path: Path, out: Path, convention: str, labels: bool) -> int:
                     raise ShardError(f"{path}: cannot read ({e})") from None
                 check_table(path, table, first_row=rows)
                 keep = ["id", "input_ids"] + [c for c in table.column_names if c not in CORE_NAMES]
-                columns = {c: table.column(c) for c in keep}
-                columns.update(sequence_columns(table, conv, with_labels))
+                added = sequence_columns(table, conv, with_labels)
+                clash = sorted(set(keep) & set(added))
+                if clash:
+                    raise ShardError(f"{path}: the corpus column(s) {clash} would be replaced by the export's own; "
+                                     "rename them in the corpus")
+                columns = {**{c: table.column(c) for c in keep}, **added}
                 result = pa.table(columns)
                 if writer is None:
                     schema = result.schema.with_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})

@@ -113,6 +113,14 @@ def test_export_names_the_row_of_a_broken_shard(scores, tmp_path, capsys):
     assert rc == 2 and "row 5" in err and "weights" in err and path.name in err
     assert not list((tmp_path / "o").glob("*.parquet"))  # no half-written file
 
+    # a pass-through column named like an exported one is refused, not overwritten
+    clash = tmp_path / "clash"
+    clash.mkdir()
+    table = pq.read_table(path)
+    write_atomic(table.append_column("loss_mask", pa.array([[1]] * table.num_rows)), clash / path.name, meta)
+    rc = export_mod.main(["--scores", str(clash), "--out", str(tmp_path / "o2"), "--progress", "false"])
+    assert rc == 2 and "['loss_mask']" in capsys.readouterr().err
+
 
 # ---- TRL ----------------------------------------------------------------------------------------
 
