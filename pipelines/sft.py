@@ -52,9 +52,11 @@ def ensure_scores(scores: str) -> None:
                      for k, v in meta.items() if k in WeightParams().as_dict()]
     log.info("making sure %s holds the scored embedded corpus", scores)
     # a child process: an in-process vLLM engine pins the CPU threads that training needs next
+    streams = console.child_streams()
+    if shards:  # a check of shards made before: their summary was shown then (runs/score/summary.json)
+        streams["stdout"] = subprocess.DEVNULL
     subprocess.run([sys.executable, "-m", "pipelines.score", "--out", scores, "--executor", "local", *weighting],
-                   **console.child_streams(),
-                   check=True)
+                   **streams, check=True)
 
 
 def uses_world(meta: dict) -> bool:
