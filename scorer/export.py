@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from scorer.config import ConfigError, cli, field, setup_logging
 from scorer.lock import locked
 from scorer.shards import CORE_NAMES, META_KEY, NotAShard, ShardError, check_meta, check_table, list_shards, \
-    read_meta, spans_of
+    read_meta
 
 log = logging.getLogger("pear.export")
 IGNORE_INDEX = -100  # the label of a token left out of the loss (PyTorch's cross-entropy default)
@@ -72,13 +72,13 @@ class ExportConfig:
     progress: bool = field(True, "a log line per shard")
 
 
-def sequence_columns(table: pa.Table, convention: Convention, labels: bool) -> dict[str, pa.Array]:
-    """loss_mask, token_weights (and labels) of a shard's rows, aligned to input_ids."""
+def sequence_columns(table: pa.Table, spans: list, convention: Convention, labels: bool) -> dict[str, pa.Array]:
+    """loss_mask, token_weights (and labels) of a shard's rows, aligned to input_ids (`spans`: each
+    row's scored spans, as `check_table` returns them)."""
     masks, weights, all_labels = [], [], []
-    for ids, spans, w in zip(table.column("input_ids").to_pylist(), spans_of(table),
-                             table.column("weights").to_pylist()):
+    for ids, row_spans, w in zip(table.column("input_ids").to_pylist(), spans, table.column("weights").to_pylist()):
         n = len(ids)
-        pos = np.concatenate([np.arange(a, b) for a, b in spans]) if spans else np.zeros(0, np.int64)
+        pos = np.concatenate([np.arange(a, b) for a, b in row_spans]) if row_spans else np.zeros(0, np.int64)
         mask = np.zeros(n, np.int8)
         weight = np.zeros(n, np.float32)
         mask[pos] = 1
@@ -119,9 +119,9 @@ def export_shard(path: Path, out: Path, convention: str, labels: bool) -> int:
                     table = shard.read_row_group(g) if g is not None else shard.read()
                 except (OSError, pa.ArrowException) as e:
                     raise ShardError(f"{path}: cannot read ({e})") from None
-                check_table(path, table, first_row=rows)
+                spans = check_table(path, table, first_row=rows)
                 keep = ["id", "input_ids"] + [c for c in table.column_names if c not in CORE_NAMES]
-                added = sequence_columns(table, conv, with_labels)
+                added = sequence_columns(table, spans, conv, with_labels)
                 clash = sorted(set(keep) & set(added))
                 if clash:
                     raise ShardError(f"{path}: the corpus column(s) {clash} would be replaced by the export's own; "
@@ -154,14 +154,14 @@ def export(cfg: ExportConfig) -> dict:
     if out.resolve() == Path(cfg.scores).resolve():
         raise ConfigError("--out is the scores folder; export writes beside the shards, not over them")
     with locked(out):
-        stale = []
+        stale, names = [], {s.name for s in shards}
         for p in list_shards(out):
             try:
                 if "export" not in read_meta(p):
                     raise NotAShard(f"{p}: not made by scorer.export")
             except ShardError as e:
                 raise ConfigError(f"{e}; remove it or choose another --out") from None
-            if p.name not in {s.name for s in shards}:
+            if p.name not in names:
                 stale.append(p)
         rows = 0
         for i, path in enumerate(shards):

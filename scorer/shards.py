@@ -109,8 +109,10 @@ def spans_of(table: pa.Table) -> list[list[tuple[int, int]]]:
     return [[(p, n)] for p, n in zip(table.column("prompt_len").to_pylist(), lengths)]
 
 
-def check_table(path: Path, table: pa.Table, vocab_size: int | None = None, first_row: int = 0) -> None:
-    """Check rows against the schema; ShardError names the file and row (`first_row`: the table's offset)."""
+def check_table(path: Path, table: pa.Table, vocab_size: int | None = None,
+                first_row: int = 0) -> list[list[tuple[int, int]]]:
+    """Check rows against the schema; ShardError names the file and row (`first_row`: the table's offset).
+    Returns each row's checked spans (`spans_of`), so that a caller need not read them again."""
     required = [c for c in CORE_NAMES if c != "response_spans"]
     missing = [c for c in required if c not in table.column_names]
     if missing:
@@ -137,6 +139,7 @@ def check_table(path: Path, table: pa.Table, vocab_size: int | None = None, firs
         for r, x in enumerate(input_ids):
             if x and max(x) >= vocab_size:
                 raise ShardError(f"{where(r)}: token id {max(x)} is outside the model's vocabulary of {vocab_size}")
+    return spans
 
 
 def check_meta(path: Path) -> dict:

@@ -194,7 +194,7 @@ def load_rows(scores: str | Path, vocab_size: int, max_len: int | None = None) -
             offset = 0
             for g in range(pf.num_row_groups):
                 table = pf.read_row_group(g)
-                check_table(path, table, vocab_size, first_row=offset)
+                spans = check_table(path, table, vocab_size, first_row=offset)
                 n = pc.list_value_length(table.column("input_ids")).to_numpy().astype(np.int32)
                 if max_len is not None and (n > max_len).any():
                     r = int(np.argmax(n > max_len))
@@ -204,7 +204,7 @@ def load_rows(scores: str | Path, vocab_size: int, max_len: int | None = None) -
                 where.append(np.stack([np.full(len(n), s), np.full(len(n), g), np.arange(len(n))], 1).astype(np.int32))
                 lengths.append(n)
                 plens.append(table.column("prompt_len").to_numpy().astype(np.int32))
-                rlens.append(np.array([sum(b - a for a, b in sp) for sp in spans_of(table)], np.int32))
+                rlens.append(np.array([sum(b - a for a, b in sp) for sp in spans], np.int32))
                 offset += table.num_rows
         except (OSError, pa.ArrowException) as e:
             raise ShardError(f"{path}: cannot read ({e})") from None
