@@ -214,8 +214,7 @@ def test_collator_keeps_weights_aligned_padding_free_and_truncated(world, trl_da
 # ---- verl and OpenRLHF: their loss formulas on exported rows (the frameworks are not installed here) ----
 
 def exported_rows(scores, out, convention, n=8) -> list[dict]:
-    export(ExportConfig(scores=str(scores), out=str(out), convention=convention, progress=False))
-    rows = pl.read_parquet(Path(out) / "*.parquet").sort("id")
+    rows = exported(scores, out, convention).sort("id")
     return list(rows.gather(np.linspace(0, rows.height - 1, n).astype(int)).iter_rows(named=True))
 
 
