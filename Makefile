@@ -91,11 +91,13 @@ bench-scale: setup
 bench-gpu: setup
 	$(PY) bench/gpu_bench.py
 
+# the tests in TEST_WORKERS processes (pytest-xdist; 0: all in one process); each gets its share of the cores
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 lint: setup
 	$(PY) -m compileall -q scorer train pipelines tests bench

@@ -14,6 +14,12 @@ os.environ["PEAR_QUIET"] = "0"  # tests read the stages' output (test_console.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# `make test` runs the tests in parallel processes (pytest-xdist): each gets its share of the cores,
+# so that their torch threads do not outnumber the cores (the world build sets its own count)
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
+
 
 @pytest.fixture(scope="session")
 def world() -> Path:

@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_experiment_smoke_writes_a_complete_report(world, tmp_path):
-    """Four arms (two chains of two on 2 cores): the references, the stored weights and the live
-    ones; the other arms differ only in SFT flags (test_lr_control_scales_the_recipe_learning_rate)."""
-    arms = ["no-sft", "uniform", "pear-token", "pear-live"]
+    """Three arms: the two references and the stored PEAR weights; the other arms differ only in SFT
+    flags (test_lr_control_scales_the_recipe_learning_rate; pear-live in test_sft.py)."""
+    arms = ["no-sft", "uniform", "pear-token"]
     out = tmp_path / "exp"
     proc = subprocess.run([sys.executable, "-m", "pipelines.experiment", "--smoke", "--out", str(out),
                            "--arms", ",".join(arms)], cwd=ROOT, capture_output=True, text=True, timeout=1200)

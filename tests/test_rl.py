@@ -188,7 +188,7 @@ def test_embedded_recipe_raises_the_reward(world, tmp_path):
     from pipelines.rl import EMBEDDED_RECIPE
 
     out = tmp_path / "rl"
-    recipe = EMBEDDED_RECIPE + ["--steps", "12", "--save-every", "0", "--progress", "false"]
+    recipe = EMBEDDED_RECIPE + ["--steps", "8", "--save-every", "0", "--progress", "false"]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "ERROR"}
     done = subprocess.run([sys.executable, "-m", "train.rl", "--model", str(world / "target"), "--out", str(out),
                            *recipe], cwd=ROOT, env=env, timeout=600, capture_output=True, text=True)

@@ -317,7 +317,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     prompt_ids = [prompt_token_ids(tokenizer, ex["prompt"]) for ex in examples]
     engine = RolloutEngine(cfg.model, max(map(len, prompt_ids)) + cfg.max_new_tokens, seed=cfg.seed)
     try:
-        groups = engine.generate(prompt_ids, cfg.n, cfg.temperature, cfg.max_new_tokens, cfg.top_p)
+        groups = engine.generate(prompt_ids, cfg.n, cfg.temperature, cfg.max_new_tokens, cfg.top_p, logprobs=False)
     finally:
         engine.close()
     rewards = np.zeros((len(examples), cfg.n))  # (P, n)

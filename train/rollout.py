@@ -27,7 +27,7 @@ class Sample:
     """One sampled response: its token ids, the engine's logprob of each, and whether it ended on EOS."""
 
     token_ids: list[int]
-    logprobs: np.ndarray  # (T,) float32
+    logprobs: np.ndarray | None  # (T,) float32; None when not asked for
     finished: bool
 
 
@@ -41,20 +41,22 @@ class RolloutEngine:
         self.max_model_len = max_model_len
 
     def generate(self, prompts: list[list[int]], n: int, temperature: float, max_tokens: int,
-                 top_p: float = 1.0) -> list[list[Sample]]:
-        """For each prompt, n samples (in the engine's order)."""
+                 top_p: float = 1.0, logprobs: bool = True) -> list[list[Sample]]:
+        """For each prompt, n samples (in the engine's order). Without `logprobs` the samples are the
+        same and the engine skips gathering them (on the CPU that gather is compiled on first use)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        sp = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
-                            detokenize=False)
+        sp = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                            logprobs=0 if logprobs else None, detokenize=False)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sp, use_tqdm=False)
         result = []
         for out in outs:
             group = []
             for c in out.outputs:
                 ids = list(c.token_ids)
-                lps = np.array([c.logprobs[t][tok].logprob for t, tok in enumerate(ids)], dtype=np.float32)
+                lps = (np.array([c.logprobs[t][tok].logprob for t, tok in enumerate(ids)], dtype=np.float32)
+                       if logprobs else None)
                 group.append(Sample(ids, lps, c.finish_reason == "stop"))
             result.append(group)
         return result
