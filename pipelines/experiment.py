@@ -18,8 +18,9 @@ prompt and seed; intervals come from a two-level bootstrap (seeds, then prompts 
 seed), which counts the seed-to-seed spread of RL as well as the prompt sample. The minimum
 detectable difference (80% power, two-sided 5%) is 2.8 standard errors of that bootstrap.
 
-Each stage is a child process (`train.sft`, `train.rl`, `train.eval`) and is skipped when its
-output exists, so a killed experiment resumes where it stopped. Writes `experiment.json`,
+Each stage is a child process (`train.sft`, `train.rl`, then both `train.eval` runs of an arm in
+one process, `pipelines/stages.py`) and is skipped when its output exists, so a killed experiment
+resumes where it stopped. Writes `experiment.json`,
 `experiment.md` and two PNG plots into --results.
 """
 from __future__ import annotations
@@ -79,16 +80,18 @@ def flag(args: list[str], name: str) -> str:
     return args[len(args) - 1 - args[::-1].index(name) + 1]
 
 
-def stage(cmd: list[str], done: Path, log_file: Path, env: dict) -> None:
-    """Run one stage unless its output exists; its output goes to a log file beside the result."""
+def stage(cmds: list[list[str]], done: Path, log_file: Path, env: dict) -> None:
+    """Run a stage's commands (`module, *args`; several share one process) unless `done` exists;
+    their output goes to a log file beside the result."""
     if done.exists():
         return
     log_file.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    args = ["-m", *cmds[0]] if len(cmds) == 1 else ["-m", "pipelines.stages", json.dumps(cmds)]
     with open(log_file, "w") as f:
-        rc = subprocess.run([sys.executable, "-m", *cmd], stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        rc = subprocess.run([sys.executable, *args], stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     if rc != 0 or not done.exists():
-        raise RuntimeError(f"stage failed (exit {rc}): {' '.join(cmd)}; see {log_file}")
+        raise RuntimeError(f"stage failed (exit {rc}): {' ; '.join(map(' '.join, cmds))}; see {log_file}")
     log.info("%s done in %.0fs", done.parent, time.time() - t0)
 
 
@@ -106,16 +109,16 @@ def run_arm(arm: str, seed: int, root: Path, scores: Path, recipe: dict, matched
         start = str(WORLD / "target")
     else:
         start = str(d / "sft")
-        stage(["train.sft", "--scores", str(scores), "--out", start, "--progress", "false",
-               *sft_flags(arm, recipe["sft"], matched_weight), *s], d / "sft" / "train_summary.json", d / "sft.log",
-              env)
-    stage(["train.rl", "--model", start, "--out", str(d / "rl"), "--progress", "false", *recipe["rl"], *s],
+        stage([["train.sft", "--scores", str(scores), "--out", start, "--progress", "false",
+                *sft_flags(arm, recipe["sft"], matched_weight), *s]], d / "sft" / "train_summary.json",
+              d / "sft.log", env)
+    stage([["train.rl", "--model", start, "--out", str(d / "rl"), "--progress", "false", *recipe["rl"], *s]],
           d / "rl" / "rl_summary.json", d / "rl.log", env)
-    # before and after RL on the same held-out prompts (the eval leaves out the corpus and the RL pool)
-    stage(["train.eval", "--model", start, "--out", str(d / "eval-sft"), *recipe["eval"], *s],
-          d / "eval-sft" / "eval.json", d / "eval-sft.log", env)
-    stage(["train.eval", "--model", str(d / "rl"), "--out", str(d / "eval-rl"), "--baseline", str(d / "eval-sft"),
-           *recipe["eval"], *s], d / "eval-rl" / "eval.json", d / "eval-rl.log", env)
+    # before and after RL on the same held-out prompts (the eval leaves out the corpus and the RL
+    # pool), in one process
+    stage([["train.eval", "--model", start, "--out", str(d / "eval-sft"), *recipe["eval"], *s],
+           ["train.eval", "--model", str(d / "rl"), "--out", str(d / "eval-rl"), "--baseline", str(d / "eval-sft"),
+            *recipe["eval"], *s]], d / "eval-rl" / "eval.json", d / "eval.log", env)
 
 
 def mean_stored_weight(scores: Path, variant: str = "token") -> float:

@@ -83,3 +83,20 @@ def test_incomplete_report_names_what_is_missing(tmp_path):
     (tmp_path / "experiment.json").write_text(json.dumps({"arms": {}, "recipe_steps": 3}))
     with pytest.raises(ValueError, match="arm uniform missing"):
         check_complete(tmp_path, [0], [1])
+
+
+def test_stages_run_in_order_and_stop_at_the_first_failure(tmp_path, monkeypatch):
+    from pipelines.stages import main
+
+    (tmp_path / "fake_stage.py").write_text(
+        "def main(argv):\n"
+        "    with open(__file__ + '.calls', 'a') as f:\n"
+        "        f.write(argv[1] + '\\n')\n"
+        "    return int(argv[0])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    calls = tmp_path / "fake_stage.py.calls"
+    assert main([json.dumps([["fake_stage", "0", "a"], ["fake_stage", "0", "b"]])]) == 0
+    assert calls.read_text().split() == ["a", "b"]
+    calls.unlink()
+    assert main([json.dumps([["fake_stage", "0", "a"], ["fake_stage", "3", "b"], ["fake_stage", "0", "c"]])]) == 3
+    assert calls.read_text().split() == ["a", "b"]
