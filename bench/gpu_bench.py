@@ -252,14 +252,19 @@ EAGER = {  # name -> TorchScorer options; budgets in units of K tokens (1024 her
     "packed.16k.c4k.native": dict(attention="packed", token_budget=16 * K, chunk_size=4 * K, upcast_logits=False),
     "packed.64k.c4k.native": dict(attention="packed", token_budget=64 * K, chunk_size=4 * K, upcast_logits=False),
 }
+def eager_options(name):
+    """The options a variant of EAGER runs with: the defaults as they are, the rest at 32k/8k unless named."""
+    return EAGER[name] if name == "TorchScorer defaults" else {"token_budget": 32 * K, "chunk_size": 8 * K, **EAGER[name]}
+
+
 def uncompile():
     """Eager layers again (nn.Module.compile keeps the compiled forward in `_compiled_call_impl`)."""
     for layer in model.get_decoder().layers:
         layer._compiled_call_impl = None
 
 
-for name, kw in EAGER.items():
-    bench_scoring(name, torch_scorer(**{"token_budget": 32 * K, "chunk_size": 8 * K, **kw}), est_s=1.2 * unit_s)
+for name in EAGER:
+    bench_scoring(name, torch_scorer(**eager_options(name)), est_s=1.2 * unit_s)
     uncompile()  # the defaults compile the shared model's layers in place (on a GPU); the rest run eager
 try:
     from torch.nn.attention.varlen import varlen_attn  # noqa: F401
@@ -316,7 +321,7 @@ best = max(ok, key=lambda k: ok[k]["tok_per_s"]) if ok else None
 for name in dict.fromkeys([best, "TorchScorer defaults"]):
     if name and fits("profile", f"profile {name}", 1.0 * unit_s):
         try:
-            profile(name, torch_scorer(**{"token_budget": 32 * K, "chunk_size": 8 * K, **EAGER[name]}))
+            profile(name, torch_scorer(**eager_options(name)))
             uncompile()
         except Exception as e:
             R.setdefault("profile", {})[name] = f"{type(e).__name__}: {str(e)[:300]}"
