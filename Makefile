@@ -91,12 +91,14 @@ bench-scale: setup
 bench-gpu: setup
 	$(PY) bench/gpu_bench.py
 
-# the tests in TEST_WORKERS processes (pytest-xdist; 0: all in one process); each gets its share of the cores
+# the embedded world first (cached; built alone, since a test beside its build slows it more than
+# it gains), then the tests in TEST_WORKERS processes (pytest-xdist; 0: all in one process), each
+# with its share of the cores
 TEST_WORKERS ?= 2
-test: setup
+test: setup world
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
-test-fast: setup
+test-fast: setup world
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 lint: setup
