@@ -20,8 +20,8 @@ detectable difference (80% power, two-sided 5%) is 2.8 standard errors of that b
 
 Each stage is a child process (`train.sft`, `train.rl`, then both `train.eval` runs of an arm in
 one process, `pipelines/stages.py`) and is skipped when its output exists, so a killed experiment
-resumes where it stopped. Writes `experiment.json`,
-`experiment.md` and two PNG plots into --results.
+resumes where it stopped. Writes `experiment.json`, `experiment.md` and two PNG plots into
+--results.
 """
 from __future__ import annotations
 

@@ -50,6 +50,27 @@ def test_step_prompts_cover_the_pool_each_pass():
 
 
 @pytest.mark.vllm
+def test_an_engine_of_the_same_seed_samples_the_same_with_or_without_logprobs(world, tokenizer):
+    """What the evaluation relies on: without sampling logprobs the samples are those drawn with
+    them, and a second engine in the same process samples as a first one of its seed did."""
+    from train.rollout import RolloutEngine
+
+    prompts = [prompt_token_ids(tokenizer, e["prompt"])
+               for e in reasoning_gym_examples(["chain_sum"], 6, 30_000, WORLD_TASK_KWARGS)]
+    drawn = []
+    for logprobs in (True, False):
+        engine = RolloutEngine(str(world / "target"), max_model_len=256, seed=3)
+        try:
+            drawn.append([[s.token_ids for s in g] for g in engine.generate(prompts, 4, 1.0, 24, logprobs=logprobs)])
+            assert all((s.logprobs is not None) == logprobs for g in engine.generate(prompts[:1], 2, 1.0, 8,
+                                                                                      logprobs=logprobs) for s in g)
+        finally:
+            engine.close()
+    assert drawn[0] == drawn[1]
+    assert len({tuple(ids) for g in drawn[0] for ids in g}) > len(prompts)  # temperature 1: not one answer each
+
+
+@pytest.mark.vllm
 def test_weights_reach_the_running_engine(world, tokenizer):
     """After an optimizer step and a push, the engine's logprobs equal the trainer's (float32: < 1e-3)."""
     from transformers import AutoModelForCausalLM
