@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from train import checkpoint
 from train.rl import combine_stat, pack, response_logprobs, step_prompts
 from train.rollout import WORLD_TASK_KWARGS, prompt_token_ids, reasoning_gym_examples
 
@@ -154,7 +155,8 @@ def test_rl_run_killed_then_resumed(world, tmp_path):
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     def latest_checkpoint() -> int:  # older checkpoints are removed as newer ones land (keep 2)
-        return max((int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*")), default=0)
+        folder = checkpoint.latest(out)
+        return int(folder.name.split("-")[1]) if folder else 0
 
     try:
         deadline = time.time() + 180
