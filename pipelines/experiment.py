@@ -41,13 +41,13 @@ import numpy as np
 
 from pipelines.rl import EMBEDDED_EVAL, EMBEDDED_RECIPE as RL_RECIPE
 from pipelines.sft import EMBEDDED_RECIPE as SFT_RECIPE
-from pipelines.world import WorldConfig, build
+from pipelines.world import WorldConfig, build, world_dir
 from scorer import console
 from scorer.config import setup_logging
 from train.eval import per_prompt_metrics, read_eval
 
 log = logging.getLogger("pear.experiment")
-WORLD = Path("artifacts/world")
+WORLD = world_dir()
 MATCHED = "<lr x mean weight of pear-token>"  # resolved from the scored shards before the arms run
 ARMS = {  # arm -> SFT flags (None: no SFT)
     "no-sft": None,

@@ -1,6 +1,7 @@
 """The embedded default: a tiny world the project builds itself, since nothing can be downloaded.
 
     python -m pipelines.world [--out artifacts/world] [--seed 0]
+    make world WORLD_SEED=1          # another draw, in artifacts/world-seed1 (PEAR_WORLD_SEED=1)
 
 It writes ordinary Hugging Face folders and a Parquet corpus:
     tokenizer/  a byte-level BPE tokenizer with a chat template
@@ -29,7 +30,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from scorer import console
@@ -45,11 +46,27 @@ CHAT_TEMPLATE = (
 WORLD_VERSION = 3
 
 
+def default_seed() -> int:
+    """The world every stage uses by default: seed 0, or `PEAR_WORLD_SEED` (make's WORLD_SEED)."""
+    value = os.environ.get("PEAR_WORLD_SEED", "0") or "0"
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"PEAR_WORLD_SEED={value!r} is not an integer") from None
+
+
+def world_dir(seed: int | None = None) -> Path:
+    """Where the world of `seed` lives: artifacts/world for seed 0, artifacts/world-seed<N> otherwise,
+    so that worlds of several seeds stay cached side by side."""
+    seed = default_seed() if seed is None else seed
+    return Path("artifacts/world" if seed == 0 else f"artifacts/world-seed{seed}")
+
+
 @dataclass
 class WorldConfig:
     """What the embedded world is made of; changing any field rebuilds it."""
 
-    seed: int = 0
+    seed: int = field(default_factory=default_seed)
     tasks: tuple = ("chain_sum",)
     vocab_size: int = 512
     hidden_size: int = 128
@@ -315,13 +332,14 @@ def write_corpus(rows: list[dict], path: Path, meta: dict) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="artifacts/world")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="default: artifacts/world (seed 0), artifacts/world-seed<N> otherwise")
+    p.add_argument("--seed", type=int, default=default_seed(), help="default: PEAR_WORLD_SEED, else 0")
     p.add_argument("--force", action="store_true", help="rebuild even when the cached world matches")
     a = p.parse_args(argv)
+    out = Path(a.out) if a.out else world_dir(a.seed)
     setup_logging()
-    console.quiet(Path(a.out) / "build.log")
-    build(Path(a.out), WorldConfig(seed=a.seed), force=a.force)
+    console.quiet(out / "build.log")
+    build(out, WorldConfig(seed=a.seed), force=a.force)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,10 @@ if WORKERS > 1:
 @pytest.fixture(scope="session")
 def world() -> Path:
     """The embedded world folder (tokenizer/, target/, behavior/, corpus.parquet)."""
-    from pipelines.world import WorldConfig, build
+    from pipelines.world import WorldConfig, build, world_dir
 
     logging.getLogger("pear").setLevel(logging.WARNING)
-    return build(ROOT / "artifacts" / "world", WorldConfig())
+    return build(ROOT / world_dir(), WorldConfig())
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 SFT, RL and evaluation, and the report is complete and well-formed (check_complete runs at its end)."""
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,9 @@ def test_experiment_smoke_writes_a_complete_report(world, tmp_path):
     flags (test_lr_control_scales_the_recipe_learning_rate; pear-live in test_sft.py)."""
     arms = ["no-sft", "uniform", "pear-token"]
     out = tmp_path / "exp"
-    proc = subprocess.run([sys.executable, "-m", "pipelines.experiment", "--smoke", "--out", str(out),
-                           "--arms", ",".join(arms)], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    # through make, as a user types it (the quiet console: third-party output goes to the run's log)
+    proc = subprocess.run(["make", "--no-print-directory", "experiment-smoke", f"OUT={out}", f"ARMS={','.join(arms)}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "experiment.json").read_text())
     assert list(report["arms"]) == arms and report["meta"]["arms"] == arms
@@ -27,6 +27,7 @@ def test_experiment_smoke_writes_a_complete_report(world, tmp_path):
     for arm in arms:
         assert f"| {arm} |" in md
     assert "## What the numbers show" in md
+    assert md.strip() in proc.stdout  # the report is what the terminal shows
     for png in ("experiment_reward_curves.png", "experiment_offline_vs_rl.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -181,13 +181,21 @@ def test_all_ones_weights_give_trls_own_loss(world, trl_data, tmp_path):
 
 
 def test_a_real_trl_run_trains_with_the_weights(world, trl_data, tmp_path):
-    trainer = trl_trainer(world, trl_data, tmp_path, max_steps=4, learning_rate=1e-3)
-    before = {k: v.clone() for k, v in trainer.model.named_parameters()}
-    trainer.train()
-    logs = [x for x in trainer.state.log_history if "loss" in x]
-    assert len(logs) == 4 and all(np.isfinite(x["loss"]) for x in logs)
-    assert all(0 < x["mean_weight"] < 1 for x in logs)  # the PEAR weights reached the loss
-    assert any(not torch.equal(before[k], v) for k, v in trainer.model.named_parameters())
+    # weights of a known value, whatever the world draw: every trained token 0.25, then every one 1.
+    # The first step (same start, same rows) must log a quarter of the all-ones loss and mean weight
+    # 0.25: the weights reached TRL's loss, scaling the same per-token NLL.
+    logs = {}
+    for name, w in (("quarter", 0.25), ("ones", 1.0)):
+        data = trl_data.map(lambda r: {"token_weights": [w * m for m in r["loss_mask"]]})
+        trainer = trl_trainer(world, data, tmp_path / name, max_steps=2, learning_rate=1e-3)
+        before = {k: v.clone() for k, v in trainer.model.named_parameters()}
+        trainer.train()
+        logs[name] = [x for x in trainer.state.log_history if "loss" in x]
+        assert len(logs[name]) == 2 and all(np.isfinite(x["loss"]) for x in logs[name])
+        assert all(x["mean_weight"] == pytest.approx(w) for x in logs[name])
+        assert any(not torch.equal(before[k], v) for k, v in trainer.model.named_parameters())
+    # transformers logs the loss rounded to 4 decimals
+    assert logs["quarter"][0]["loss"] == pytest.approx(0.25 * logs["ones"][0]["loss"], abs=2e-4)
 
 
 def test_collator_keeps_weights_aligned_padding_free_and_truncated(world, trl_data, tmp_path):
