@@ -40,6 +40,7 @@ from scorer.config import ConfigError, cli, field, setup_logging
 from scorer.lock import locked
 from scorer.shards import CORE_NAMES, META_KEY, NotAShard, ShardError, check_meta, check_table, list_shards, \
     read_meta
+from scorer.storage import as_path, replace
 
 log = logging.getLogger("pear.export")
 IGNORE_INDEX = -100  # the label of a token left out of the loss (PyTorch's cross-entropy default)
@@ -65,8 +66,8 @@ CONVENTIONS = {
 class ExportConfig:
     """Scored shards -> whole-sequence Parquet (input_ids, loss_mask, token_weights)."""
 
-    scores: str = field("runs/score", "scoring output folder (shards made by scorer.job)")
-    out: str = field("runs/export", "output folder: one Parquet file per shard")
+    scores: str = field("runs/score", "scoring output folder (shards made by scorer.job), or its s3:// or gs:// URI")
+    out: str = field("runs/export", "output folder (or s3:// or gs:// URI): one Parquet file per shard")
     convention: str = field("pear", f"column convention: {', '.join(CONVENTIONS)}")
     labels: bool = field(False, "also write `labels` (-100 off the trained tokens) whatever the convention")
     progress: bool = field(True, "a log line per shard")
@@ -135,7 +136,7 @@ def export_shard(path: Path, out: Path, convention: str, labels: bool) -> int:
                 rows += table.num_rows
         writer.close()
         writer = None
-        tmp.replace(out)
+        replace(tmp, out)  # object storage: a copy, then the temporary key is deleted
     finally:
         if writer is not None:
             writer.close()
@@ -150,8 +151,8 @@ def export(cfg: ExportConfig) -> dict:
     shards = list_shards(cfg.scores)
     if not shards:
         raise ConfigError(f"--scores {cfg.scores}: no shards")
-    out = Path(cfg.out)
-    if out.resolve() == Path(cfg.scores).resolve():
+    out = as_path(cfg.out)  # a local folder or an object-storage URI, as SCORES
+    if out.resolve() == as_path(cfg.scores).resolve():
         raise ConfigError("--out is the scores folder; export writes beside the shards, not over them")
     with locked(out):
         stale, names = [], {s.name for s in shards}

@@ -23,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from scorer.storage import as_path, replace
+
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 ROW_GROUP_ROWS = 256  # the unit a lazy reader fetches
@@ -38,6 +40,7 @@ CORE_FIELDS = [
     pa.field("weights", pa.list_(pa.float32())),
 ]
 CORE_NAMES = [f.name for f in CORE_FIELDS]
+TMP_PREFIX = "."  # files being written: hidden from `OUT/*.parquet` (and from polars' glob)
 REJECT_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("row", pa.int64()),
                            ("field", pa.string()), ("reason", pa.string())])
 
@@ -69,15 +72,44 @@ def write_atomic(table: pa.Table, path: Path, meta: dict | None = None) -> None:
     Row groups of `ROW_GROUP_ROWS` rows let a reader fetch a few rows without the whole file."""
     if meta is not None:
         table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    path = as_path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
-    os.replace(tmp, path)
+    replace(tmp, path)  # object storage: a copy, then the temporary key is deleted
 
 
 def write_json_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    path = as_path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    replace(tmp, path)
+
+
+def remove_temporaries(folder: Path) -> list:
+    """Delete what writers killed mid-write left (`.NAME.tmp-PID`) in `folder` and `folder/rejects/parts`;
+    call it only while holding the folder's lock (no other writer is at work). Returns what it deleted."""
+    folder = as_path(folder)
+    gone = []
+    for place in (folder, folder / "rejects" / "parts"):
+        if place.is_dir():
+            for p in place.glob(f"{TMP_PREFIX}*.tmp-*"):
+                p.unlink(missing_ok=True)
+                gone.append(p)
+    return gone
+
+
+def made_on() -> dict:
+    """The machine that wrote a shard: its host name and, in a Ray worker, the Ray node id."""
+    import socket
+    import sys
+
+    node = None
+    if "ray" in sys.modules:  # never import Ray here: the local executor runs without it
+        import ray
+
+        if ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()
+    return {"host": socket.gethostname(), "ray_node": node}
 
 
 def read_meta(path: Path) -> dict:
@@ -92,8 +124,8 @@ def read_meta(path: Path) -> dict:
 
 
 def list_shards(scores: Path) -> list[Path]:
-    """Shard files of a scoring output folder (not rejects, not temporary files)."""
-    scores = Path(scores)
+    """Shard files of a scoring output folder, local or a URI (not rejects, not temporary files)."""
+    scores = as_path(scores)
     if scores.is_file():
         return [scores]
     if not scores.is_dir():

@@ -1,0 +1,212 @@
+"""Beyond one machine: a Ray cluster of two nodes (started here), a scoring actor and a node killed
+mid-job, and SFT as two torchrun nodes reading shards from object storage (the S3 server of
+test_object_storage)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from scorer.job import default_actors
+from scorer.shards import list_shards, read_meta
+from test_object_storage import ROWS, free_port, local_run, rows_of, s3, same_rows, upload  # noqa: F401 (fixtures)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_actors_follow_the_cluster():
+    node = lambda cpu, gpu=0, alive=True: {"Alive": alive, "Resources": {"CPU": cpu, "GPU": gpu}}
+    # GPUs: one actor per GPU (per two GPUs with --gpus-per-actor 2), whatever the CPUs
+    assert default_actors([node(8, 4), node(8, 4), node(2)], 1.0, 0.5, 100) == 8
+    assert default_actors([node(8, 4), node(8, 4)], 2.0, 0.5, 100) == 4
+    # no GPU: one per live node that can hold an actor; never more than the units; at least one
+    assert default_actors([node(4), node(4), node(4, alive=False), node(0.25)], 0.0, 0.5, 100) == 2
+    assert default_actors([node(4), node(4)], 0.0, 0.5, 1) == 1
+    assert default_actors([], 0.0, 0.5, 10) == 1
+
+
+# ---- a cluster of two nodes ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head and a worker node on this machine. Each actor takes 2 logical CPUs (--cpus-per-actor 2),
+    so the worker holds one actor and the head two (room for the one of a lost worker), with a CPU
+    left on each node for Ray Data's own tasks."""
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 5, "include_dashboard": False})
+    c.add_node(num_cpus=3)
+    c.wait_for_nodes()
+    yield c
+    c.shutdown()
+
+
+def job_cmd(world, data, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "scorer.job", "--data", str(data), "--out", str(out), "--target",
+            str(world / "target"), "--behavior", "none", "--backend", "torch", "--cpus-per-actor", "2", *extra]
+
+
+def job_env(**kw) -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **kw}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_nodes_score_what_the_local_executor_scores(world, s3, local_run, cluster, tmp_path):
+    corpus, _ = local_run
+    bucket = s3()
+    data, out = f"{bucket}/c.parquet", f"{bucket}/scores"
+    upload(corpus, data)
+    # unchanged but for RAY_ADDRESS; --actors not given: one per node (no GPU here)
+    proc = subprocess.run(job_cmd(world, data, out, "--rows-per-shard", "4"), cwd=tmp_path, timeout=300,
+                          env=job_env(RAY_ADDRESS=cluster.address), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "actors=2" in proc.stderr and "tok_s=" in proc.stderr  # the progress line
+    nodes = {read_meta(p)["made_on"]["ray_node"] for p in list_shards(out)}
+    alive = {n.node_id for n in cluster.list_all_nodes()}
+    assert len(nodes) == 2 and nodes <= alive, (nodes, alive)  # actors on both nodes
+
+    local = tmp_path / "local"
+    proc = subprocess.run(job_cmd(world, data, local, "--rows-per-shard", "4", "--executor", "local"),
+                          cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    same_rows(rows_of(out), rows_of(local), tol=1e-5)
+
+
+def wait_for(predicate, timeout: float, every: float = 0.02):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(every)
+    raise AssertionError("timed out")
+
+
+def shard_count(folder: Path) -> int:
+    return len([p for p in folder.glob("*.parquet") if not p.name.startswith(".")])
+
+
+def check_whole(out: Path, reference: Path, units: int) -> None:
+    """Every unit has exactly one whole shard, nothing half-written is left, and the rows are the reference's."""
+    assert shard_count(out) == units and not list(out.glob(".*tmp*"))
+    rows = rows_of(out)
+    assert rows["id"].n_unique() == len(rows) == ROWS
+    same_rows(rows, rows_of(reference), tol=1e-5)
+    assert json.loads((out / "summary.json").read_text())["rows_in"] == ROWS
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_scoring_actor_killed_mid_job_is_replaced(world, local_run, tmp_path):
+    import psutil
+
+    corpus, _ = local_run
+    data = tmp_path / "c.parquet"
+    corpus.write_parquet(data)
+    ref = tmp_path / "ref"
+    subprocess.run(job_cmd(world, data, ref, "--rows-per-shard", "2", "--executor", "local"), cwd=tmp_path,
+                   env=job_env(), check=True, capture_output=True, timeout=300)
+    out = tmp_path / "out"
+    env = job_env()
+    env.pop("RAY_ADDRESS", None)  # a local Ray instance, started by the job
+    proc = subprocess.Popen(job_cmd(world, data, out, "--rows-per-shard", "2", "--cpus-per-actor", "0.5"),
+                            cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        def actor():
+            for p in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    if "ShardScorer" in " ".join(p.cmdline()):
+                        return p
+                except psutil.Error:
+                    pass
+            return None
+
+        wait_for(lambda: out.is_dir() and shard_count(out) >= 1, 240)
+        victim = wait_for(actor, 30)
+        killed_at = time.time()
+        victim.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    # the job went on after the kill: shards were written later, by the actor that took its place
+    assert any(p.stat().st_mtime > killed_at for p in out.glob("*.parquet"))
+    check_whole(out, ref, ROWS // 2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_node_lost_mid_job_is_survived(world, local_run, cluster, tmp_path):
+    corpus, _ = local_run
+    data = tmp_path / "c.parquet"
+    corpus.write_parquet(data)
+    ref = tmp_path / "ref"
+    subprocess.run(job_cmd(world, data, ref, "--rows-per-shard", "2", "--executor", "local"), cwd=tmp_path,
+                   env=job_env(), check=True, capture_output=True, timeout=300)
+    worker = next(n for n in cluster.worker_nodes)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(job_cmd(world, data, out, "--rows-per-shard", "2"), cwd=tmp_path,
+                            env=job_env(RAY_ADDRESS=cluster.address), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        # the worker node has written a shard: its actor is at work; the node goes as a whole (SIGKILL)
+        wait_for(lambda: out.is_dir() and any(read_meta(p)["made_on"]["ray_node"] == worker.node_id
+                                              for p in out.glob("*.parquet") if not p.name.startswith(".")), 240)
+        cluster.remove_node(worker, allow_graceful=False)
+        killed_at = time.time()
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert any(p.stat().st_mtime > killed_at for p in out.glob("*.parquet"))
+    check_whole(out, ref, ROWS // 2)
+
+
+# ---- SFT on two nodes ------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_torchrun_nodes_on_shards_in_a_bucket_match_one_process(scores, s3, tmp_path):
+    import pyarrow.fs as pafs
+    from test_sft import cfg_for, metrics, params_of
+    from torch.testing import assert_close
+
+    from train.sft import train
+
+    bucket = s3()
+    uri = f"{bucket}/scores"
+    pafs.copy_files(str(scores), uri)
+    budget, per_step = 384, 5
+    common = dict(weighting="pear", micro_batches=per_step, epochs=2, token_budget=budget)
+    one = train(cfg_for(uri, tmp_path / "one", **common))
+
+    # two nodes of one process each: torchrun's static rendezvous, node ranks 0 and 1, over gloo
+    port = free_port()
+    base = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+            "--master-addr", "127.0.0.1", "--master-port", str(port)]
+    args = ["-m", "train.sft", "--scores", uri, "--out", str(tmp_path / "two"), "--lr", "2e-3", "--token-budget",
+            str(budget), "--heldout-fraction", "0.1", "--warmup-ratio", "0.1", "--progress", "false", "--threads", "1",
+            "--save-every", "0", "--weighting", "pear", "--micro-batches", str(per_step), "--epochs", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    nodes = [subprocess.Popen(base + ["--node-rank", str(r)] + args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    logs = [n.communicate(timeout=300)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    two = json.loads((tmp_path / "two" / "train_summary.json").read_text())
+    assert two["world_size"] == 2 and two["steps"] == one["steps"]
+    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
+        assert a["response_tokens"] == b["response_tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    p1, p2 = params_of(tmp_path / "one"), params_of(tmp_path / "two")
+    for k in p1:
+        assert_close(p1[k], p2[k], rtol=1e-4, atol=1e-5)
