@@ -9,6 +9,8 @@ embedded world (its target, an SFT run of it, an RL run of those; wherever its f
 embedded recipe (`EMBEDDED_RECIPE`; flags override it, a --config YAML replaces it).
 eval: with the default model (runs/rl/pear) missing, the default RL run is made first; an embedded
 model gets `EMBEDDED_EVAL` (400 prompts before the held-out check, 16 samples each).
+The stages' default prompts (reasoning-gym chain_sum with 1-digit terms, 64 new tokens) are the
+embedded world's: for any other model, rl and eval stop unless --prompts or --tasks is given.
 Exit code 2 on bad input, with one line that says what is wrong.
 """
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 
 from pipelines.world import WorldConfig, build
 from scorer import console
-from scorer.config import parse, setup_logging
+from scorer.config import ConfigError, parse, setup_logging
+from scorer.models import resolve_model
 from train import eval as evaluation
 from train import rl
 
@@ -58,6 +61,38 @@ def gave(argv, flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
+def gave_prompts(argv) -> bool:
+    """Does the command line, or its --config YAML (flat or under `prompt_set:`), name the prompts?"""
+    if gave(argv, "--prompts") or gave(argv, "--tasks"):
+        return True
+    at = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None)
+    if at is None:
+        return False
+    path = argv[at].partition("=")[2] or (argv[at + 1] if at + 1 < len(argv) else "")
+    try:
+        import yaml
+
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        group = loaded.get("prompt_set") or {}
+        return any(loaded.get(k) or group.get(k) for k in ("prompts", "tasks"))
+    except Exception:  # an unreadable recipe: the stage itself says what is wrong with it
+        return True
+
+
+def refuse_world_prompts(model: str) -> int:
+    """A model outside the embedded world with no prompts named: one line, exit 2 (a model that is
+    not there is named first)."""
+    try:
+        resolve_model(model)
+        message = (f"{model} does not descend from the embedded world: name its prompts with --prompts (PROMPTS=: "
+                   "a file, folder or hub dataset of prompts and answers) or --tasks (TASKS=: reasoning-gym task "
+                   "names); the default prompts (chain_sum with 1-digit terms) are the embedded world's")
+    except ConfigError as e:
+        message = str(e)
+    print(f"error: {message}", file=console.err())
+    return 2
+
+
 def ensure_sft_model(model: str) -> str:
     """The starting model for RL: `model` when it exists; the default one is built when missing."""
     if (Path(model) / "config.json").exists() or Path(model) != Path(rl.RLConfig.model):
@@ -80,9 +115,12 @@ def run_rl(argv) -> int:
     except (FileNotFoundError, subprocess.SubprocessError) as e:
         print(f"error: could not make the starting model: {e}", file=console.err())
         return 2
+    embedded = from_world(model)
+    if not embedded and not gave_prompts(argv):
+        return refuse_world_prompts(model)
     # the recipe comes first, so that flags given on the command line win; a YAML recipe is the
     # user's whole recipe, so the embedded one is left out then
-    recipe = EMBEDDED_RECIPE if from_world(model) and not gave(argv, "--config") else []
+    recipe = EMBEDDED_RECIPE if embedded and not gave(argv, "--config") else []
     if recipe:
         log.info("embedded model: recipe %s", " ".join(recipe))
     return rl.main(recipe + list(argv) + ["--model", model])
@@ -99,6 +137,8 @@ def run_eval(argv) -> int:
     # the embedded recipe first, so that flags given on the command line win; nothing of the
     # world is built or read for a model that does not descend from it
     recipe = []
+    if not from_world(cfg.model) and not gave_prompts(argv):
+        return refuse_world_prompts(cfg.model)
     if from_world(cfg.model):
         build(WORLD, WorldConfig())  # the held-out check reads the world's unfiltered corpus
         recipe = EMBEDDED_EVAL if not gave(argv, "--config") else ["--exclude", str(WORLD / "corpus-unfiltered.parquet")]

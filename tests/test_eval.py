@@ -3,14 +3,16 @@ import itertools
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from train.eval import (ConfigError, EvalConfig, bootstrap_ci, compare_with_baseline, evaluate, held_out,
-                        held_out_set, occurrence_keys, paired_difference, pass_at_k, prompt_texts, read_eval,
-                        seen_prompt_sets, summarize)
-from train.rollout import PromptConfig
+                        held_out_set, occurrence_keys, paired_difference, pass_at_k, read_eval, seen_prompt_sets,
+                        summarize)
+from train.rollout import COMPARED, PromptConfig
+from train.rollout import training_prompt_texts as prompt_texts
 
 
 def brute_force_pass_at_k(n: int, c: int, k: int) -> float:
@@ -73,7 +75,7 @@ def test_held_out_drops_and_reads_prompt_sets(tmp_path):
     kept, dropped = held_out([{"prompt": p} for p in ["a", "b", "x", "d", "y"]], seen)
     assert [e["prompt"] for e in kept] == ["x", "y"] and dropped == 3
     with pytest.raises(FileNotFoundError):
-        prompt_texts(tmp_path / "missing.parquet")
+        prompt_texts(str(tmp_path / "missing.parquet"))
 
 
 def test_provenance_finds_rl_and_sft_prompts(tmp_path):
@@ -90,6 +92,63 @@ def test_provenance_finds_rl_and_sft_prompts(tmp_path):
     (rl / "rl_prompts.jsonl").write_text(json.dumps({"prompt": "r1"}) + "\n")
     assert seen_prompt_sets(rl) == [rl / "rl_prompts.jsonl", scores]
     assert set().union(*map(prompt_texts, seen_prompt_sets(rl))) == {"s1", "s2", "r1"}
+
+
+def chat_shards(folder, conversations) -> None:
+    """A scoring output folder of a `messages` corpus: shards with no `prompt` or `question` column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    ids = [f"c{i}" for i in range(len(conversations))]
+    pq.write_table(pa.table({"id": ids, "messages": pa.array(conversations), "input_ids": [[1, 2]] * len(ids)}),
+                   folder / "corpus-00000.parquet")
+    (folder / "summary.json").write_text(json.dumps({"rows_in": len(ids)}, indent=2))
+
+
+def test_held_out_check_reads_conversations(tmp_path):
+    """A model SFT-trained from `messages` shards: the check reads the conversations' user turns and
+    drops the chat prompts whose last user turn the model was trained on (once: no `prompt` column)."""
+    turn = lambda role, text: {"role": role, "content": text}  # noqa: E731
+    scores, sft = tmp_path / "scores", tmp_path / "sft"
+    chat_shards(scores, [[turn("system", "Be brief."), turn("user", "seen first"), turn("assistant", "a"),
+                          turn("user", "seen later"), turn("assistant", "b")]])
+    sft.mkdir()
+    (sft / "train_summary.json").write_text(json.dumps({"scores": str(scores)}))
+    prompts = tmp_path / "eval.jsonl"
+    rows = [{"messages": [turn("system", "Be brief."), turn("user", text)], "answer": "1"}
+            for text in ("seen later", "new one", "seen first ")]
+    rows.append({"prompt": "another new one", "answer": "2"})
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples, dropped, sources, seen = held_out_set(EvalConfig(model=str(sft), prompt_set=PromptConfig(
+        prompts=str(prompts))))
+    assert [e["prompt"] for e in examples] == ["new one", "another new one"] and dropped == 2
+    assert seen == {"seen first", "seen later"} and sources == [str(scores.resolve())]
+    assert "last user turn" in COMPARED and "every user turn" in COMPARED
+
+
+def test_a_relative_path_recorded_by_an_older_run_is_not_skipped(tmp_path, monkeypatch):
+    """A summary that names its SFT scores relative to where that run started: from another folder the
+    check would have passed against fewer prompts; it now stops, naming the summary and the path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "runs" / "mine").mkdir(parents=True)
+    pq.write_table(pa.table({"prompt": ["seen"]}), tmp_path / "runs" / "mine" / "corpus-00000.parquet")
+    sft, rl = tmp_path / "runs" / "sft", tmp_path / "runs" / "rl"
+    sft.mkdir(), rl.mkdir()
+    (sft / "train_summary.json").write_text(json.dumps({"scores": "runs/mine"}))
+    (rl / "rl_summary.json").write_text(json.dumps({"model": "runs/sft"}))
+    monkeypatch.chdir(tmp_path)
+    assert seen_prompt_sets(rl) == [Path("runs/mine")]
+    monkeypatch.chdir(tmp_path / "runs")
+    with pytest.raises(FileNotFoundError, match=r"rl_summary.json names the starting model 'runs/sft', not found"):
+        seen_prompt_sets(rl)
+    with pytest.raises(FileNotFoundError, match=r"train_summary.json names the SFT scores 'runs/mine', not found"):
+        seen_prompt_sets(sft)
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"prompt": "new", "answer": "1"}) + "\n")
+    with pytest.raises(ConfigError, match="names the SFT scores 'runs/mine', not found"):
+        held_out_set(EvalConfig(model=str(sft), prompt_set=PromptConfig(prompts=str(tmp_path / "eval.jsonl"))))
 
 
 def test_paired_difference_by_hand():
@@ -134,7 +193,12 @@ def test_same_held_out_prompts_before_and_after_rl(world, tmp_path):
 
     sft, rl = tmp_path / "sft", tmp_path / "rl"
     sft.mkdir(), rl.mkdir()
-    (sft / "train_summary.json").write_text(json.dumps({"scores": str(tmp_path / "no-scores")}))
+    (tmp_path / "scores").mkdir()  # SFT prompts outside the eval's range
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["not a chain_sum question"]}), tmp_path / "scores" / "shard.parquet")
+    (sft / "train_summary.json").write_text(json.dumps({"scores": str(tmp_path / "scores")}))
     r = RLConfig().prompt_set
     pool = reasoning_gym_examples(r.tasks, r.num_prompts, r.prompt_seed, r.task_kwargs)
     (rl / "rl_prompts.jsonl").write_text("".join(json.dumps({"prompt": e["prompt"]}) + "\n" for e in pool))
@@ -203,3 +267,47 @@ def test_evaluate_end_to_end(world, tmp_path):
     # evaluating on the RL seed is refused: the split is by seed
     with pytest.raises(ConfigError, match="split is by seed"):
         evaluate(EvalConfig(model=str(model), out=str(out), prompt_set=PromptConfig(num_prompts=200), exclude=()))
+
+
+CHAT_REWARD = '''
+from train.rewards import score
+
+def picky(completion, example):
+    if len(completion) % 3 == 0:
+        raise ValueError("unlucky length")
+    return score(completion, example)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_evaluate_chat_prompts_end_to_end(world, tmp_path):
+    """A real evaluation of a `messages` prompt file (system prompt, then the question): the held-out
+    check compares the last user turn and says so, and the failed reward calls are in reward_errors.jsonl."""
+    from train.rollout import reasoning_gym_examples
+
+    examples = reasoning_gym_examples(["chain_sum"], 8, 30_000, EvalConfig().prompt_set.task_kwargs)
+    rows = [{"messages": [{"role": "system", "content": "Add the numbers."}, {"role": "user", "content": e["prompt"]}],
+             "answer": e["answer"], "task": e["task"], "metadata": e["metadata"]} for e in examples]
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(rows))  # a JSON array
+    seen = tmp_path / "seen.jsonl"  # an SFT conversation that asked the first question
+    seen.write_text(json.dumps({"messages": [{"role": "user", "content": examples[0]["prompt"]},
+                                             {"role": "assistant", "content": "no idea"}]}) + "\n")
+    reward = tmp_path / "picky.py"
+    reward.write_text(CHAT_REWARD)
+    out = tmp_path / "eval"
+    report = evaluate(EvalConfig(model=str(world / "target"), out=str(out), n=4, k=(1, 4), max_new_tokens=32,
+                                 bootstrap=100, exclude=(str(seen),), reward=f"{reward}:picky",
+                                 prompt_set=PromptConfig(prompts=str(prompts))))
+    distinct = len({e["prompt"] for e in examples})
+    assert report["held_out"]["dropped_overlapping"] == sum(e["prompt"] == examples[0]["prompt"] for e in examples)
+    assert report["prompts"] == len(examples) - report["held_out"]["dropped_overlapping"] and distinct > 1
+    assert report["held_out"]["compared"] == COMPARED
+    assert report["held_out"]["checked_against"] == [str(seen.resolve())]
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["prompt"] for s in samples} <= {e["prompt"] for e in examples[1:]}
+    errors = [json.loads(x) for x in (out / "reward_errors.jsonl").read_text().splitlines()]
+    assert len(errors) == report["reward_errors"] == sum(len(s["reward_errors"]) for s in samples) > 0
+    assert all(len(e["completion"]) % 3 == 0 and "unlucky length" in e["error"] for e in errors)
+    assert report["model"] == str((world / "target").resolve())

@@ -198,6 +198,31 @@ def test_a_real_trl_run_trains_with_the_weights(world, trl_data, tmp_path):
     assert logs["quarter"][0]["loss"] == pytest.approx(0.25 * logs["ones"][0]["loss"], abs=2e-4)
 
 
+@pytest.mark.slow
+def test_the_readme_trl_example_runs_on_a_cpu(world, scores, tmp_path):
+    """The README's TRL recipe as it is written, on this export and the world's target, with no GPU
+    (TRL's bf16 default once made it fail on a CPU)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    trl = readme[readme.index("- **TRL**"):]
+    start = trl.index("```python") + len("```python")
+    code = textwrap.dedent(trl[start: trl.index("```", start)])
+    export(ExportConfig(scores=str(scores), out=str(tmp_path / "export"), convention="trl", progress=False))
+    for theirs, ours in [("runs/export/*.parquet", str(tmp_path / "export" / "*.parquet")),
+                         ("your/target", str(world / "target")), ("runs/trl", str(tmp_path / "trl"))]:
+        assert theirs in code
+        code = code.replace(theirs, ours)
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "train_loss" in done.stdout + done.stderr
+
+
 def test_collator_keeps_weights_aligned_padding_free_and_truncated(world, trl_data, tmp_path):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 

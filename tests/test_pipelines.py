@@ -82,3 +82,46 @@ def test_sft_on_the_default_folder_keeps_a_reweighted_variant(tmp_path, monkeypa
     write_atomic(core_table(["a"], [[1, 2, 3]], [[(1, 3)]], [[-1, -1]], [[-1, -1]], [[1, 1]]), scores / "c.parquet", meta)
     sft.ensure_scores("runs/score")
     assert not calls
+
+
+def test_a_users_model_needs_its_prompts_named(tmp_path, monkeypatch, capsys):
+    """The stages' default prompts are the embedded world's (1-digit chain_sum): for any other model,
+    make rl and make eval stop before any work unless --prompts or --tasks names them."""
+    no_world(monkeypatch, prl)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    for verb in ("rl", "eval"):
+        assert prl.main([verb, "--model", str(mine), "--out", str(tmp_path / verb)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "does not descend from the embedded world" in err[0]
+        assert "--prompts (PROMPTS=" in err[0] and "--tasks (TASKS=" in err[0]
+        assert not (tmp_path / verb).exists()
+    recipe = tmp_path / "recipe.yaml"
+    for text, named in [("lr: 1.0e-6\n", False), ("prompts: data.jsonl\n", True),
+                        ("prompt_set:\n  tasks: [countdown]\n", True)]:
+        recipe.write_text(text)
+        assert prl.gave_prompts(["--config", str(recipe)]) == named
+        assert prl.gave_prompts([f"--config={recipe}"]) == named
+    assert prl.gave_prompts(["--tasks", "countdown"]) and prl.gave_prompts(["--prompts=p.jsonl"])
+    assert not prl.gave_prompts(["--prompts-split", "test"])
+
+
+def test_rl_help_gives_the_learning_rate_the_recipe_uses(capsys):
+    """`train.rl --help` once said the embedded model takes 1e-4; its recipe uses 3e-4."""
+    import re
+
+    import pytest
+
+    from scorer.config import parse
+    from train.rl import RLConfig
+
+    with pytest.raises(SystemExit):
+        parse(RLConfig, ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    start = text.rindex("--lr LR")  # the flag's help, after the usage lines
+    lr_help = text[start:text.index("--weight-decay", start)]
+    assert "learning rate" in lr_help
+    recipe_lr = float(prl.EMBEDDED_RECIPE[prl.EMBEDDED_RECIPE.index("--lr") + 1])
+    rates = {float(x) for x in re.findall(r"\d+(?:\.\d+)?e-\d+", lr_help)}
+    assert rates <= {RLConfig.lr, recipe_lr}, lr_help

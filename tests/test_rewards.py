@@ -1,4 +1,5 @@
 """Rewards on right, wrong and malformed answers; user rewards by path; a raising reward counts as 0."""
+import json
 import math
 
 import pytest
@@ -113,3 +114,44 @@ def test_rewards_of_a_group_log_the_failing_rows():
     assert rewards.tolist() == [[1.0, 0.0, 0.0]]
     assert len(errors) == 1 and errors[0]["completion"] == "boom" and errors[0]["sample"] == 1
     assert "RuntimeError: cannot parse" in errors[0]["error"] and errors[0]["prompt"] == CHAIN["prompt"]
+
+
+def test_a_stopped_steps_failed_rewards_are_logged(tmp_path):
+    from scorer.config import ConfigError
+    from train.rl import score_groups
+
+    def broken(completion, example):
+        raise KeyError("solution")
+
+    path = tmp_path / "reward_errors.jsonl"
+    with pytest.raises(ConfigError, match=f"more than 50% of a step's rewards failed .*rows in {path}"):
+        score_groups(broken, [["a", "b"], ["c", "d"]], [CHAIN, CHAIN], max_failures=0.5, errors_path=path, step=3)
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert len(rows) == 3 and {r["step"] for r in rows} == {3} and rows[0]["error"] == "KeyError: 'solution'"
+
+
+BROKEN_REWARD = '''
+def score(completion, example):
+    return example["solution"] == completion
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_rl_stopped_by_a_broken_reward_logs_its_rows(world, tmp_path, capsys):
+    """A reward that fails on every call stops the run at its first step with exit 2, and
+    reward_errors.jsonl holds the calls that failed (it once stayed empty)."""
+    from train import rl
+
+    reward = tmp_path / "broken.py"
+    reward.write_text(BROKEN_REWARD)
+    out = tmp_path / "rl"
+    rc = rl.main(["--model", str(world / "target"), "--out", str(out), "--steps", "2", "--prompts-per-step", "2",
+                  "--samples-per-prompt", "2", "--num-prompts", "8", "--max-new-tokens", "8", "--progress", "false",
+                  "--reward", f"{reward}:score"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "more than 50% of a step's rewards failed" in err and "KeyError: 'solution'" in err
+    rows = [json.loads(x) for x in (out / "reward_errors.jsonl").read_text().splitlines()]
+    assert len(rows) >= 3 and all(r["step"] == 1 and r["error"] == "KeyError: 'solution'" for r in rows)
+    assert all({"prompt", "answer", "sample", "completion"} <= set(r) for r in rows)

@@ -167,6 +167,19 @@ def test_constant_uniform_weight_scales_the_loss_not_the_adamw_step(scores, tmp_
         train(cfg_for(scores, tmp_path / "bad", uniform_weight=0.5))
 
 
+def test_the_summary_records_absolute_paths(scores, tmp_path, monkeypatch):
+    """Given relative paths, train_summary.json names the scores, model and output folder absolutely:
+    evaluation follows them from any folder (it once read `"scores": "runs/mine"` from elsewhere)."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    s = train(cfg_for(os.path.relpath(scores, tmp_path), "out", weighting="uniform", max_steps=1,
+                      model=os.path.relpath(scores_start(scores), tmp_path)))
+    recorded = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert recorded["scores"] == str(Path(scores).resolve()) and recorded["out"] == str(tmp_path.resolve() / "out")
+    assert recorded["model"] == str(Path(scores_start(scores)).resolve()) and s["scores"] == recorded["scores"]
+
+
 def test_recomputed_weights_match_the_stored_ones_on_a_batch(scores):
     rows, meta = load_rows(scores, 10_000)
     batch = collate(rows, range(16))

@@ -4,15 +4,19 @@
     python -m train.eval --model runs/sft/pear --out runs/eval/sft-pear --prompts heldout.jsonl
 
 Held-out means never seen in SFT or RL. The prompts come from their own seed range (reasoning-gym
-tasks with `--prompt-seed`, 30000 by default: the world's eval range), and that is checked, by
-prompt text, against every prompt set the model saw: the `--exclude` files (the embedded SFT
-corpus by default) and, following the model folder's provenance, the RL run's `rl_prompts.jsonl`
-and the scored shards its SFT run trained on. A prompt that the seed split happens to share with
-those (small task spaces collide) is dropped and counted; a remaining overlap is an error.
+tasks with `--prompt-seed`, 30000 by default: the world's eval range) or from `--prompts` (rows of
+`prompt` or `messages`), and that is checked, by prompt text, against every prompt set the model
+saw: the `--exclude` sets (the embedded SFT corpus by default) and, following the model folder's
+provenance, the RL run's `rl_prompts.jsonl` and the scored shards its SFT run trained on. The text
+compared is a prompt's `prompt`, or its last user turn when it is a chat, against every training
+prompt and every user turn of every training conversation (`train.rollout.COMPARED`, recorded in
+eval.json). A prompt that the seed split happens to share with those (small task spaces collide)
+is dropped and counted; a remaining overlap is an error.
 
 pass@k per prompt with c of n samples passing is the unbiased 1 - C(n-c, k) / C(n, k) (Chen et
 al., 2021), averaged over prompts; the 95% intervals are percentile bootstraps over prompts.
-Writes out/eval.json, out/eval.md (a Markdown table) and out/samples.jsonl (per-prompt rewards).
+Writes out/eval.json, out/eval.md (a Markdown table), out/samples.jsonl (per-prompt rewards) and
+out/reward_errors.jsonl (the samples whose reward call failed; they count as 0).
 The RL stage's default prompt pool is left out of every evaluation (`--exclude-rl-pool`), so the
 same command before and after RL scores the same prompts; `--baseline <earlier eval folder>` then
 adds the paired difference per metric (same prompts, per-prompt differences, paired bootstrap
@@ -36,8 +40,8 @@ from scorer.config import ConfigError, cli, field, setup_logging
 from scorer.models import resolve_model
 from scorer.shards import write_json_atomic
 from train.rewards import load_reward, safe_score
-from train.rollout import EVAL_PROMPT_SEED, RL_POOL_SIZE, RL_PROMPT_SEED, PromptConfig, RolloutEngine, \
-    prompt_token_ids, reasoning_gym_examples
+from train.rollout import COMPARED, EVAL_PROMPT_SEED, RL_POOL_SIZE, RL_PROMPT_SEED, PromptConfig, RolloutEngine, \
+    prompt_token_ids, reasoning_gym_examples, resolve_aliases, resolved, training_prompt_texts
 
 log = logging.getLogger("pear.eval")
 
@@ -51,11 +55,11 @@ class EvalConfig:
     out: str = field("runs/eval/pear", "output folder: eval.json, eval.md, samples.jsonl")
     prompt_set: PromptConfig = field(PromptConfig(num_prompts=200, prompt_seed=EVAL_PROMPT_SEED),
                                      "the held-out prompts: --tasks, --task-kwargs, --num-prompts (before dropping "
-                                     "any seen ones), --prompt-seed, or --prompts (a file)")
+                                     "any seen ones), --prompt-seed, or --prompts (a file or hub dataset)")
     exclude: tuple[str, ...] = field((),
-                                     "prompt sets the eval prompts must not contain (Parquet/JSONL/shard folder "
-                                     "with a `prompt` or `question` column); the model's own RL and SFT "
-                                     "prompts are found from its folder and added")
+                                     "prompt sets the eval prompts must not contain (a file, folder, glob, scoring "
+                                     "output or hub dataset with a `prompt`, `question` or `messages` column); the "
+                                     "model's own RL and SFT prompts are found from its folder and added")
     exclude_rl_pool: bool = field(True, "also leave out the RL stage's default prompt pool (these tasks, seed "
                                         f"{RL_PROMPT_SEED}, {RL_POOL_SIZE} prompts), so that a model evaluated "
                                         "before RL and after it sees the same prompts")
@@ -68,9 +72,15 @@ class EvalConfig:
     k: tuple[int, ...] = field((1, 2, 4, 8), "pass@k for each k (those above n are skipped)")
     temperature: float = field(1.0, "sampling temperature")
     top_p: float = field(1.0, "nucleus sampling")
-    max_new_tokens: int = field(64, "longest response")
+    max_new_tokens: int = field(64, "longest response (the default is the embedded world's)")
     bootstrap: int = field(2000, "bootstrap resamples over prompts for the 95% intervals")
     seed: int = field(0, "seed of the engine's sampler and of the bootstrap")
+    # other trainers' names (TRL's GRPOConfig), on the command line and in YAML; each is moved onto its field
+    num_generations: int | None = field(None, "TRL's name for --n")
+    max_completion_length: int | None = field(None, "TRL's name for --max-new-tokens")
+
+    def __post_init__(self):
+        resolve_aliases(self, {"num_generations": "n", "max_completion_length": "max_new_tokens"})
 
 
 # ---- math ------------------------------------------------------------------------------------
@@ -127,32 +137,13 @@ def summarize(rewards: np.ndarray, passed: np.ndarray, ks: list[int], resamples:
 
 # ---- held-out check ----------------------------------------------------------------------------
 
-def prompt_texts(path: str | Path) -> set[str]:
-    """The prompt texts of a Parquet file/folder/glob or a JSONL file (column `prompt` or `question`)."""
-    p = Path(path)
-    if p.suffix in (".jsonl", ".json"):
-        rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-        return {(r.get("prompt") or r.get("question") or "").strip() for r in rows} - {""}
-    import pyarrow.parquet as pq
-
-    files = sorted(p.glob("*.parquet")) if p.is_dir() else sorted(p.parent.glob(p.name))
-    if not files:
-        raise FileNotFoundError(f"no prompt set at {path}")
-    texts: set[str] = set()
-    for f in files:
-        names = pq.read_schema(f).names
-        col = "prompt" if "prompt" in names else "question" if "question" in names else None
-        if col is None:
-            raise ValueError(f"{f}: no `prompt` or `question` column to check overlap against")
-        texts |= {str(x).strip() for x in pq.read_table(f, columns=[col]).column(col).to_pylist() if x}
-    return texts
-
-
 def seen_prompt_sets(model_dir: str | Path) -> list[Path]:
     """Prompt sets the model was trained on, found from its folder: RL prompts, then its SFT shards.
 
     An RL folder has rl_prompts.jsonl and rl_summary.json (-> the starting model); an SFT folder
-    has train_summary.json (-> the scored shards, which keep the prompt text).
+    has train_summary.json (-> the scored shards, which keep the prompt text). A recorded folder that
+    is not there is an error: the check would otherwise pass against fewer prompts (older summaries
+    recorded paths relative to where the run started).
     """
     found, folder, hops = [], Path(model_dir), 0
     while hops < 4:  # RL -> SFT -> scores; a short chain, bounded against loops
@@ -160,12 +151,21 @@ def seen_prompt_sets(model_dir: str | Path) -> list[Path]:
         if (folder / "rl_prompts.jsonl").exists():
             found.append(folder / "rl_prompts.jsonl")
         if (folder / "train_summary.json").exists():
-            scores = Path(json.loads((folder / "train_summary.json").read_text()).get("scores", ""))
-            if scores.is_dir() and list(scores.glob("*.parquet")):
-                found.append(scores)
+            scores = json.loads((folder / "train_summary.json").read_text()).get("scores", "")
+            if scores and not Path(scores).is_dir():
+                raise FileNotFoundError(f"{folder / 'train_summary.json'} names the SFT scores {scores!r}, not found "
+                                        f"from {Path.cwd()}: the held-out check needs them (run from the folder "
+                                        "that SFT ran in, or retrain to record an absolute path)")
+            if scores:
+                found.append(Path(scores))
         parent = None
         if (folder / "rl_summary.json").exists():
-            parent = json.loads((folder / "rl_summary.json").read_text()).get("model")
+            summary = json.loads((folder / "rl_summary.json").read_text())
+            parent = summary.get("model")
+            if parent and not Path(parent).is_dir() and not (summary.get("model_ref") or {}).get("repo_id"):
+                raise FileNotFoundError(f"{folder / 'rl_summary.json'} names the starting model {parent!r}, not "
+                                        f"found from {Path.cwd()}: the held-out check needs its SFT prompts (run "
+                                        "from the folder that RL ran in)")
         if not parent or not Path(parent).is_dir():
             break
         folder = Path(parent)
@@ -187,10 +187,10 @@ def held_out_set(cfg: EvalConfig) -> tuple[list[dict], int, list, set[str]]:
     try:
         ps = cfg.prompt_set
         examples = ps.examples()
-        sources = [Path(x) for x in cfg.exclude if x] + seen_prompt_sets(cfg.model)
+        sources = [resolved(x) for x in cfg.exclude if x] + [str(p.resolve()) for p in seen_prompt_sets(cfg.model)]
         seen: set[str] = set()
         for src in sources:
-            seen |= prompt_texts(src)
+            seen |= training_prompt_texts(src)
         if cfg.exclude_rl_pool and not ps.prompts:
             pool = reasoning_gym_examples(ps.tasks, RL_POOL_SIZE, RL_PROMPT_SEED, ps.task_kwargs)
             seen |= {ex["prompt"].strip() for ex in pool}
@@ -212,8 +212,8 @@ def held_out_set(cfg: EvalConfig) -> tuple[list[dict], int, list, set[str]]:
         log.info("dropped %d eval prompts also found in training prompt sets", dropped)
     if not examples:
         raise ConfigError("no held-out prompts left after removing those seen in training")
-    log.info("%d held-out prompts, checked against %d training prompts from %s", len(examples), len(seen),
-             ", ".join(map(str, sources)) or "nothing")
+    log.info("%d held-out prompts, checked against %d training prompts from %s; compared: %s", len(examples),
+             len(seen), ", ".join(map(str, sources)) or "nothing", COMPARED)
     return examples, dropped, sources, seen
 
 
@@ -301,7 +301,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     t0 = time.perf_counter()
     # 1. inputs: model, prompts, reward, and the prompt sets the eval must avoid
     model_ref = resolve_model(cfg.model)  # a folder or hub id; loads read its local folder
-    cfg = replace(cfg, model=model_ref.path)
+    cfg = replace(cfg, model=str(Path(model_ref.path).resolve()))  # recorded as found from anywhere
     ks = sorted({k for k in cfg.k if 1 <= k <= cfg.n})
     if len(ks) < len(cfg.k):
         log.warning("pass@k needs k <= n = %d: skipping k in %s", cfg.n, sorted(set(cfg.k) - set(ks)))
@@ -314,7 +314,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     # 2. n samples per prompt, rewards
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    prompt_ids = [prompt_token_ids(tokenizer, ex["prompt"]) for ex in examples]
+    prompt_ids = [prompt_token_ids(tokenizer, ex) for ex in examples]  # `messages` when a row has them
     engine = RolloutEngine(cfg.model, max(map(len, prompt_ids)) + cfg.max_new_tokens, seed=cfg.seed)
     try:
         groups = engine.generate(prompt_ids, cfg.n, cfg.temperature, cfg.max_new_tokens, cfg.top_p, logprobs=False)
@@ -322,20 +322,25 @@ def evaluate(cfg: EvalConfig) -> dict:
         engine.close()
     rewards = np.zeros((len(examples), cfg.n))  # (P, n)
     errors = 0
-    samples_path = Path(cfg.out) / "samples.jsonl"
+    samples_path, errors_path = Path(cfg.out) / "samples.jsonl", Path(cfg.out) / "reward_errors.jsonl"
     samples_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(samples_path, "w") as f:
+    with open(samples_path, "w") as f, open(errors_path, "w") as failed:
         for i, (ex, group) in enumerate(zip(examples, groups)):
             texts = [tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in group]
             row_errors = []
             for j, text in enumerate(texts):
                 rewards[i, j], err = safe_score(reward_fn, text, ex)
-                if err:
+                if err:  # counted as 0; the row, as RL logs it
                     row_errors.append({"sample": j, "error": err})
+                    failed.write(json.dumps({"prompt": ex["prompt"], "answer": ex["answer"], "sample": j,
+                                             "completion": text, "error": err}) + "\n")
             errors += len(row_errors)
             f.write(json.dumps({"prompt": ex["prompt"], "answer": ex["answer"], "task": ex.get("task"),
                                 "rewards": rewards[i].tolist(), "first_completion": texts[0],
                                 "reward_errors": row_errors}) + "\n")
+    if errors:
+        first = json.loads(errors_path.read_text().splitlines()[0])["error"]
+        log.warning("%d reward calls failed and count as 0 (first: %s); rows in %s", errors, first, errors_path)
     passed = rewards >= cfg.pass_threshold
 
     # 3. metrics for all prompts, and per task when there are several
@@ -347,7 +352,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             report_groups[str(t)] = summarize(rewards[idx], passed[idx], ks, cfg.bootstrap, cfg.seed)
     report = {
         "model": cfg.model, "model_ref": asdict(model_ref), "n": cfg.n, "k": ks, "prompts": len(examples), "groups": report_groups,
-        "held_out": {"checked_against": [str(s) for s in sources], "training_prompts": len(seen),
+        "held_out": {"checked_against": [str(s) for s in sources], "compared": COMPARED, "training_prompts": len(seen),
                      "dropped_overlapping": dropped, "overlap_after_check": 0},
         "reward_errors": errors, "seconds": round(time.perf_counter() - t0, 2), "config": asdict(cfg),
     }

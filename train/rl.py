@@ -42,7 +42,7 @@ from train.loss import token_logprobs
 from train.rewards import load_reward, safe_score
 from train.rl_math import (ADVANTAGE_SCALES, AGGREGATIONS, aggregate, clipped_policy_loss, group_advantages, kl_k3,
                            masked_mean, tis_weights)
-from train.rollout import PromptConfig, RolloutEngine, prompt_token_ids
+from train.rollout import PromptConfig, RolloutEngine, prompt_token_ids, resolve_aliases
 from train.tracking import check_report_to, open_tracker
 
 log = logging.getLogger("pear.rl")
@@ -56,7 +56,7 @@ class RLConfig:
     model: str = field("runs/sft/pear", "starting model (HF folder); also the reference of the KL term")
     out: str = field("runs/rl/pear", "output: HF model folder, metrics.jsonl, rl_summary.json, checkpoints/")
     prompt_set: PromptConfig = field(PromptConfig(), "the prompt pool: --tasks, --task-kwargs, --num-prompts, "
-                                                     "--prompt-seed, or --prompts (a file)")
+                                                     "--prompt-seed, or --prompts (a file or hub dataset)")
     reward: str = field("default", "default (0/1: reasoning-gym checker at full credit, else math-verify), "
                                    "reasoning_gym, reasoning_gym_partial (partial credit), math, "
                                    "or 'module:function' / 'file.py:function'")
@@ -69,8 +69,9 @@ class RLConfig:
     temperature: float = field(1.0, "sampling temperature; the loss is on the untempered policy, so 1.0 "
                                     "keeps the rollouts on-policy")
     top_p: float = field(1.0, "nucleus sampling")
-    max_new_tokens: int = field(64, "longest response")
-    lr: float = field(1e-6, "learning rate (AdamW, constant); the embedded tiny model takes 1e-4 (pipelines/rl.py)")
+    max_new_tokens: int = field(64, "longest response (the default is the embedded world's)")
+    lr: float = field(1e-6, "learning rate (AdamW, constant); `make rl` gives a model of the embedded world the "
+                            "tiny model's own (EMBEDDED_RECIPE in pipelines/rl.py)")
     weight_decay: float = field(0.0, "AdamW weight decay")
     max_grad_norm: float = field(1.0, "gradient clipping by global norm; 0: off")
     mini_batches: int = field(1, "optimizer steps per batch of rollouts (>1: later ones are off-policy and clipped)")
@@ -91,11 +92,29 @@ class RLConfig:
     gpu_memory_utilization: float = field(0.3, "share of the GPU the engine may take (the trainer shares it)")
     progress: bool = field(True, "progress bar")
     report_to: str = field("none", "also send the per-step metrics to none, tensorboard or wandb (train/tracking.py)")
+    # other trainers' names (TRL's GRPOConfig), on the command line and in YAML; each is moved onto its field
+    num_generations: int | None = field(None, "TRL's name for --samples-per-prompt")
+    beta: float | None = field(None, "TRL's name for --kl-coef")
+    epsilon: float | None = field(None, "TRL's name for --clip-low; as in TRL it also sets --clip-high when that "
+                                        "is not given")
+    epsilon_high: float | None = field(None, "TRL's name for --clip-high")
+    max_completion_length: int | None = field(None, "TRL's name for --max-new-tokens")
+    learning_rate: float | None = field(None, "TRL's name for --lr")
+
+    def __post_init__(self):
+        if self.epsilon is not None and self.epsilon_high is None and self.clip_high == RLConfig.clip_high:
+            self.epsilon_high = self.epsilon  # TRL: epsilon_high defaults to epsilon
+        resolve_aliases(self, ALIASES)
+
+
+ALIASES = {"num_generations": "samples_per_prompt", "beta": "kl_coef", "epsilon": "clip_low",
+           "epsilon_high": "clip_high", "max_completion_length": "max_new_tokens", "learning_rate": "lr"}
 
 
 # settings a resumed run may change: they do not alter what a step computes
 NOT_TRAJECTORY = ("out", "steps", "save_every", "keep_checkpoints", "overwrite", "threads", "progress",
-                  "reward_timeout", "max_reward_failures", "report_to")
+                  "reward_timeout", "max_reward_failures", "report_to",
+                  *ALIASES)  # always None: moved onto their fields
 
 
 # ---- pieces of a step ----------------------------------------------------------------------------
@@ -151,9 +170,10 @@ def combine_stat(name: str, so_far: float | None, value: float, parts: int) -> f
 
 
 def score_groups(reward_fn, texts: list[list[str]], examples: list[dict], timeout: float = 0.0,
-                 max_failures: float = 1.0):
+                 max_failures: float = 1.0, errors_path: Path | None = None, step: int = 0):
     """Rewards (P, n) and the rows whose reward failed (each counted as 0). ConfigError as soon as
-    more than `max_failures` of the P x n calls failed: a broken reward must not train a model."""
+    more than `max_failures` of the P x n calls failed: a broken reward must not train a model; the
+    failed rows so far are appended to `errors_path` first (with `step`), so the stop is explained."""
     rewards, errors = [], []
     limit = max_failures * sum(len(g) for g in texts)
     for i, (group, ex) in enumerate(zip(texts, examples)):
@@ -165,9 +185,12 @@ def score_groups(reward_fn, texts: list[list[str]], examples: list[dict], timeou
                 errors.append({"prompt": ex["prompt"], "answer": ex["answer"], "sample": j, "completion": text,
                                "error": err, "group": i})
                 if len(errors) > limit:
+                    if errors_path is not None:
+                        with open(errors_path, "a") as f:
+                            f.writelines(json.dumps({"step": step, **e}) + "\n" for e in errors)
                     raise ConfigError(f"more than {max_failures:.0%} of a step's rewards failed ({len(errors)} so far; "
-                                      f"first: {errors[0]['error']}); fix the reward (--reward) or raise "
-                                      "--max-reward-failures")
+                                      f"first: {errors[0]['error']}; rows in {errors_path}); fix the reward (--reward) "
+                                      "or raise --max-reward-failures")
         rewards.append(row)
     return torch.tensor(rewards, dtype=torch.float32), errors
 
@@ -199,7 +222,7 @@ def check_inputs(cfg: RLConfig):
     if len(examples) < cfg.prompts_per_step:
         raise ConfigError(f"{len(examples)} prompts, fewer than prompts_per_step={cfg.prompts_per_step}")
     for ex in examples:
-        ex["prompt_ids"] = prompt_token_ids(tokenizer, ex["prompt"])
+        ex["prompt_ids"] = prompt_token_ids(tokenizer, ex)  # its `messages` when it has them
     return tokenizer, examples, reward_fn
 
 
@@ -289,7 +312,8 @@ def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
             texts = [[tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in g] for g in groups]
 
             # 5b. rewards and group-normalised advantages
-            rewards, errors = score_groups(reward_fn, texts, batch, cfg.reward_timeout, cfg.max_reward_failures)
+            rewards, errors = score_groups(reward_fn, texts, batch, cfg.reward_timeout, cfg.max_reward_failures,
+                                           errors_path, step + 1)
             advantages = group_advantages(rewards, cfg.advantage_scale).reshape(-1).to(device)  # (B,)
 
             # 5c. the trainer's view of the same tokens: pi_old, the reference, TIS weights
@@ -383,14 +407,12 @@ def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
     window = max(1, min(5, len(steps) // 4))
     mean_of = lambda rows, key: float(np.mean([m[key] for m in rows])) if rows else None  # noqa: E731
     summary = {
-        "model": cfg.model, "model_ref": asdict(model_ref), "out": str(out), "steps": cfg.steps, "resumed_from_step": start_step if state else None,
+        "model": str(Path(cfg.model).resolve()), "model_ref": asdict(model_ref), "out": str(out), "steps": cfg.steps, "resumed_from_step": start_step if state else None,
         "mean_reward_first": mean_of(steps[:window], "mean_reward"),
         "mean_reward_last": mean_of(steps[-window:], "mean_reward"),
         "pass_rate_first": mean_of(steps[:window], "pass_rate"), "pass_rate_last": mean_of(steps[-window:], "pass_rate"),
         "window_steps": window, "reward_errors": sum(m["reward_errors"] for m in steps),
-        "prompt_pool": len(examples), "prompt_source": cfg.prompt_set.prompts or {"tasks": list(cfg.prompt_set.tasks),
-                                                                       "seed": cfg.prompt_set.prompt_seed,
-                                                                       "size": cfg.prompt_set.num_prompts},
+        "prompt_pool": len(examples), "prompt_source": cfg.prompt_set.source(),
         "seconds": round(time.perf_counter() - t_start, 2), "config": asdict(cfg),
     }
     write_json_atomic(summary, out / "rl_summary.json")

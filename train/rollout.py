@@ -12,11 +12,13 @@ seeds fail on the CPU build, so randomness comes from the engine seed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from scorer.config import field
+from scorer.config import ConfigError, field
 from scorer.engines import make_vllm_engine, shutdown_vllm
 
 log = logging.getLogger("pear.rollout")
@@ -112,47 +114,172 @@ def reasoning_gym_examples(tasks, size: int, seed: int, task_kwargs: str | dict 
     return rows
 
 
-def read_prompt_file(path: str) -> list[dict]:
-    """Rows of a Parquet file/folder/glob or a JSONL file with `prompt` and `answer` (other columns kept)."""
-    import json
-    from pathlib import Path
+# ---- prompt sets: one reader for the RL pool, the evaluation's prompts and its held-out check ----
 
-    p = Path(path)
-    if p.suffix in (".jsonl", ".json"):
-        if not p.exists():
-            raise FileNotFoundError(f"prompt file not found: {path}")
-        rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-    else:
-        import polars as pl
+PIECE_ROWS = 4096  # rows of a prompt set read at a time
+# what the held-out check compares: one text per prompt, whatever the file's shape
+COMPARED = ("prompt text, whitespace stripped: an evaluation prompt's `prompt` (the last user turn when it is "
+            "`messages`) against every training prompt's `prompt` or `question` and every user turn of its "
+            "`messages`")
 
-        files = sorted(p.glob("*.parquet")) if p.is_dir() else sorted(p.parent.glob(p.name))
-        if not files:
-            raise FileNotFoundError(f"prompt file not found: {path}")
-        rows = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed").to_dicts()
-    for i, r in enumerate(rows):
-        if not isinstance(r.get("prompt"), str) or r.get("answer") is None:
-            raise ValueError(f"{path}: row {i} needs a string `prompt` and an `answer`")
-        r["answer"] = str(r["answer"])
+
+def message_text(content) -> str:
+    """A message's text: its content, or the text parts of a list of parts (`{"type": "text", "text": ...}`)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        return "".join(p.get("text") or "" for p in content if isinstance(p, dict))
+    return ""
+
+
+def prompt_sources(spec: str | Path, config: str = "", split: str = "") -> list:
+    """The `scorer.sources` sources of a prompt set: a Parquet, JSONL or JSON (array) file, a folder or
+    glob of them, a folder saved by `datasets`, or a hub dataset id. A folder with Parquet files at its
+    top is those files: a scoring output folder is its shards (not rejects/, not summary.json)."""
+    from scorer.sources import InputError, open_sources
+
+    spec = str(spec)
+    p = Path(spec)
+    try:
+        top = sorted(f for f in p.glob("*.parquet") if not f.name.startswith(".")) if p.is_dir() else []
+        if top:
+            return [s for f in top for s in open_sources(str(f))]
+        if p.suffix in (".parquet", ".jsonl", ".json") and not p.exists() and not any(c in spec for c in "*?["):
+            raise FileNotFoundError(f"prompt file not found: {spec}")
+        return open_sources(spec, config=config or None, split=split or None)
+    except InputError as e:
+        raise ValueError(str(e)) from None
+
+
+def prompt_rows(spec: str | Path, columns: tuple[str, ...], config: str = "", split: str = "") -> Iterator[tuple[str, dict]]:
+    """Every row of a prompt set as (where, row), read `PIECE_ROWS` rows at a time; `where` names the
+    source and row. ValueError for a source with none of `columns`, or a row that is not a JSON object."""
+    from scorer.sources import InputError
+
+    try:
+        for src in prompt_sources(spec, config, split):
+            names = src.schema().names
+            if not set(columns) & set(names):
+                raise ValueError(f"{src.key}: no {' or '.join(f'`{c}`' for c in columns)} column (it has "
+                                 f"{', '.join(names) or 'none'})")
+            n = src.num_rows()
+            for start in range(0, n, PIECE_ROWS):
+                rows, _, errors = src.read(start, min(n, start + PIECE_ROWS))
+                if errors:
+                    raise ValueError(f"{src.key}: row {errors[0]['row']}: {errors[0]['reason']}")
+                for i, row in enumerate(rows, start):
+                    yield f"{src.key} row {i}", row
+    except InputError as e:  # a JSON array that breaks off, read lazily
+        raise ValueError(str(e)) from None
+
+
+def chat_prompt(messages, where: str) -> list[dict]:
+    """A `messages` prompt, checked: a list of {role, content} (null fields dropped, as Parquet gives every
+    message every key) with a user turn; a last assistant turn (an SFT row's response) is left out."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(f"{where}: `messages` must be a non-empty list of {{role, content}}")
+    out = []
+    for i, m in enumerate(messages):
+        m = {k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else None
+        if not m or not isinstance(m.get("role"), str) or not (isinstance(m.get("content"), (str, list, tuple))
+                                                               or m.get("tool_calls")):
+            raise ValueError(f"{where}: `messages` item {i} needs a role and a string content")
+        out.append(m)
+    if out[-1]["role"] == "assistant":
+        out = out[:-1]
+    if not any(m["role"] == "user" for m in out):
+        raise ValueError(f"{where}: `messages` has no user turn to answer")
+    return out
+
+
+def prompt_example(row: dict, where: str, answer_column: str = "answer") -> dict:
+    """One prompt row as RL and evaluation use it: the row's columns, `prompt` (the text; with
+    `messages`, the last user turn, what the held-out check compares), `messages` when given (the whole
+    prompt: system prompt, earlier turns), and `answer` (str) from `answer_column`."""
+    ex = dict(row)
+    if row.get("messages") is not None:
+        ex["messages"] = chat_prompt(row["messages"], where)
+        ex["prompt"] = next(message_text(m["content"]) for m in reversed(ex["messages"]) if m["role"] == "user")
+    elif not isinstance(row.get("prompt"), str):
+        raise ValueError(f"{where}: needs a string `prompt` or a `messages` chat")
+    if row.get(answer_column) is None:
+        raise ValueError(f"{where}: no `{answer_column}` (the answer column, --answer-column)")
+    ex["answer"] = str(row[answer_column])
+    return ex
+
+
+def read_prompt_file(spec: str, answer_column: str = "answer", config: str = "", split: str = "") -> list[dict]:
+    """The rows of a prompt set (see `prompt_sources`), each with `prompt` or `messages` and the answer column."""
+    rows = [prompt_example(row, where, answer_column)
+            for where, row in prompt_rows(spec, ("prompt", "messages"), config, split)]
+    if not rows:
+        raise ValueError(f"no prompts in {spec}")
     return rows
+
+
+def training_prompt_texts(spec: str | Path) -> set[str]:
+    """Every prompt text of a training set (a prompt file, SFT corpus or scoring output, any form
+    `prompt_sources` reads): `prompt`, else `question`, and every user turn of `messages` (see COMPARED)."""
+    texts: set[str] = set()
+    for where, row in prompt_rows(spec, ("prompt", "question", "messages")):
+        messages = row.get("messages")
+        if isinstance(messages, (list, tuple)):
+            texts |= {message_text(m.get("content")).strip() for m in messages
+                      if isinstance(m, dict) and m.get("role") == "user"}
+        text = row.get("prompt") if row.get("prompt") is not None else row.get("question")
+        if text is not None:
+            texts.add(str(text).strip())
+    return texts - {""}
+
+
+def resolved(spec: str) -> str:
+    """What a summary records for a path or hub id: a local path made absolute, a hub id as it is."""
+    return str(Path(spec).resolve()) if spec and Path(spec).exists() else spec
+
+
+def resolve_aliases(cfg, aliases: dict[str, str]) -> None:
+    """Move each alias that was given (other trainers' name for a field: TRL's `num_generations` for
+    `samples_per_prompt`) onto its field and clear it, so that a config records one name per setting.
+    ValueError when both names are given, with different values."""
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for alias, name in aliases.items():
+        value = getattr(cfg, alias)
+        if value is None:
+            continue
+        current = getattr(cfg, name)
+        if current != defaults[name] and current != value:
+            raise ValueError(f"--{alias.replace('_', '-')} is another name for --{name.replace('_', '-')}: "
+                             f"give one of them (got {value} and {current})")
+        setattr(cfg, name, value)
+        setattr(cfg, alias, None)
 
 
 @dataclass
 class PromptConfig:
-    """Where a stage's prompts come from: reasoning-gym tasks from a seed, or a file of prompts and
+    """Where a stage's prompts come from: reasoning-gym tasks from a seed, or a set of prompts and
     answers (one group, nested in the RL and evaluation configs with their own defaults)."""
 
-    tasks: tuple[str, ...] = field(("chain_sum",), "reasoning-gym task names")
-    task_kwargs: str = field(WORLD_TASK_KWARGS, "JSON: task name -> reasoning-gym dataset settings")
+    tasks: tuple[str, ...] = field(("chain_sum",), "reasoning-gym task names (the default is the embedded world's)")
+    task_kwargs: str = field(WORLD_TASK_KWARGS, "JSON: task name -> reasoning-gym dataset settings (the default is "
+                                                "the embedded world's)")
     num_prompts: int = field(RL_POOL_SIZE, "prompts to generate from the tasks")
     prompt_seed: int = field(RL_PROMPT_SEED, f"seed of the generated prompts, task k from seed + k (the world's "
                                              f"ranges: RL {RL_PROMPT_SEED}, evaluation {EVAL_PROMPT_SEED})")
-    prompts: str = field("", "Parquet/JSONL with `prompt` and `answer` (optional `task`, `metadata`) instead "
-                             "of reasoning-gym tasks")
+    prompts: str = field("", "prompts and answers instead of reasoning-gym tasks: a Parquet, JSONL or JSON (array) "
+                             "file, a folder or glob of them, a `datasets` folder, or a hub dataset org/name[@revision]. "
+                             "Each row has `prompt` (a string) or `messages` (a chat: system prompt, earlier turns, "
+                             "the user's question; a last assistant turn is left out), and the answer column; other "
+                             "columns (`task`, `metadata`, ...) reach the reward")
+    answer_column: str = field("answer", "the column of --prompts holding each prompt's reference answer")
+    prompts_config: str = field("", "hub dataset of --prompts: the configuration name")
+    prompts_split: str = field("", "hub dataset or DatasetDict folder of --prompts: the split (hub default: train)")
 
     def examples(self) -> list[dict]:
         """The prompt rows (prompt, answer, and what the rewards need); ValueError names what is wrong."""
         if self.prompts:
-            return read_prompt_file(self.prompts)
+            return read_prompt_file(self.prompts, self.answer_column, self.prompts_config, self.prompts_split)
         from train.rewards import is_reasoning_gym_task
 
         bad = [t for t in self.tasks if not is_reasoning_gym_task(t)]
@@ -160,10 +287,33 @@ class PromptConfig:
             raise ValueError(f"not reasoning-gym tasks: {bad}")
         return reasoning_gym_examples(self.tasks, self.num_prompts, self.prompt_seed, self.task_kwargs)
 
+    def source(self):
+        """What a summary records: the prompt set (an absolute path, or a hub id with its config and split),
+        or the tasks, seed and size of generated prompts."""
+        if self.prompts:
+            where = resolved(self.prompts)
+            return where + "".join(f":{x}" for x in (self.prompts_config, self.prompts_split) if x) \
+                if where == self.prompts else where
+        return {"tasks": list(self.tasks), "seed": self.prompt_seed, "size": self.num_prompts}
 
-def prompt_token_ids(tokenizer, text: str) -> list[int]:
-    """The prompt as the model sees it: the tokenizer's chat template (with the assistant turn opened)."""
+
+def prompt_token_ids(tokenizer, prompt: str | dict) -> list[int]:
+    """The prompt as the model sees it: the tokenizer's chat template over the conversation, with the
+    assistant turn opened. `prompt`: a text (one user turn) or a prompt row (its `messages` when it has
+    them, else its `prompt`; its `tools` go to the template). Without a chat template: the turns' texts."""
+    import json
+
+    if isinstance(prompt, str):
+        messages, tools = [{"role": "user", "content": prompt}], None
+    else:
+        messages = prompt.get("messages") or [{"role": "user", "content": prompt["prompt"]}]
+        tools = prompt.get("tools")
+        tools = json.loads(tools) if isinstance(tools, str) else tools
     if getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=False))
-    return list(tokenizer(text)["input_ids"])
+        try:
+            return list(tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
+                                                      tokenize=True, return_dict=False))
+        except Exception as e:  # jinja raises whatever the template author chose
+            raise ConfigError(f"prompt {message_text(messages[-1]['content'])[:40]!r}: the chat template cannot "
+                              f"render it ({type(e).__name__}: {e})") from None
+    return list(tokenizer("\n".join(message_text(m["content"]) for m in messages))["input_ids"])

@@ -38,6 +38,7 @@ from scorer.config import ConfigError, WeightConfig, cli, field, setup_logging
 from scorer.lock import locked
 from scorer.models import pinned, resolve_model
 from scorer.shards import ShardError, fingerprint, list_shards, read_meta, tokenizer_sha256, write_json_atomic
+from scorer.storage import as_path
 from scorer.stats import TABLE_COLUMNS, weight_table
 from scorer.weights import WeightParams
 from train import checkpoint
@@ -404,7 +405,7 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
     tracker = Tracker()
     if rank == 0:
         tracker = open_tracker(cfg.report_to, out, f"sft {cfg.weighting} {out.name}", asdict(cfg), start_step)
-        scoring = Path(cfg.scores) / "summary.json"
+        scoring = as_path(cfg.scores) / "summary.json"  # a local folder or an object-storage URI
         if scoring.exists() and not state:
             tracker.table("scorer/weights", TABLE_COLUMNS, weight_table(json.loads(scoring.read_text())))
 
@@ -486,7 +487,9 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
             "weighting": cfg.weighting,
             "weight_params": params.as_dict() if params else None,
             "stored_weight_params": shard_params(meta).as_dict(),
-            "model": model_dir, "scores": cfg.scores, "out": str(out),
+            # absolute, so that evaluation finds them from any folder (held-out check, world provenance)
+            "model": str(Path(model_dir).resolve()), "scores": str(as_path(cfg.scores).resolve()),
+            "out": str(out.resolve()),
             "world_size": world, "steps": total_steps, "steps_per_epoch": steps_per_epoch,
             "resumed_from_step": start_step if state else None,
             "final_loss": steps[-1]["loss"] if steps else None,

@@ -1,11 +1,14 @@
 """PEAR weights in TRL's `SFTTrainer` (optional extra `trl`: pip install -e ".[trl]").
 
+    import torch
     from datasets import load_dataset
     from trl import SFTConfig
     from train.trl_trainer import PearSFTTrainer
 
     data = load_dataset("parquet", data_files="runs/export/*.parquet", split="train")  # scorer.export --convention trl
-    PearSFTTrainer(model="runs/score-target", args=SFTConfig(output_dir="runs/trl"), train_dataset=data).train()
+    gpu = torch.cuda.is_available()  # TRL trains in bf16 by default; a CPU run needs bf16=False, use_cpu=True
+    args = SFTConfig(output_dir="runs/trl", bf16=gpu, use_cpu=not gpu)
+    PearSFTTrainer(model="runs/score-target", args=args, train_dataset=data).train()
 
 The rows are pre-tokenized (`input_ids`, `labels` with -100 off the trained tokens) and carry
 `token_weights`, aligned to `input_ids`. The loss is the one of train/loss.py:
