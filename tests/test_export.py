@@ -186,7 +186,7 @@ def test_a_real_trl_run_trains_with_the_weights(world, trl_data, tmp_path):
     # 0.25: the weights reached TRL's loss, scaling the same per-token NLL.
     logs = {}
     for name, w in (("quarter", 0.25), ("ones", 1.0)):
-        data = trl_data.map(lambda r: {"token_weights": [w * m for m in r["loss_mask"]]})
+        data = trl_data.map(lambda r, w=w: {"token_weights": [w * m for m in r["loss_mask"]]})
         trainer = trl_trainer(world, data, tmp_path / name, max_steps=2, learning_rate=1e-3)
         before = {k: v.clone() for k, v in trainer.model.named_parameters()}
         trainer.train()

@@ -121,16 +121,17 @@ def test_the_stage_targets_run_as_documented(world, small_corpus, tmp_path):
     s, sft, rl = tmp_path / "scores", tmp_path / "sft", tmp_path / "rl"
     ok(make("score", f"DATA={small_corpus}", f"TARGET={world / 'target'}", f"OUT={s}", "EXECUTOR=local",
             "BACKEND=torch", timeout=600), rf"^shards in {s}/")
-    ok(make("reweight", f"SCORES={s}", "VARIANT=block", timeout=300), r"block")
-    ok(make("inspect", f"SCORES={s}", timeout=300), r"log_weights\.png")
-    ok(make("export", f"SCORES={s}", f"OUT={tmp_path / 'export'}", "CONVENTION=trl", timeout=300), r"export")
-    ok(make("sft", f"SCORES={s}", f"OUT={sft}", "WEIGHTING=pear", "MAX_STEPS=2", timeout=600), r"held-out")
+    ok(make("reweight", f"SCORES={s}", "VARIANT=block", timeout=300), rf"^reweighted {s} with .*'variant': 'block'")
+    ok(make("inspect", f"SCORES={s}", timeout=300), rf"^histogram: {s}/log_weights\.png")
+    ok(make("export", f"SCORES={s}", f"OUT={tmp_path / 'export'}", "CONVENTION=trl", timeout=300),
+       rf"^exported 24 rows in 1 shards to {tmp_path / 'export'} \(trl\)")
+    ok(make("sft", f"SCORES={s}", f"OUT={sft}", "WEIGHTING=pear", "MAX_STEPS=2", timeout=600), rf"^models in {sft}$")
     ok(make("rl", f"MODEL={sft}", f"OUT={rl}", "STEPS=1", "PROMPTS_PER_STEP=2", "SAMPLES_PER_PROMPT=2",
-            timeout=600), r"reward")
+            timeout=600), rf"^rl: 1 steps, mean reward .* model in {rl}$")
     ok(make("eval", f"MODEL={rl}", f"OUT={tmp_path / 'eval'}", "NUM_PROMPTS=8", "N=2", "K=1", timeout=600),
-       r"pass@1")
-    ok(make("world", timeout=600), r"up to date")
-    ok(make("lint", timeout=300), r"")
+       rf"^report in {tmp_path / 'eval'}/eval.json")
+    ok(make("world", timeout=600), r"embedded world up to date at ")
+    ok(make("lint", timeout=300), r"")  # prints nothing when clean
 
 
 @pytest.mark.slow
