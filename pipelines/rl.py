@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipelines.world import WorldConfig, build
+from pipelines.world import WorldConfig, build, world_dir
 from scorer import console
 from scorer.config import ConfigError, parse, setup_logging
 from scorer.models import resolve_model
@@ -29,7 +29,7 @@ from train import eval as evaluation
 from train import rl
 
 log = logging.getLogger("pear.pipelines")
-WORLD = Path("artifacts/world")
+WORLD = world_dir()
 SFT_TIMEOUT_S = 3600  # scoring + two SFT runs take minutes on 2 cores; an hour means something hangs
 # train.rl's defaults suit billion-parameter models; the embedded 2-layer, 128-wide model takes a
 # far higher learning rate. With the 0/1 reward and 32 prompts x 8 samples per step, 3e-4 raised
@@ -40,7 +40,7 @@ EMBEDDED_RECIPE = ["--lr", "3e-4", "--prompts-per-step", "32", "--samples-per-pr
 # Evaluation of an embedded model: enough held-out prompts (281 survive the exclusions) and
 # samples that a 0.05 difference in pass@1 can be seen.
 EMBEDDED_EVAL = ["--num-prompts", "400", "--n", "16", "--k", "1,2,4,8",
-                 "--exclude", "artifacts/world/corpus-unfiltered.parquet"]
+                 "--exclude", str(WORLD / "corpus-unfiltered.parquet")]
 
 
 def from_world(model: str) -> bool:
