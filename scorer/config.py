@@ -2,8 +2,8 @@
 
 Each field carries its help text as `metadata={"help": ...}`. Precedence: defaults < YAML
 (`--config recipe.yaml`) < command-line flags. Field `foo_bar` is flag `--foo-bar`; tuples take
-comma-separated values (`--delta-clip=-0.08,0.3`); booleans take true/false. A field whose type
-is itself such a dataclass is a group shared by several stages (`WeightConfig`): its fields are
+comma-separated values (`--delta-clip -0.08,0.3` or `--delta-clip=-0.08,0.3`); booleans take
+true/false. A field whose type is itself such a dataclass is a group shared by several stages (`WeightConfig`): its fields are
 flags of their own (`--variant`, not `--weights-variant`), and YAML takes them flat or nested
 under the group's name.
 """
@@ -13,8 +13,12 @@ import argparse
 import copy
 import dataclasses
 import logging
+import re
 import typing
 from pathlib import Path
+
+# a value that starts with "-" but is numbers: argparse would take "-0.08,0.3" for a flag
+NEGATIVE_VALUE = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?(,\s*[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?)*$", re.I)
 
 
 class ConfigError(Exception):
@@ -94,6 +98,15 @@ def _flags(cls) -> list[tuple[str, dataclasses.Field, object, str | None]]:
 
 def parse(cls, argv=None, description: str | None = None):
     """Build `cls` from defaults, an optional `--config` YAML file and command-line flags."""
+    return parse_given(cls, argv, description)[0]
+
+
+def parse_given(cls, argv=None, description: str | None = None) -> tuple[typing.Any, set[str]]:
+    """`parse`, and the names of the fields given (in the YAML file or as flags), so that a stage can
+    take what was not given from elsewhere (`reweight`: from the shards). A config class may set
+    `GROUP_DEFAULTS` to the help's words for the default of its groups' flags."""
+    import sys
+
     flags = _flags(cls)
     p = argparse.ArgumentParser(description=description or cls.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,9 +114,11 @@ def parse(cls, argv=None, description: str | None = None):
     defaults = cls() if all(_default(f) != "required" for f in dataclasses.fields(cls)) else None
     for name, f, _, group in flags:
         shown = getattr(getattr(defaults, group), name) if group and defaults is not None else _default(f)
+        if group and getattr(cls, "GROUP_DEFAULTS", None):
+            shown = cls.GROUP_DEFAULTS
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
                        help=(f.metadata.get("help", "") + f" (default: {shown})").replace("%", "%%"))
-    ns = p.parse_args(argv)
+    ns = p.parse_args(_negative_values(list(sys.argv[1:] if argv is None else argv)))
     values = {}
     if ns.config is not None:
         import yaml
@@ -132,9 +147,23 @@ def parse(cls, argv=None, description: str | None = None):
         for group, given in grouped.items():
             base = getattr(defaults, group) if defaults is not None else typing.get_type_hints(cls)[group]()
             top[group] = dataclasses.replace(base, **given)
-        return cls(**top)
+        return cls(**top), set(values)
     except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
         p.error(str(e))
+
+
+def _negative_values(argv: list[str]) -> list[str]:
+    """`--flag -0.08,0.3` as `--flag=-0.08,0.3`: argparse takes a lone negative number as a value, but
+    not a comma list of them, which it reads as an unknown flag."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i].startswith("--") and "=" not in argv[i] and i + 1 < len(argv) and NEGATIVE_VALUE.match(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def _default(f):
@@ -153,18 +182,21 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def cli(cls, argv, description: str | None, work, report, errors: tuple[type[Exception], ...] = (),
-        log: str | None = None) -> int:
-    """An entry point: the config from `argv`, then `work(cfg)`; a ConfigError (or one of `errors`)
-    is one line `error: ...` and exit code 2; otherwise `report(result)` is printed, exit code 0.
-    `log`: the file in the config's `out` folder that other libraries' output goes to
-    (scorer/console.py, with PEAR_QUIET=1)."""
+        log: str | None = None, given: bool = False) -> int:
+    """An entry point: the config from `argv`, then `work(cfg)` (`work(cfg, names given)` with `given`);
+    a ConfigError (or one of `errors`) is one line `error: ...` and exit code 2; otherwise
+    `report(result)` is printed, exit code 0. `log`: the file in the config's `out` folder that
+    other libraries' output goes to (scorer/console.py, with PEAR_QUIET=1); any other exception
+    then ends the stage with its one-line cause on the terminal and the traceback in that file."""
     from scorer import console
 
-    cfg = parse(cls, argv, description=description)
+    cfg, names = parse_given(cls, argv, description=description)
     if log:
-        console.quiet(Path(cfg.out) / log)
+        from scorer.storage import local_file  # OUT may be a URI: the log stays on this machine
+
+        console.quiet(local_file(cfg.out, log))
     try:
-        result = work(cfg)
+        result = work(cfg, names) if given else work(cfg)
     except (ConfigError, *errors) as e:
         print(f"error: {e}", file=console.err())
         return 2

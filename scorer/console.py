@@ -5,7 +5,9 @@ calls `quiet(OUT/<stage>.log)`. File descriptors 1 and 2, where vLLM, Ray, trito
 code, Python warnings, other libraries' progress bars and child processes write, then go to that
 file; the terminal keeps what the pipeline writes through `out()` and `err()`: its results, its
 `pear.*` log lines (also copied to the file) and its progress bars. A child stage started with
-`**child_streams()` writes to the terminal again and quiets itself into its own log.
+`**child_streams()` writes to the terminal again and quiets itself into its own log. An exception
+that ends a quiet stage prints its one-line cause and the log's path on the terminal, its
+traceback in the log (`sys.excepthook`).
 """
 from __future__ import annotations
 
@@ -61,5 +63,26 @@ def quiet(log_path: str | Path) -> Path | None:
     os.dup2(fd, 2)
     os.close(fd)
     _log = log_path
+    sys.excepthook = _report
     logging.getLogger("pear").info("other libraries' output: %s", log_path)
     return log_path
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message (a Ray task error: the
+    exception it wraps, raised in the worker)."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        e = cause
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return type(e).__name__ + (f": {lines[0][:300]}" if lines else "")
+
+
+def _report(kind, e, tb) -> None:
+    """sys.excepthook while quiet: the traceback to the log, the cause and the log's path to the terminal."""
+    sys.__excepthook__(kind, e, tb)  # fd 2: the log
+    sys.stderr.flush()
+    if issubclass(kind, KeyboardInterrupt):
+        print(f"interrupted (log: {_log})", file=err())
+    else:
+        print(f"error: {one_line(e)} (traceback in {_log})", file=err())

@@ -1,8 +1,9 @@
 """Reading the offline corpus and turning rows into token ids: pure functions, no engine.
 
-A row is either `prompt` + `response` (strings) or `messages` (a chat list; `tools` optional).
-Through the target's chat template, the whole conversation becomes one sequence of ids and every
-assistant turn a span of scored tokens; system, user and tool turns are context. Optional: `id`,
+A row is either `prompt` + `response` (strings), `messages` (a chat list; `tools` optional) or
+ShareGPT's `conversations` (a list of `{from, value}`, read as `messages`). Through the target's
+chat template, the whole conversation becomes one sequence of ids and every assistant turn a
+span of scored tokens; system, user and tool turns are context. Optional: `id`,
 `behavior_logprobs` (one per scored token, all spans in order), `response_ids` (the ids the
 generator sampled for the last assistant turn; used as they are). Every other column passes
 through. A row that cannot be used raises `RowError(field, reason)` and becomes a reject.
@@ -16,7 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 
 CONSUMED = ("id", "behavior_logprobs", "response_ids")  # replaced by the output schema
-INPUT_COLUMNS = ("prompt", "response", "messages", "tools")  # read to build the ids (and passed through)
+# read to build the ids (and passed through)
+INPUT_COLUMNS = ("prompt", "response", "messages", "conversations", "tools")
+# ShareGPT's speakers (`from`) as chat roles; any other speaker is passed on as its role
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                  "tool": "tool", "observation": "tool"}
 # roles the common chat templates know; others are passed to the template, and counted
 KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython", "function")
 
@@ -52,7 +57,7 @@ class Example:
 
 def derive_id(row: dict) -> str:
     """A stable id from the row's content (prompt/response or messages)."""
-    key = {k: row.get(k) for k in ("messages", "prompt", "response") if row.get(k) is not None}
+    key = {k: row.get(k) for k in ("messages", "conversations", "prompt", "response") if row.get(k) is not None}
     return "sha-" + hashlib.sha256(json.dumps(key, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
@@ -64,26 +69,64 @@ def row_id(row: dict | None, index: int, source: str) -> str:
     return derive_id(row)
 
 
-def _message_list(row: dict) -> list[dict]:
-    """The row's `messages`, checked, with null fields dropped (Parquet gives every message every key)."""
-    messages = row.get("messages")
+def columns_problem(names) -> str | None:
+    """Why a corpus with these columns has no row shape the scorer reads (None when it has one)."""
+    names = set(names)
+    if "messages" in names or "conversations" in names or ("prompt" in names and names & {"response", "response_ids"}):
+        return None
+    found = ", ".join(sorted(names)) or "none"
+    return (f"has neither prompt+response nor messages (columns found: {found}); expected prompt + response "
+            "(strings), messages (a list of {role, content}) or ShareGPT's conversations (a list of {from, value})")
+
+
+def _sharegpt(turns) -> list[dict]:
+    """ShareGPT's `conversations` ({from, value} per turn) as chat messages."""
+    if not isinstance(turns, (list, tuple)) or not turns:
+        raise RowError("conversations", "must be a non-empty list of {from, value}")
+    out = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or not isinstance(t.get("from"), str) or not isinstance(t.get("value"), str):
+            raise RowError("conversations", f"turn {i}: every turn needs a string from and a string value")
+        out.append({"role": SHAREGPT_ROLES.get(t["from"].lower(), t["from"]), "content": t["value"]})
+    return out
+
+
+def _is_empty(content) -> bool:
+    """No content: a blank string, or a list of content parts that are all text parts without text."""
+    if isinstance(content, str):
+        return not content.strip()
+    return all(isinstance(p, dict) and p.get("type", "text") == "text" and not str(p.get("text") or "").strip()
+               for p in content)
+
+
+def _message_list(row: dict, column: str = "messages") -> list[dict]:
+    """The row's chat, checked, with null fields dropped (Parquet gives every message every key).
+
+    An assistant turn with no content and no tool call is refused as an empty `response` is: the
+    template would still add its end-of-turn token, and that lone token would be trained."""
+    messages = row.get("messages") if column == "messages" else _sharegpt(row.get(column))
     if not isinstance(messages, (list, tuple)) or not messages:
         raise RowError("messages", "must be a non-empty list of {role, content}")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m["role"]:
-            raise RowError("messages", f"message {i}: every message needs a role and a string content")
+            raise RowError(column, f"message {i}: every message needs a role and a string content")
         m = {k: v for k, v in m.items() if v is not None}
         if not isinstance(m.get("content"), (str, list)) and not m.get("tool_calls"):
-            raise RowError("messages", f"message {i} ({m['role']}): every message needs a role and a string content")
+            raise RowError(column, f"message {i} ({m['role']}): every message needs a role and a string content")
+        if m["role"] == "assistant" and not m.get("tool_calls") and _is_empty(m.get("content", "")):
+            raise RowError(column, f"message {i} (assistant) is empty: no token to score")
         out.append(m)
     return out
 
 
 def _conversation(row: dict) -> list[dict]:
-    """Either row shape as a chat: `messages`, or `prompt` + `response` as one user and one assistant turn."""
+    """Every row shape as a chat: `messages`, ShareGPT's `conversations`, or `prompt` + `response` as one
+    user and one assistant turn."""
     if row.get("messages") is not None:
         return _message_list(row)
+    if row.get("conversations") is not None:
+        return _message_list(row, "conversations")
     prompt, response = row.get("prompt"), row.get("response")
     if prompt is None and response is None:
         raise RowError("prompt", "row has neither prompt+response nor messages")
@@ -92,6 +135,17 @@ def _conversation(row: dict) -> list[dict]:
     if row.get("response_ids") is None and (not isinstance(response, str) or not response.strip()):
         raise RowError("response", "missing, empty or not a string: no token to score")
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+
+def unknown_roles(row: dict) -> int:
+    """Messages of a row whose role the common chat templates do not know (not in KNOWN_ROLES)."""
+    if row.get("messages") is not None:
+        messages = row["messages"]
+    else:
+        turns = row.get("conversations") or []
+        messages = [{"role": SHAREGPT_ROLES.get(t["from"].lower(), t["from"])} for t in turns
+                    if isinstance(t, dict) and isinstance(t.get("from"), str)]
+    return sum(1 for m in messages or [] if isinstance(m, dict) and m.get("role") not in KNOWN_ROLES)
 
 
 def _tools(row: dict):

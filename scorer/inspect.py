@@ -3,7 +3,8 @@
     python -m scorer.inspect --scores runs/score     # writes runs/score/log_weights.png
 
 Shards are read a batch of rows at a time into fixed-bin histograms, so memory does not grow
-with the corpus. One panel per variant of `scorer.weights.VARIANTS` but "none" (uniform).
+with the corpus. One panel per variant of `scorer.weights.VARIANTS` but "none" (uniform), its
+x-axis the range of the data; a log-weight clip bound within it is a dashed red line.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from scorer.shards import ShardError, list_shards, read_meta
+from scorer.storage import StorageError, as_path
 from scorer.stats import VariantStats, WeightStats
 from scorer.weights import VARIANTS, WeightParams
 
@@ -48,8 +50,16 @@ def plot_log_weights(stats: dict[str, WeightStats], in_shards: str, title: str):
         if st.tokens:
             counts, edges = st.log_weight_histogram(max_bins=60)
             ax.stairs(counts, edges, fill=True, color="tab:blue")
+            # the x-axis spans the data (a margin of 5% each side), not the clip range: with the
+            # defaults (-10, 5) most corpora would be a sliver; a clip bound is drawn where it is in view
+            pad = max(0.05 * (edges[-1] - edges[0]), 1e-3)
+            view = (edges[0] - pad, edges[-1] + pad)
+            ax.set_xlim(*view)
+        else:
+            view = st.log_weight_clip
         for bound in st.log_weight_clip:
-            ax.axvline(bound, color="tab:red", lw=0.8, ls="--")
+            if view[0] <= bound <= view[1]:
+                ax.axvline(bound, color="tab:red", lw=0.8, ls="--")
         ax.set_title(variant + (" (in shards)" if variant == in_shards else ""))
         ax.set_xlabel("log G (clipped)")
     for ax in axes.flat[n:]:  # the unused end of the last row
@@ -69,14 +79,14 @@ def main(argv=None) -> int:
 
     # histograms of every variant's log-weights, shard by shard, under the shards' constants
     try:
-        shards = list_shards(Path(a.scores))
+        shards = list_shards(a.scores)  # a local folder or an object-storage URI
         if not shards:
             raise ShardError(f"no shards in {a.scores}")
         params, meta = shard_params(shards[0])
         stats = VariantStats(params, variants=tuple(v for v in VARIANTS if v != "none"))
         for s in shards:
             stats.add_shard(s)
-    except (ShardError, FileNotFoundError) as e:
+    except (ShardError, FileNotFoundError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -86,10 +96,14 @@ def main(argv=None) -> int:
 
     from scorer.job import format_summary
 
-    png = Path(a.png or Path(a.scores) / "log_weights.png")
-    fig.savefig(png, dpi=110)
+    png = as_path(a.png or as_path(a.scores) / "log_weights.png")
+    if isinstance(png, Path):
+        fig.savefig(png, dpi=110)
+    else:  # object storage: matplotlib writes to a stream
+        with png.open("wb") as f:
+            fig.savefig(f, dpi=110, format=png.suffix[1:] or "png")
     plt.close(fig)
-    summary = Path(a.scores) / "summary.json"
+    summary = as_path(a.scores) / "summary.json"
     summary = json.loads(summary.read_text()) if summary.exists() else {}
     if "rows_in" in summary:  # a scoring run's; `reweight` alone writes only params and variants
         print(format_summary(summary))

@@ -25,12 +25,14 @@ import pyarrow as pa
 
 from scorer import __version__, console
 from scorer.config import ConfigError, WeightConfig, cli, field, setup_logging
-from scorer.corpus import CONSUMED, INPUT_COLUMNS, KNOWN_ROLES, RowError, encode_row, row_id
+from scorer.corpus import CONSUMED, INPUT_COLUMNS, KNOWN_ROLES, RowError, columns_problem, encode_row, row_id
+from scorer.corpus import unknown_roles as count_unknown_roles
 from scorer.engines import BACKENDS, make_scorer, vllm_available
 from scorer.lock import locked, writable_folder
 from scorer.models import model_record, pinned, resolve_model
 from scorer.shards import (CORE_NAMES, META_KEY, REJECT_SCHEMA, SCHEMA_VERSION, NotAShard, ShardError, core_table, list_shards, read_meta,
-                           tokenizer_sha256, write_atomic, write_json_atomic)
+                           made_on, remove_temporaries, tokenizer_sha256, write_atomic, write_json_atomic)
+from scorer.storage import as_path, replace
 from scorer.sources import InputError, Source, open_source, open_sources
 from scorer.stats import stats_of_shards, weight_table
 from scorer.weights import WeightParams, ragged_weights
@@ -59,7 +61,8 @@ class ScoreConfig:
     append_eos: bool = field(True, "end tokenized responses with the tokenizer's EOS token")
     rows_per_shard: int = field(1024, "rows of one input file per output shard (the unit of resume)")
     executor: str = field("ray", "ray (actor pool, local or RAY_ADDRESS cluster) or local (this process)")
-    actors: int = field(1, "scoring actors (each holds its own engines)")
+    actors: int = field(0, "scoring actors (each holds its own engines); 0: one per GPU of the cluster, or one "
+                           "per node on a cluster without GPUs (a single machine: one)")
     gpus_per_actor: float = field(-1.0, "GPUs per actor; -1: 1 where the cluster has GPUs, else 0")
     cpus_per_actor: float = field(0.5, "logical CPUs per actor (a whole CPU each can starve Ray Data on 2 cores)")
     token_budget: int = field(0, "torch backend: tokens per forward batch; 0: 65536 on GPU, 32768 on CPU")
@@ -149,8 +152,7 @@ class ShardScorer:
                 rejects.append({"id": _safe_id(row, index, str(path)), "source": str(path), "row": index,
                                 "field": field, "reason": reason})
                 continue
-            unknown_roles += sum(1 for m in row.get("messages") or [] if isinstance(m, dict)
-                                 and m.get("role") not in KNOWN_ROLES)
+            unknown_roles += count_unknown_roles(row)
             examples.append(ex)
             keep.append(offset)
 
@@ -188,13 +190,13 @@ class ShardScorer:
                          [ex.spans for ex in examples], target_lps, behavior_lps, weights)
         out = _with_passthrough(out, rows, table, keep, self.passthrough, set(self.job_meta["json_encoded_columns"]))
 
-        out_dir = Path(self.cfg.out)
+        out_dir = as_path(self.cfg.out)  # a local folder or an object-storage URI
         # rejects first: a unit counts as done only once its shard exists
         write_atomic(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), out_dir / "rejects" / "parts" / unit["shard"])
         behavior_source = ("model" if from_model == len(examples) and examples else
                            "column+model" if from_model else "column")
         meta = dict(self.job_meta, source=str(path), source_fingerprint=json.loads(unit["fingerprint"]), rows=[start, stop],
-                    rows_sha256=rows_sha256(rows), unknown_roles=unknown_roles,
+                    rows_sha256=rows_sha256(rows), unknown_roles=unknown_roles, made_on=made_on(),
                     behavior=dict(self.job_meta["behavior"], source=behavior_source, rows_from_model=from_model))
         write_atomic(out, out_dir / unit["shard"], meta)
         n_tokens = int(sum(len(x) for x in input_ids))
@@ -299,9 +301,10 @@ def plan_units(sources: list[Source], rows_per_shard: int) -> list[dict]:
     return units
 
 
-def check_inputs(cfg: ScoreConfig) -> tuple[list[Source], dict, bytes]:
-    """Everything that can fail before any work starts; returns the corpus sources, the job
-    metadata and the pass-through columns' Arrow schema (serialized, to ship to actors)."""
+def check_inputs(cfg: ScoreConfig) -> tuple[list[Source], list[dict], dict, bytes]:
+    """Everything that can fail before any work starts; returns the corpus sources, their units, the
+    job metadata and the pass-through columns' Arrow schema (serialized, to ship to actors). The
+    corpus is checked (rows, columns) before any model or Ray instance is loaded."""
     from transformers import AutoConfig, AutoTokenizer
 
     if not cfg.data:
@@ -326,10 +329,20 @@ def check_inputs(cfg: ScoreConfig) -> tuple[list[Source], dict, bytes]:
     writable_folder(cfg.out)
     try:
         sources = open_sources(cfg.data, config=cfg.data_config or None, split=cfg.data_split or None,
-                               exclude=Path(cfg.out))  # never our own shards
+                               exclude=as_path(cfg.out))  # never our own shards
         schemas = [src.schema() for src in sources]
     except InputError as e:
         raise ConfigError(str(e)) from None
+    units = plan_units(sources, cfg.rows_per_shard)
+    if not units:
+        raise ConfigError(f"no rows to score in {cfg.data}: every input is empty")
+    with_rows = {u["key"] for u in units}
+    for src, schema in zip(sources, schemas):
+        problem = columns_problem(schema.names) if src.key in with_rows else None
+        if problem:
+            raise ConfigError(f"{src.key} {problem}")
+    if cfg.executor == "ray":
+        check_ray_address()
     if cfg.behavior_model is None:
         lacking = [src.key for src, sc in zip(sources, schemas) if "behavior_logprobs" not in sc.names]
         if lacking:
@@ -337,7 +350,17 @@ def check_inputs(cfg: ScoreConfig) -> tuple[list[Source], dict, bytes]:
                               "name the model that wrote the data with BEHAVIOR= (--behavior, folder or hub id), "
                               "or add a behavior_logprobs column (one logprob per response token)")
     target = resolve_model(cfg.target, "target")
-    tokenizer = AutoTokenizer.from_pretrained(target.path)
+    try:
+        window = getattr(AutoConfig.from_pretrained(target.path), "max_position_embeddings", None) or cfg.max_len
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"target model {cfg.target!r}: its config.json does not load "
+                          f"({type(e).__name__}: {_first_line(e)})") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target.path)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"target model {cfg.target!r} has no loadable tokenizer ({type(e).__name__}: "
+                          f"{_first_line(e)}); the scorer tokenizes with the target's own tokenizer: save it "
+                          "in the model folder (tokenizer.save_pretrained)") from None
     tok_sha = tokenizer_sha256(tokenizer)
     behavior = {"model": None}
     if cfg.behavior_model is not None:
@@ -354,12 +377,15 @@ def check_inputs(cfg: ScoreConfig) -> tuple[list[Source], dict, bytes]:
     merged, json_columns = passthrough_schema(sources, schemas)
     passthrough = merged.serialize().to_pybytes()
     params = cfg.weight_params()
-    window = getattr(AutoConfig.from_pretrained(target.path), "max_position_embeddings", None) or cfg.max_len
     meta = {"schema_version": SCHEMA_VERSION, **params.as_dict(), "target_model": model_record(target),
             "behavior": behavior, "tokenizer_sha256": tok_sha, "backend": cfg.resolved_backend(),
             "version": __version__, "max_len": min(cfg.max_len, window), "truncate": cfg.truncate,
             "append_eos": cfg.append_eos, "passthrough_columns": merged.names, "json_encoded_columns": json_columns}
-    return sources, meta, passthrough
+    return sources, units, meta, passthrough
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
 
 
 def passthrough_schema(sources: list[Source], schemas: list[pa.Schema]) -> tuple[pa.Schema, list[str]]:
@@ -391,10 +417,33 @@ def passthrough_schema(sources: list[Source], schemas: list[pa.Schema]) -> tuple
     return merged, json_columns
 
 
+SCORE_KEYS = ("schema_version", "target_model", "tokenizer_sha256", "max_len", "truncate", "append_eos")
+
+
 def _same_scores(a: dict, b: dict) -> bool:
     """Do two shards hold the same logprobs? (Weights may differ: `reweight` changes them.)"""
-    keys = ("schema_version", "target_model", "tokenizer_sha256", "max_len", "truncate", "append_eos")
-    return all(a.get(k) == b.get(k) for k in keys) and a["behavior"].get("model") == b["behavior"].get("model")
+    return all(a.get(k) == b.get(k) for k in SCORE_KEYS) and a["behavior"].get("model") == b["behavior"].get("model")
+
+
+def other_settings(shard: dict, job: dict) -> list[str]:
+    """The settings a shard was made with that differ from this job's: `name shard's in the shard,
+    job's here` (a model: its hub id or folder; `name (other content)` when only its files differ)."""
+    def shown(value):
+        if isinstance(value, dict):  # a model record
+            return value.get("repo_id") or value.get("path") or "-"
+        return "-" if value is None else value
+
+    pairs = [(k, shard.get(k), job.get(k)) for k in (*WeightParams().as_dict(), *SCORE_KEYS)]
+    pairs.append(("behavior", (shard.get("behavior") or {}).get("model"), job["behavior"].get("model")))
+    out = []
+    for name, theirs, ours in pairs:
+        if theirs == ours:
+            continue
+        if shown(theirs) == shown(ours):
+            out.append(f"{name} (other content)")
+        else:
+            out.append(f"{name} {shown(theirs)} in the shard, {shown(ours)} here")
+    return out
 
 
 def reconcile(cfg: ScoreConfig, out: Path, units: list[dict], job_meta: dict) -> list[dict]:
@@ -422,13 +471,16 @@ def reconcile(cfg: ScoreConfig, out: Path, units: list[dict], job_meta: dict) ->
             shard.unlink()
             continue
         unit = planned.get(shard.name)
+        same_scores = _same_scores(meta, job_meta)
         problem = ("it is not part of this corpus's plan (its source changed or went away)" if unit is None else
-                   "it was made with other settings" if not _same_scores(meta, job_meta)
-                   or {k: meta.get(k) for k in weights} != {k: job_meta[k] for k in weights} else None)
+                   f"it was made with other settings ({'; '.join(other_settings(meta, job_meta))})"
+                   if not same_scores or {k: meta.get(k) for k in weights} != {k: job_meta[k] for k in weights}
+                   else None)
         if problem:
             if not cfg.overwrite:
-                raise ConfigError(f"{shard}: {problem}; use a new --out, `reweight` for new weights, "
-                                  "or --overwrite true to score it again")
+                hint = ("give its settings, `reweight` for new weights without scoring again" if unit and same_scores
+                        else "use a new --out")
+                raise ConfigError(f"{shard}: {problem}; {hint}, or --overwrite true to score it again")
             shard.unlink()
             continue
         same_place = (meta.get("source"), meta.get("rows")) == (unit["key"], [unit["start"], unit["stop"]])
@@ -459,9 +511,8 @@ def rows_sha256(rows: list[dict | None]) -> str:
 def run(cfg: ScoreConfig, progress: bool = True) -> dict:
     """Score what is missing under `cfg.out`, then write the merged rejects and summary.json.
     OUT is locked for the whole job: a second job on it is refused at once."""
-    sources, job_meta, passthrough = check_inputs(cfg)
-    units = plan_units(sources, cfg.rows_per_shard)
-    out = Path(cfg.out)
+    sources, units, job_meta, passthrough = check_inputs(cfg)
+    out = as_path(cfg.out)
     with locked(out):
         (out / "rejects" / "parts").mkdir(parents=True, exist_ok=True)
         pending = reconcile(cfg, out, units, job_meta)
@@ -469,6 +520,7 @@ def run(cfg: ScoreConfig, progress: bool = True) -> dict:
                  len(units), len(units) - len(pending), len(pending), job_meta["backend"], cfg.executor)
         t0 = time.perf_counter()
         results = execute(cfg, pending, job_meta, passthrough, progress) if pending else []
+        remove_temporaries(out)  # of writers killed mid-write (a lost actor); no other writer holds OUT
         wall = time.perf_counter() - t0
         summary = summarize(cfg, out, units, results, wall, job_meta, sources)
         write_json_atomic(summary, out / "summary.json")
@@ -478,6 +530,8 @@ def run(cfg: ScoreConfig, progress: bool = True) -> dict:
 def execute(cfg: ScoreConfig, units: list[dict], job_meta: dict, passthrough: bytes, progress: bool) -> list[dict]:
     from tqdm import tqdm
 
+    if cfg.executor == "ray":
+        init_ray()  # before the bar: a cluster that cannot be reached is an error, not an empty bar
     bar = tqdm(total=len(units), desc="scoring shards", unit="shard", disable=not progress, file=console.err())
     results = []
     if cfg.executor == "local":
@@ -494,26 +548,65 @@ def execute(cfg: ScoreConfig, units: list[dict], job_meta: dict, passthrough: by
 
     import ray
 
-    init_ray()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one bar, ours
     gpus = cfg.gpus_per_actor
     if gpus < 0:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    actors = cfg.actors or default_actors(ray.nodes(), gpus, cfg.cpus_per_actor, len(units))
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     ds = ds.map_batches(ShardScorer, fn_constructor_kwargs={"cfg": cfg, "job_meta": job_meta, "passthrough": passthrough},
-                        batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+                        batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
                         num_cpus=cfg.cpus_per_actor, num_gpus=gpus)
+    # an actor that dies (its process or its node) is restarted and its unit retried: Ray Data's
+    # defaults for actor pools (max_restarts=-1, max_task_retries=-1); the shard is written atomically
+    t0, tokens = time.perf_counter(), 0
     for r in ds.iter_rows():
         results.append(r)
+        tokens += r["tokens"]
         bar.update(1)
-        bar.set_postfix(last=r["shard"])
+        bar.set_postfix(actors=actors, tok_s=f"{tokens / (time.perf_counter() - t0):.0f}", last=r["shard"])
     bar.close()
     return results
 
 
+def default_actors(nodes: list[dict], gpus_per_actor: float, cpus_per_actor: float, units: int) -> int:
+    """Actors when --actors is not given: one per GPU where the cluster has GPUs, else one per live node
+    with CPUs (each actor's torch threads use its node's cores); never more than the units to score."""
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", n.get("alive", False))]
+    if gpus_per_actor > 0:
+        n = int(sum(r.get("GPU", 0) for r in alive) // gpus_per_actor)
+    else:
+        n = sum(1 for r in alive if r.get("CPU", 0) >= cpus_per_actor)
+    return max(1, min(n, units))
+
+
+def check_ray_address() -> None:
+    """A RAY_ADDRESS (host:port or ray://host:port) that nothing answers on is refused before any
+    model loads; Ray itself would keep retrying for a minute behind an empty progress bar."""
+    import socket
+
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address in ("", "auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"RAY_ADDRESS={address!r} is not host:port (or ray://host:port); unset it for a local "
+                          "Ray instance")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as e:
+        raise ConfigError(f"cannot reach the Ray cluster at RAY_ADDRESS={address} ({e}); start it, fix the "
+                          "address, or unset RAY_ADDRESS for a local Ray instance (--executor local: no Ray)") from None
+
+
 def init_ray():
-    """Local Ray instance, or the cluster at RAY_ADDRESS. Engines run in-process in each actor."""
+    """Local Ray instance, or the cluster at RAY_ADDRESS. Engines run in-process in each actor.
+
+    Without RAY_ADDRESS a new local instance starts (address "local"), whatever cluster record
+    `ray start` left in Ray's temporary folder: Ray would otherwise connect to that cluster, which
+    may have died since. A cluster that refuses the connection (address, authentication token) is
+    a ConfigError naming RAY_ADDRESS."""
     import ray
 
     if ray.is_initialized():
@@ -522,11 +615,21 @@ def init_ray():
            "TOKENIZERS_PARALLELISM": "false"}
     # the hub library's settings (offline mode, cache folder, token) reach the actors as they are here
     env.update({k: v for k, v in os.environ.items() if k.startswith("HF_")})
+    # and object storage's credentials and endpoint (scorer/storage.py): asked for once, on the driver
+    env.update({k: v for k, v in os.environ.items() if k.startswith(("AWS_", "GOOGLE_", "GCS_"))})
     kwargs = dict(include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": env})
-    if not os.environ.get("RAY_ADDRESS"):
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if not address:
         # a few more logical CPUs than cores: Ray Data's own tasks must not wait behind the actors
-        kwargs["num_cpus"] = max(4, os.cpu_count() or 1)
-    ray.init(**kwargs)
+        kwargs.update(address="local", num_cpus=max(4, os.cpu_count() or 1))
+    try:
+        ray.init(**kwargs)
+    except Exception as e:  # ConnectionError, Ray's AuthenticationError, a timeout, ...
+        if not address:
+            raise
+        raise ConfigError(f"cannot connect to the Ray cluster at RAY_ADDRESS={address} ({console.one_line(e)}); "
+                          "fix the address or its authentication, or unset RAY_ADDRESS for a local Ray "
+                          "instance") from None
 
 
 def summarize(cfg: ScoreConfig, out: Path, units: list[dict], results: list[dict], wall: float,
@@ -544,7 +647,7 @@ def summarize(cfg: ScoreConfig, out: Path, units: list[dict], results: list[dict
             writer.write_table(t)
             for f in t.column("field").to_pylist():
                 by_field[str(f)] = by_field.get(str(f), 0) + 1
-    os.replace(tmp, out / "rejects" / "rejects.parquet")
+    replace(tmp, out / "rejects" / "rejects.parquet")
     shards = list_shards(out)
     footers = [pq.read_metadata(s) for s in shards]  # one footer read per shard: row count and `pear` metadata
     n_written = sum(f.num_rows for f in footers)
@@ -608,11 +711,19 @@ def duplicate_ids(shards: list[Path]) -> dict:
 
 
 def format_summary(s: dict) -> str:
+    scoring = (f"backend {s['backend']}, {s['tokens_per_second'] or '-'} tokens/s scoring, wall {s['seconds']}s")
     lines = [f"rows in {s['rows_in']} = written {s['rows_written']} + rejected {s['rows_rejected']}"
-             + (f"  (rejects by field: {s['rejects_by_field']})" if s["rejects_by_field"] else ""),
-             f"shards {s['shards']} ({s['shards_scored_now']} scored now), response tokens {s['response_tokens']}, "
-             f"backend {s['backend']}, {s['tokens_per_second'] or '-'} tokens/s scoring, wall {s['seconds']}s",
-             f"{'variant':9} {'p1':>9} {'p50':>9} {'p99':>9} {'at lo':>6} {'at hi':>6} {'ESS tok':>8} {'ESS seq':>8}"]
+             + (f"  (rejects by field: {s['rejects_by_field']})" if s["rejects_by_field"] else "")]
+    if "reweighted" in s:  # `seconds` and tokens/s are the scoring run's, before the reweight
+        r = s["reweighted"]
+        lines += [f"shards {s['shards']}, response tokens {s['response_tokens']}; the scoring run: "
+                  f"{s['shards_scored_now']} shards scored, {scoring}",
+                  f"reweighted since: {' '.join(f'{k} {v}' for k, v in r['params'].items())} "
+                  f"({r['shards']} shards, {r['seconds']}s)"]
+    else:
+        lines.append(f"shards {s['shards']} ({s['shards_scored_now']} scored now), response tokens "
+                     f"{s['response_tokens']}, {scoring}")
+    lines += [f"{'variant':9} {'p1':>9} {'p50':>9} {'p99':>9} {'at lo':>6} {'at hi':>6} {'ESS tok':>8} {'ESS seq':>8}"]
     for v, written, p1, p50, p99, _, lo, hi, _, _, ess_tok, ess_seq in weight_table(s):
         lines.append(f"{v + ('*' if written else ' '):9} {p1:9.3g} {p50:9.3g} {p99:9.3g} {lo:6.1%} {hi:6.1%} "
                      f"{ess_tok:8.1%} {ess_seq:8.1%}")

@@ -2,6 +2,8 @@
 
     python -m scorer.reweight --scores runs/score --variant block [--block-size 4] [--gamma 0.999]
 
+A constant not given keeps the shards' own value (`--gamma 0.99` on block shards stays block).
+
 Shards are read one row group at a time (memory does not grow with the corpus). Every new shard is
 first written aside (`.NAME.reweight-tmp` in the same folder) and the originals are replaced only
 once all of them are written, so a shard that cannot be read leaves the folder as it was (this
@@ -10,18 +12,21 @@ are kept; the `pear` metadata gets the new constants and summary.json the new di
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from scorer.config import ConfigError, WeightConfig, field, parse
+from scorer.config import ConfigError, WeightConfig, cli, field, setup_logging
 from scorer.lock import locked
 from scorer.shards import META_KEY, ShardError, list_shards, read_meta, write_json_atomic
+from scorer.storage import as_path, replace
 from scorer.stats import BATCH_ROWS, LOGPROB_COLUMNS, VariantStats, logprob_rows
 from scorer.weights import WeightParams
 
@@ -30,8 +35,11 @@ from scorer.weights import WeightParams
 class ReweightConfig:
     """New PEAR weights for existing shards."""
 
+    GROUP_DEFAULTS: ClassVar[str] = "the shards' own"
+
     scores: str = field("runs/score", "scoring output folder")
-    weights: WeightConfig = field(WeightConfig(), "PEAR weighting: --variant, --gamma, --block-size, --delta-clip, --log-weight-clip")
+    weights: WeightConfig = field(WeightConfig(), "PEAR weighting: --variant, --gamma, --block-size, --delta-clip, "
+                                                  "--log-weight-clip; those not given keep the shards' values")
 
 
 def reweight(scores: Path, params: WeightParams) -> dict:
@@ -39,6 +47,7 @@ def reweight(scores: Path, params: WeightParams) -> dict:
 
     ShardError names the first shard that cannot be read or written; the originals are then untouched.
     """
+    t0 = time.perf_counter()
     shards = list_shards(scores)
     if not shards:
         raise ShardError(f"{scores}: no shards to reweight")
@@ -53,13 +62,33 @@ def reweight(scores: Path, params: WeightParams) -> dict:
             tmp.unlink(missing_ok=True)
         raise
     for tmp, path in staged:
-        os.replace(tmp, path)
-    summary_path = Path(scores) / "summary.json"
+        replace(tmp, path)  # object storage: a server-side copy each, after every new shard is written
+    summary_path = as_path(scores) / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary["params"] = params.as_dict()
     summary["variants"] = stats.result()
+    # `seconds` and `tokens_per_second` stay the scoring run's; this is the reweight's own
+    summary["reweighted"] = {"params": params.as_dict(), "shards": len(shards),
+                             "seconds": round(time.perf_counter() - t0, 2)}
     write_json_atomic(summary, summary_path)
     return summary
+
+
+def stored_params(scores: Path) -> dict:
+    """The weight constants the shards were written with (every shard's must agree: ShardError names
+    the first that differs)."""
+    first, stored = None, None
+    for path in list_shards(scores):
+        meta = {k: v for k, v in read_meta(path).items() if k in WeightParams().as_dict()}
+        if stored is None:
+            first, stored = path, meta
+        elif meta != stored:
+            keys = sorted(k for k in stored if meta.get(k) != stored[k])
+            raise ShardError(f"{path} was weighted with other constants than {first.name} ({', '.join(keys)}); "
+                             "give them all as flags")
+    if stored is None:
+        raise ShardError(f"{scores}: no shards to reweight")
+    return stored
 
 
 def rewrite_shard(path: Path, out: Path, params: WeightParams, stats: VariantStats) -> None:
@@ -103,20 +132,29 @@ def rewrite_shard(path: Path, out: Path, params: WeightParams, stats: VariantSta
                 first_row += table.num_rows
 
 
+def run(cfg: ReweightConfig, given: set[str]) -> tuple[str, WeightParams, list[str]]:
+    """Reweight with the constants given, the shards' own for the others; returns the folder, the
+    constants used and the names kept from the shards."""
+    if not as_path(cfg.scores).is_dir():  # a local folder or an object-storage URI
+        raise ConfigError(f"scores folder not found: {cfg.scores}")
+    with locked(cfg.scores, "--scores"):  # no scoring job or other reweight writes meanwhile
+        stored = stored_params(as_path(cfg.scores))
+        named = {k: v for k, v in dataclasses.asdict(cfg.weights).items() if k in given}
+        try:
+            params = WeightParams.from_dict({**stored, **named})
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"{e} (the constants not given are the shards' own: {stored})") from None
+        reweight(as_path(cfg.scores), params)
+    return cfg.scores, params, [k for k in params.as_dict() if k not in named]
+
+
+def report(result) -> str:
+    scores, params, kept = result
+    kept = f" ({', '.join(kept)} kept from the shards)" if kept else ""
+    return f"reweighted {scores} with {params.as_dict()}{kept}"
+
+
 def main(argv=None) -> int:
-    cfg = parse(ReweightConfig, argv, description=__doc__)
-    try:
-        params = cfg.weights.params()
-        if not Path(cfg.scores).is_dir():
-            raise FileNotFoundError(f"scores folder not found: {cfg.scores}")
-        with locked(cfg.scores, "--scores"):  # no scoring job or other reweight writes meanwhile
-            reweight(Path(cfg.scores), params)
-    except (ConfigError, ShardError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"reweighted {cfg.scores} with {params.as_dict()}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    setup_logging()
+    # not quiet: nothing but pyarrow runs here, and a log would need the folder before it is checked
+    return cli(ReweightConfig, argv, __doc__, run, report, errors=(ShardError,), given=True)

@@ -48,3 +48,26 @@ def test_not_quiet_by_default_in_a_child_without_the_variable(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert not (tmp_path / "x.log").exists()
+
+
+FAILING_CHILD = """
+import sys
+from scorer import console
+from scorer.config import setup_logging
+setup_logging()
+console.quiet(sys.argv[1])
+def load():
+    raise RuntimeError("the model folder has no weights\\n(a second line of detail)")
+load()
+"""
+
+
+def test_an_exception_that_ends_a_quiet_stage_prints_its_cause_and_the_log(tmp_path):
+    log = tmp_path / "out" / "stage.log"
+    proc = subprocess.run([sys.executable, "-c", FAILING_CHILD, str(log)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PEAR_QUIET": "1"}, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1] == f"error: RuntimeError: the model folder has no weights (traceback in {log})"
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    text = log.read_text()
+    assert "Traceback" in text and "in load" in text and "a second line of detail" in text

@@ -173,7 +173,8 @@ def test_bad_paths_and_tokenizers_exit_2_and_write_nothing(world, mixed_corpus, 
     other = tmp_path / "other_behavior"
     shutil.copytree(world / "behavior", other)
     build_tokenizer(["a completely different corpus of words"] * 10, 300, other)
-    assert main(["--data", str(mixed_corpus), "--behavior", str(other)] + common) == 2
+    # the good file alone: the model folder lies in the corpus folder, and its config.json is no corpus
+    assert main(["--data", str(mixed_corpus / "good.parquet"), "--behavior", str(other)] + common) == 2
     assert "another tokenizer" in capsys.readouterr().err
 
     no_column = tmp_path / "no-column.jsonl"
