@@ -68,6 +68,21 @@ def quiet(log_path: str | Path) -> Path | None:
     return log_path
 
 
+def log_tail(n_bytes: int = 1 << 16) -> str:
+    """The end of the third-party log this process writes to ("" when not quiet): what a library
+    wrote there before it raised an exception that does not say it."""
+    if _log is None:
+        return ""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        with open(_log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - n_bytes))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def one_line(e: BaseException) -> str:
     """An exception as one line: its type and the first line of its message (a Ray task error: the
     exception it wraps, raised in the worker)."""

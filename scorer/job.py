@@ -627,9 +627,13 @@ def init_ray():
     except Exception as e:  # ConnectionError, Ray's AuthenticationError, a timeout, ...
         if not address:
             raise
-        raise ConfigError(f"cannot connect to the Ray cluster at RAY_ADDRESS={address} ({console.one_line(e)}); "
-                          "fix the address or its authentication, or unset RAY_ADDRESS for a local Ray "
-                          "instance") from None
+        # a wrong token reaches Python as "Failed to connect"; the reason is in what Ray's C++ client
+        # logged (to the stage's log when quiet, else on the terminal already)
+        why = ("the cluster refused this machine's authentication token: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
+               "or ~/.ray/auth_token must hold the cluster's" if "InvalidAuthToken" in console.log_tail()
+               else console.one_line(e))
+        raise ConfigError(f"cannot connect to the Ray cluster at RAY_ADDRESS={address} ({why}); fix the address "
+                          "or its authentication, or unset RAY_ADDRESS for a local Ray instance") from None
 
 
 def summarize(cfg: ScoreConfig, out: Path, units: list[dict], results: list[dict], wall: float,

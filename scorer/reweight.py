@@ -158,3 +158,7 @@ def main(argv=None) -> int:
     setup_logging()
     # not quiet: nothing but pyarrow runs here, and a log would need the folder before it is checked
     return cli(ReweightConfig, argv, __doc__, run, report, errors=(ShardError,), given=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,12 +1,15 @@
 """A user's own corpus and settings: what is refused before any work (one line, exit 2), what is read,
 and what a stage says when something else ends it."""
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -185,6 +188,44 @@ def test_a_stale_cluster_record_does_not_stop_a_local_ray_run(world, tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(list_shards(tmp_path / "s")) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_cluster_that_refuses_the_token_is_one_line_and_exit_2(world, tmp_path):
+    data = tmp_path / "c.parquet"
+    pl.read_parquet(world / "corpus.parquet").head(2).write_parquet(data)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port", str(port),
+                             "--num-cpus", "1", "--include-dashboard", "false"], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**env, "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "a" * 32})
+    try:
+        for _ in range(240):  # the head's GCS listens
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        proc = subprocess.run([sys.executable, "-m", "scorer.job", *score_args(world, data, tmp_path / "s", executor="ray")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env={**env, "PEAR_QUIET": "1", "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_TOKEN": "b" * 32})
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # the head and the daemons it started (its own process group)
+        try:
+            head.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert len(err) == 1 and f"RAY_ADDRESS=127.0.0.1:{port}" in err[0]
+    assert "refused this machine's authentication token" in err[0]
 
 
 # ---- item 10: reweight keeps what is not given ----------------------------------------------------
