@@ -185,8 +185,10 @@ def test_reweight_inspect_export_and_sft_read_and_write_the_bucket(world, s3, lo
     local = tmp_path / "scores"
     pafs.copy_files(out, str(local))  # the same shards in a local folder: every stage must agree on them
 
-    # reweight: the same new weights there as here
-    assert reweight_main(["--scores", out, "--variant", "block"]) == 0
+    # reweight: the same new weights there as here (`make reweight` runs the module as a program)
+    proc = subprocess.run([sys.executable, "-m", "scorer.reweight", "--scores", out, "--variant", "block"], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "reweighted" in proc.stdout, proc.stderr[-2000:]
     assert reweight_main(["--scores", str(local), "--variant", "block"]) == 0
     same_rows(rows_of(out), rows_of(local))
     assert all(read_meta(p)["variant"] == "block" for p in list_shards(out))
