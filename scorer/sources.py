@@ -8,7 +8,6 @@ groups; JSON: a streamed pass that stops at `stop`; datasets: a slice of the mem
 """
 from __future__ import annotations
 
-import glob
 import json
 import re
 from abc import ABC, abstractmethod
@@ -19,6 +18,9 @@ from pathlib import Path
 import ijson
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from scorer import storage
+from scorer.storage import ObjectPath, as_path
 
 SUFFIXES = (".parquet", ".jsonl", ".json")
 SCHEMA_SAMPLE_ROWS = 1000  # JSON sources: rows read to infer the schema
@@ -65,7 +67,7 @@ class FileSource(Source):
     kind: str
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = as_path(path)  # a local path or an object-storage URI
         self.key = str(path)
         self.stem = self.path.stem
 
@@ -98,7 +100,7 @@ class JSONLSource(FileSource):
     kind = "jsonl"
 
     def _lines(self) -> Iterator[bytes]:
-        with open(self.path, "rb") as f:
+        with self.path.open("rb") as f:
             yield from (line for line in f if line.strip())
 
     def num_rows(self) -> int:
@@ -123,7 +125,7 @@ class JSONArraySource(FileSource):
 
     def _items(self) -> Iterator[object]:
         n = 0
-        with open(self.path, "rb") as f:
+        with self.path.open("rb") as f:
             try:
                 # ijson picks its C backend (yajl2_c) when built; use_float: numbers as int/float, not Decimal
                 for n, item in enumerate(ijson.items(f, "item", use_float=True), 1):
@@ -174,7 +176,9 @@ def open_sources(
 ) -> list[Source]:
     """Resolve `data` to its sources: a file, a folder (a saved dataset, or every corpus file under
     it), a glob, or a hub dataset id. Files under `exclude` (the job's output folder) are left out."""
-    p = Path(data)
+    p = as_path(data)
+    if isinstance(p, ObjectPath) and not any(c in data for c in "*?["):
+        storage.check_bucket(p, "--data")  # endpoint, credentials, bucket: one line before anything else
     if p.is_dir() and _is_saved_dataset(p):
         return [_open_disk(data, split)]
     if p.is_file():
@@ -184,7 +188,7 @@ def open_sources(
     elif p.is_dir():
         files = [f for f in p.rglob("*") if f.is_file() and f.suffix in SUFFIXES]
     elif any(c in data for c in "*?["):
-        files = [Path(f) for f in glob.glob(data, recursive=True)]
+        files = storage.glob(data)
         files = [f for f in files if f.is_file() and f.suffix in SUFFIXES]
     elif HUB_ID.match(data) and not data.endswith(SUFFIXES):
         return [_open_hub(data, config, split)]
@@ -229,7 +233,7 @@ def _open_file(path: Path) -> FileSource:
 
 def _first_byte(path: Path) -> bytes:
     """First non-whitespace byte of a file (b"" if there is none)."""
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         while chunk := f.read(4096):
             if stripped := chunk.lstrip():
                 return stripped[:1]
