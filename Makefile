@@ -173,7 +173,7 @@ bench-gpu: setup
 # with its share of the cores. ARGS go to pytest (e.g. ARGS="-k sft").
 TEST_WORKERS ?= 2
 test: setup world
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15 $(ARGS)
 
 test-fast: setup world
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow" $(ARGS)

@@ -270,9 +270,13 @@ def test_evaluate_end_to_end(world, tmp_path):
 
 
 CHAT_REWARD = '''
+import time
+
 from train.rewards import score
 
 def picky(completion, example):
+    if example.get("slow"):
+        time.sleep(30)  # past --reward-timeout
     if len(completion) % 3 == 0:
         raise ValueError("unlucky length")
     return score(completion, example)
@@ -283,12 +287,15 @@ def picky(completion, example):
 @pytest.mark.vllm
 def test_evaluate_chat_prompts_end_to_end(world, tmp_path):
     """A real evaluation of a `messages` prompt file (system prompt, then the question): the held-out
-    check compares the last user turn and says so, and the failed reward calls are in reward_errors.jsonl."""
+    check compares the last user turn and says so, and the failed reward calls (raised, or past
+    --reward-timeout) are in reward_errors.jsonl."""
     from train.rollout import reasoning_gym_examples
 
     examples = reasoning_gym_examples(["chain_sum"], 8, 30_000, EvalConfig().prompt_set.task_kwargs)
     rows = [{"messages": [{"role": "system", "content": "Add the numbers."}, {"role": "user", "content": e["prompt"]}],
              "answer": e["answer"], "task": e["task"], "metadata": e["metadata"]} for e in examples]
+    slow = max(i for i, e in enumerate(examples) if e["prompt"] != examples[0]["prompt"])
+    rows[slow]["slow"] = True  # every reward call of this prompt runs past the timeout
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(rows))  # a JSON array
     seen = tmp_path / "seen.jsonl"  # an SFT conversation that asked the first question
@@ -298,7 +305,7 @@ def test_evaluate_chat_prompts_end_to_end(world, tmp_path):
     reward.write_text(CHAT_REWARD)
     out = tmp_path / "eval"
     report = evaluate(EvalConfig(model=str(world / "target"), out=str(out), n=4, k=(1, 4), max_new_tokens=32,
-                                 bootstrap=100, exclude=(str(seen),), reward=f"{reward}:picky",
+                                 bootstrap=100, exclude=(str(seen),), reward=f"{reward}:picky", reward_timeout=0.2,
                                  prompt_set=PromptConfig(prompts=str(prompts))))
     distinct = len({e["prompt"] for e in examples})
     assert report["held_out"]["dropped_overlapping"] == sum(e["prompt"] == examples[0]["prompt"] for e in examples)
@@ -309,5 +316,13 @@ def test_evaluate_chat_prompts_end_to_end(world, tmp_path):
     assert {s["prompt"] for s in samples} <= {e["prompt"] for e in examples[1:]}
     errors = [json.loads(x) for x in (out / "reward_errors.jsonl").read_text().splitlines()]
     assert len(errors) == report["reward_errors"] == sum(len(s["reward_errors"]) for s in samples) > 0
-    assert all(len(e["completion"]) % 3 == 0 and "unlucky length" in e["error"] for e in errors)
+    timed_out = [e for e in errors if e["prompt"] == examples[slow]["prompt"]]
+    assert len(timed_out) == 4 and all("took longer than 0.2 s" in e["error"] for e in timed_out)
+    assert all(len(e["completion"]) % 3 == 0 and "unlucky length" in e["error"] for e in errors if e not in timed_out)
     assert report["model"] == str((world / "target").resolve())
+
+    # one evaluation per output folder: a second one while the first holds it is refused at once
+    from scorer.lock import locked
+
+    with locked(out), pytest.raises(ConfigError, match="in use by another job"):
+        evaluate(EvalConfig(model=str(world / "target"), out=str(out), prompt_set=PromptConfig(prompts=str(prompts))))

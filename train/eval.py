@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from scorer.config import ConfigError, cli, field, setup_logging
+from scorer.lock import locked
 from scorer.models import resolve_model
 from scorer.shards import write_json_atomic
 from train.rewards import load_reward, safe_score
@@ -68,6 +69,8 @@ class EvalConfig:
     reward: str = field("default", "default (0/1), reasoning_gym, reasoning_gym_partial, math, or "
                                    "'module:function' / 'file.py:function'")
     pass_threshold: float = field(1.0, "a sample passes when its reward is at least this")
+    reward_timeout: float = field(30.0, "seconds one reward call may take before it counts as 0 and is logged "
+                                        "(0: no limit)")
     n: int = field(16, "samples per prompt")
     k: tuple[int, ...] = field((1, 2, 4, 8), "pass@k for each k (those above n are skipped)")
     temperature: float = field(1.0, "sampling temperature")
@@ -295,7 +298,13 @@ def markdown(report: dict) -> str:
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    """One evaluation; returns the report (also written to out/eval.json and out/eval.md)."""
+    """One evaluation; returns the report (also written to out/eval.json and out/eval.md). One
+    evaluation per output folder at a time: a second one is refused, naming the holder."""
+    with locked(cfg.out):
+        return _evaluate(cfg)
+
+
+def _evaluate(cfg: EvalConfig) -> dict:
     from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
@@ -329,7 +338,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             texts = [tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in group]
             row_errors = []
             for j, text in enumerate(texts):
-                rewards[i, j], err = safe_score(reward_fn, text, ex)
+                rewards[i, j], err = safe_score(reward_fn, text, ex, cfg.reward_timeout)
                 if err:  # counted as 0; the row, as RL logs it
                     row_errors.append({"sample": j, "error": err})
                     failed.write(json.dumps({"prompt": ex["prompt"], "answer": ex["answer"], "sample": j,
