@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,7 @@ def s3():
     made = []
 
     def bucket() -> str:
-        name = f"pear-{len(made)}-{os.getpid()}"
+        name = f"pear-{uuid.uuid4().hex[:16]}"  # unique across servers: polars keeps a client per bucket name
         fs.create_dir(name)
         made.append(name)
         return f"s3://{name}"
