@@ -12,12 +12,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipelines.world import WorldConfig, build
+from pipelines.world import WorldConfig, build, world_dir
 from scorer import console, job
 from scorer.config import parse, setup_logging
 from scorer.job import ScoreConfig
+from scorer.storage import local_file
 
-WORLD = "artifacts/world"
+WORLD = str(world_dir())
 EMBEDDED = {"data": f"{WORLD}/corpus.parquet", "target": f"{WORLD}/target", "behavior": f"{WORLD}/behavior"}
 
 
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse(ScoreConfig, argv, description=__doc__)
     setup_logging()
-    console.quiet(Path(cfg.out) / "score.log")
+    console.quiet(local_file(cfg.out, "score.log"))  # OUT may be a URI: the log stays on this machine
     if not cfg.data:
         build(Path(WORLD), WorldConfig())
         argv = embedded_defaults(argv)

@@ -16,14 +16,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipelines.world import world_dir
 from scorer import console
 from scorer.config import setup_logging
 from scorer.shards import ShardError, list_shards, read_meta
+from scorer.storage import as_path
 from scorer.weights import WeightParams
 from train import sft
 
 log = logging.getLogger("pear.pipelines")
-WORLD = Path("artifacts/world")  # built by pipelines.score when needed
+WORLD = world_dir()  # built by pipelines.score when needed
 DEFAULT_SCORES = "runs/score"
 # The embedded target is a 2-layer, 128-wide model: it needs a far higher learning rate than
 # train.sft's default (set for billion-parameter models), small micro-batches to take enough steps
@@ -39,7 +41,7 @@ def ensure_scores(scores: str) -> None:
     nothing when all is cached), keeping the weighting its shards already have (a `reweight` is
     not undone). Another folder must already hold shards."""
     if Path(scores) != Path(DEFAULT_SCORES):
-        if not (Path(scores).is_dir() and list_shards(scores)):
+        if not (as_path(scores).is_dir() and list_shards(scores)):  # a local folder or an object-storage URI
             raise FileNotFoundError(f"no shards in {scores}; run `make score OUT={scores}` first")
         return
     shards = list_shards(scores) if Path(scores).is_dir() else []
