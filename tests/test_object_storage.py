@@ -222,6 +222,13 @@ def test_reweight_inspect_export_and_sft_read_and_write_the_bucket(world, s3, lo
     assert same(tmp_path / "sft-bucket") == same(tmp_path / "sft-local")
     assert json.loads((tmp_path / "sft-bucket" / "train_summary.json").read_text())["scores"] == out
 
+    # evaluation's held-out check finds the SFT prompts in the bucket, as it finds them here
+    from train.eval import seen_prompt_sets
+    from train.rollout import training_prompt_texts
+
+    [there], [here] = seen_prompt_sets(tmp_path / "sft-bucket"), seen_prompt_sets(tmp_path / "sft-local")
+    assert str(there) == out and training_prompt_texts(str(there)) == training_prompt_texts(str(here)) != set()
+
 
 def test_unusable_object_storage_is_one_line_and_exit_2(world, s3, local_run, tmp_path, capsys, monkeypatch):
     corpus, local = local_run

@@ -38,6 +38,7 @@ import numpy as np
 
 from scorer.config import ConfigError, cli, field, setup_logging
 from scorer.lock import locked
+from scorer.storage import as_path
 from scorer.models import resolve_model
 from scorer.shards import write_json_atomic
 from train.rewards import load_reward, safe_score
@@ -155,12 +156,12 @@ def seen_prompt_sets(model_dir: str | Path) -> list[Path]:
             found.append(folder / "rl_prompts.jsonl")
         if (folder / "train_summary.json").exists():
             scores = json.loads((folder / "train_summary.json").read_text()).get("scores", "")
-            if scores and not Path(scores).is_dir():
+            if scores and not as_path(scores).is_dir():  # a local folder or an object-storage URI
                 raise FileNotFoundError(f"{folder / 'train_summary.json'} names the SFT scores {scores!r}, not found "
                                         f"from {Path.cwd()}: the held-out check needs them (run from the folder "
                                         "that SFT ran in, or retrain to record an absolute path)")
             if scores:
-                found.append(Path(scores))
+                found.append(as_path(scores))
         parent = None
         if (folder / "rl_summary.json").exists():
             summary = json.loads((folder / "rl_summary.json").read_text())

@@ -137,9 +137,10 @@ def prompt_sources(spec: str | Path, config: str = "", split: str = "") -> list:
     glob of them, a folder saved by `datasets`, or a hub dataset id. A folder with Parquet files at its
     top is those files: a scoring output folder is its shards (not rejects/, not summary.json)."""
     from scorer.sources import InputError, open_sources
+    from scorer.storage import as_path
 
     spec = str(spec)
-    p = Path(spec)
+    p = as_path(spec)  # a local path or an object-storage URI
     try:
         top = sorted(f for f in p.glob("*.parquet") if not f.name.startswith(".")) if p.is_dir() else []
         if top:
