@@ -73,6 +73,23 @@ def shutdown_vllm(llm) -> None:
         log.debug("vLLM shutdown: %s", e)
 
 
+def prompt_logprobs(llm, input_ids: list[list[int]], prompt_lens: list[int]) -> list[np.ndarray]:
+    """Teacher-forced logprobs of `input_ids[prompt_len:]` under a vLLM engine's current weights
+    (its prompt logprobs); any engine, the scorer's or the RL stage's rollout engine."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    if not input_ids:
+        return []
+    sp = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, temperature=0.0)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=list(x)) for x in input_ids], sp, use_tqdm=False)
+    result = []
+    for ids, p, out in zip(input_ids, prompt_lens, outs):
+        plp = out.prompt_logprobs  # one dict per position; position 0 has none
+        result.append(np.array([plp[t][ids[t]].logprob for t in range(p, len(ids))], dtype=np.float32))
+    return result
+
+
 class VllmScorer:
     """Response-token logprobs from a vLLM engine's prompt logprobs."""
 
@@ -82,18 +99,7 @@ class VllmScorer:
         self.llm = make_vllm_engine(model, max_model_len=max_model_len, dtype=dtype)
 
     def score(self, input_ids: list[list[int]], prompt_lens: list[int]) -> list[np.ndarray]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        if not input_ids:
-            return []
-        sp = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, temperature=0.0)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(x)) for x in input_ids], sp, use_tqdm=False)
-        result = []
-        for ids, p, out in zip(input_ids, prompt_lens, outs):
-            plp = out.prompt_logprobs  # one dict per position; position 0 has none
-            result.append(np.array([plp[t][ids[t]].logprob for t in range(p, len(ids))], dtype=np.float32))
-        return result
+        return prompt_logprobs(self.llm, input_ids, prompt_lens)
 
     def close(self):
         shutdown_vllm(self.llm)

@@ -158,7 +158,7 @@ class WeightStats:
         return counts, edges
 
     def result(self) -> dict:
-        """The diagnostics dict (same keys as `weight_stats`, plus `quantile_resolution`)."""
+        """The diagnostics dict; `quantile_resolution`: the histogram bin width the quantiles are exact to."""
         if self.tokens == 0:
             return {"tokens": 0, "sequences": 0}
         log_q, w_q = self._quantiles()
@@ -180,14 +180,6 @@ class WeightStats:
             "ess_sequences": ess_sequences,
             "ess_sequences_fraction": ess_sequences / self.sequences,
         }
-
-
-def weight_stats(weights: list[np.ndarray], log_weights: list[np.ndarray], target: list[np.ndarray],
-                 behavior: list[np.ndarray], params: WeightParams) -> dict:
-    """Distribution of one weighting over a corpus (ragged per-row arrays); see `WeightStats`."""
-    acc = WeightStats(params)
-    acc.add(weights, log_weights, target, behavior)
-    return acc.result()
 
 
 class VariantStats:
@@ -234,16 +226,8 @@ class VariantStats:
         return {v: st.result() for v, st in self.stats.items()}
 
 
-def all_variant_stats(target: list[np.ndarray], behavior: list[np.ndarray], params: WeightParams) -> dict:
-    """`weight_stats` for every variant under the same constants, so users can compare them."""
-    acc = VariantStats(params)
-    for i in range(0, len(target), BATCH_ROWS):
-        acc.add(target[i:i + BATCH_ROWS], behavior[i:i + BATCH_ROWS])
-    return acc.result()
-
-
 def stats_of_shards(paths: list[Path], params: WeightParams, progress=None) -> dict:
-    """`all_variant_stats` of every row of these shards, read one batch of rows at a time.
+    """`VariantStats.result()` of every row of these shards, read one batch of rows at a time.
 
     Memory does not grow with the number of shards or rows. Every variant's `tokens` is the total
     response token count. A shard that cannot be read raises ShardError naming the file.

@@ -231,7 +231,6 @@ def test_default_split_is_disjoint_by_seed(world):
 
 
 @pytest.mark.slow
-@pytest.mark.vllm
 def test_evaluate_end_to_end(world, tmp_path):
     """A real evaluation of a fake 'RL output' (the world target plus RL provenance files)."""
     model = tmp_path / "rl_model"
@@ -284,7 +283,6 @@ def picky(completion, example):
 
 
 @pytest.mark.slow
-@pytest.mark.vllm
 def test_evaluate_chat_prompts_end_to_end(world, tmp_path):
     """A real evaluation of a `messages` prompt file (system prompt, then the question): the held-out
     check compares the last user turn and says so, and the failed reward calls (raised, or past

@@ -47,7 +47,6 @@ def test_lora_learns_and_writes_a_merged_folder(world, lora_run):
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 8
 
 
-@pytest.mark.vllm
 def test_vllm_loads_the_merged_folder(lora_run):
     from scorer.engines import TorchScorer, VllmScorer
 

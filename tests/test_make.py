@@ -116,7 +116,6 @@ def ok(r: subprocess.CompletedProcess, line: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.vllm
 def test_the_stage_targets_run_as_documented(world, small_corpus, tmp_path):
     s, sft, rl = tmp_path / "scores", tmp_path / "sft", tmp_path / "rl"
     ok(make("score", f"DATA={small_corpus}", f"TARGET={world / 'target'}", f"OUT={s}", "EXECUTOR=local",
@@ -135,7 +134,6 @@ def test_the_stage_targets_run_as_documented(world, small_corpus, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.vllm
 def test_demo_runs_at_smoke_size(world, tmp_path):
     out = ok(make("demo", f"OUT={tmp_path}", "ARGS=--smoke", timeout=1200), r"^== demo done in \d+s")
     assert re.search(r"^\| uniform \| \d+ \| [01]\.\d{3} \| [01]\.\d{3} \|", out, re.M)
@@ -143,7 +141,6 @@ def test_demo_runs_at_smoke_size(world, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.vllm
 def test_the_benchmarks_run_at_their_smallest(world, small_corpus, tmp_path):
     """Their result lines reach the terminal through the quiet console, and nothing else of theirs
     does; the JSON goes to $OUT (not bench/results/)."""

@@ -51,7 +51,6 @@ def test_step_prompts_cover_the_pool_each_pass():
     assert step_prompts(20, 4, 1, 0) != steps[0]
 
 
-@pytest.mark.vllm
 def test_an_engine_of_the_same_seed_samples_the_same_with_or_without_logprobs(world, tokenizer):
     """What the evaluation relies on: without sampling logprobs the samples are those drawn with
     them, and a second engine in the same process samples as a first one of its seed did."""
@@ -72,11 +71,11 @@ def test_an_engine_of_the_same_seed_samples_the_same_with_or_without_logprobs(wo
     assert len({tuple(ids) for g in drawn[0] for ids in g}) > len(prompts)  # temperature 1: not one answer each
 
 
-@pytest.mark.vllm
 def test_weights_reach_the_running_engine(world, tokenizer):
     """After an optimizer step and a push, the engine's logprobs equal the trainer's (float32: < 1e-3)."""
     from transformers import AutoModelForCausalLM
 
+    from scorer.engines import prompt_logprobs
     from train.rl_math import clipped_policy_loss, tis_weights
     from train.rollout import RolloutEngine
 
@@ -111,9 +110,9 @@ def test_weights_reach_the_running_engine(world, tokenizer):
         opt.step()
 
         fixed, plen = prompts[0] + samples[0].token_ids, len(prompts[0])
-        before = engine.score([fixed], [plen])[0]
+        before = prompt_logprobs(engine.llm, [fixed], [plen])[0]
         engine.push_weights(lm)
-        after = engine.score([fixed], [plen])[0]
+        after = prompt_logprobs(engine.llm, [fixed], [plen])[0]
         ids, label_mask, response_mask = pack([prompts[0]], [samples[0].token_ids])
         with torch.no_grad():
             trainer = response_logprobs(lm, ids, label_mask, response_mask, 4096)[0].numpy()
@@ -137,7 +136,6 @@ def score(completion, example):
 
 
 @pytest.mark.slow
-@pytest.mark.vllm
 def test_rl_run_killed_then_resumed(world, tmp_path):
     """A real run: killed after its second checkpoint, rerun to the end; every parameter has moved."""
     from transformers import AutoModelForCausalLM
@@ -209,7 +207,6 @@ def test_rl_run_killed_then_resumed(world, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.vllm
 def test_embedded_recipe_raises_the_reward(world, tmp_path):
     """RL learns in the embedded world: `make rl`'s recipe from the world's base, a few steps, with the
     0/1 reward. The base mostly guesses and sometimes works the sum out; RL finds the careful way."""

@@ -59,7 +59,6 @@ def read_rows_sorted(out):
     return pl.read_parquet(f"{out}/*.parquet").sort("id")
 
 
-@pytest.mark.vllm
 def test_job_writes_shards_rejects_and_summary(world, mixed_corpus, tmp_path):
     out = tmp_path / "scores"
     summary = run(cfg_for(world, mixed_corpus, out, backend="vllm"), progress=False)
@@ -114,7 +113,6 @@ def test_job_writes_shards_rejects_and_summary(world, mixed_corpus, tmp_path):
         run(cfg_for(world, mixed_corpus, out, target=str(world / "behavior")), progress=False)
 
 
-@pytest.mark.vllm
 def test_torch_and_vllm_backends_agree(world):
     from transformers import AutoTokenizer
 
@@ -187,7 +185,6 @@ def test_bad_paths_and_tokenizers_exit_2_and_write_nothing(world, mixed_corpus, 
 
 
 @pytest.mark.slow
-@pytest.mark.vllm
 def test_killed_ray_run_resumes_to_the_same_rows(world, tmp_path):
     data = tmp_path / "corpus.parquet"
     world_rows(world, 256).write_parquet(data)

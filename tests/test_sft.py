@@ -199,7 +199,7 @@ def test_killed_run_resumes_to_the_same_final_loss(scores, tmp_path, train_kille
     cut = replace(cfg, out=str(tmp_path / "cut"))
     train_killed_after(lambda: train(cut), 6)
     state = torch.load(tmp_path / "cut" / "checkpoints" / "step-000006" / "trainer_state.pt", weights_only=False)
-    assert state["step"] == 6 and state["data_position"]["micro_batch"] == 6 % whole["steps_per_epoch"]
+    assert state["step"] == 6  # where to go on in the data follows from the step
     assert len(list((tmp_path / "cut" / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
 
     resumed = train(cut)

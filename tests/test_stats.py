@@ -12,13 +12,28 @@ from scorer import inspect as inspect_cli
 from scorer import reweight as reweight_cli
 from scorer.reweight import reweight
 from scorer.shards import META_KEY, ShardError, core_table, read_meta, write_atomic
-from scorer.stats import QUANTILES, VariantStats, WeightStats, all_variant_stats, stats_of_shards, weight_stats
+from scorer.stats import BATCH_ROWS, QUANTILES, VariantStats, WeightStats, stats_of_shards
 from scorer.weights import VARIANTS, WeightParams, ragged_weights
 
 # a narrow log-weight clip so that both bounds are reached by the synthetic rows
 PARAMS = WeightParams("token", 0.95, 3, (-0.08, 0.3), (-1.5, 2.0))
 EXACT = ("weight_mean", "ess_tokens", "ess_tokens_fraction", "ess_sequences", "ess_sequences_fraction")
 
+
+
+def weight_stats(weights, log_weights, target, behavior, params):
+    """Reference: one accumulator fed everything at once."""
+    acc = WeightStats(params)
+    acc.add(weights, log_weights, target, behavior)
+    return acc.result()
+
+
+def all_variant_stats(target, behavior, params):
+    """Reference: every variant's statistics of rows held in memory, added `BATCH_ROWS` at a time."""
+    acc = VariantStats(params)
+    for i in range(0, len(target), BATCH_ROWS):
+        acc.add(target[i:i + BATCH_ROWS], behavior[i:i + BATCH_ROWS])
+    return acc.result()
 
 def synthetic_rows(n, seed=0, max_len=40):
     """Ragged float32 logprobs; about one row in ten is empty, log-ratios spread over both delta clips."""

@@ -48,7 +48,6 @@ from train.rollout import COMPARED, EVAL_PROMPT_SEED, RL_POOL_SIZE, RL_PROMPT_SE
 log = logging.getLogger("pear.eval")
 
 
-
 @dataclass
 class EvalConfig:
     """n samples per held-out prompt; pass@k and mean reward with bootstrap intervals."""
@@ -210,8 +209,6 @@ def held_out_set(cfg: EvalConfig) -> tuple[list[dict], int, list, set[str]]:
             raise ConfigError(f"--prompt-seed {seed} shares seeds with the RL prompts "
                               f"(seed {rl_source['seed']}): the split is by seed")
     examples, dropped = held_out(examples, seen)
-    if {ex["prompt"].strip() for ex in examples} & seen:  # cannot happen after held_out; kept as the check
-        raise RuntimeError("eval prompts overlap training prompts")
     if dropped:
         log.info("dropped %d eval prompts also found in training prompt sets", dropped)
     if not examples:

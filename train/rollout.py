@@ -63,16 +63,6 @@ class RolloutEngine:
             result.append(group)
         return result
 
-    def score(self, input_ids: list[list[int]], prompt_lens: list[int]) -> list[np.ndarray]:
-        """Teacher-forced logprobs of `input_ids[prompt_len:]` under the engine's current weights."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        sp = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, temperature=0.0)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(x)) for x in input_ids], sp, use_tqdm=False)
-        return [np.array([out.prompt_logprobs[t][ids[t]].logprob for t in range(p, len(ids))], dtype=np.float32)
-                for ids, p, out in zip(input_ids, prompt_lens, outs)]
-
     def push_weights(self, model) -> None:
         """Load the trainer's current weights into the running engine (same parameter names as HF)."""
         # the engine's weight loaders copy into its own parameters, so the tensors are not aliased

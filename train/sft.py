@@ -14,8 +14,9 @@ loss = sum_t stopgrad(w_t) * NLL_t / (response tokens in the global batch), with
 
 `out` becomes a Hugging Face model folder (weights, config, tokenizer) with `metrics.jsonl` (one
 line per optimizer step) and `train_summary.json`; `out/checkpoints/step-N/` are HF folders too,
-plus `trainer_state.pt` (optimizer, data position). A rerun with the same settings resumes from
-the last checkpoint. Bad input (shards, model) prints one line naming the file and row, exit 2.
+plus `trainer_state.pt` (the step, which fixes the data position; optimizer; RNG). A rerun with
+the same settings resumes from the last checkpoint. Bad input (shards, model) prints one line
+naming the file and row, exit 2.
 """
 from __future__ import annotations
 
@@ -456,11 +457,8 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
         if done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
             model_sd, optim_sd = full_state(net, optimizer, fsdp)  # every rank: FSDP gathers
             if rank == 0:
-                nxt = divmod(step + 1, steps_per_epoch)
                 checkpoint.save(out, step + 1, net.lm, tokenizer, {
-                    "step": step + 1, "data_position": {"epoch": nxt[0], "step_in_epoch": nxt[1],
-                                                        "micro_batch": nxt[1] * cfg.micro_batches},
-                    "made_from": made_from, "optimizer": optim_sd, "torch_rng": torch.get_rng_state(),
+                    "step": step + 1, "made_from": made_from, "optimizer": optim_sd, "torch_rng": torch.get_rng_state(),
                     "heldout_nll_start": nll_start, "tokens_done": tokens_done,
                     "loop_seconds": seconds_before + time.perf_counter() - t_loop}, cfg.keep_checkpoints, model_sd)
             if world > 1:
