@@ -28,7 +28,7 @@ from scorer import console
 from scorer.config import setup_logging
 from scorer.shards import list_shards, read_meta
 from scorer.weights import WeightParams
-from train.data import collate, load_rows, plan_epoch, shard_params, split_heldout
+from train.data import collate, load_rows, plan_epoch, split_heldout, stored_weight_params
 from train.sft import ResponseLogprobs, optimizer_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def arm_setting(arm: str, meta: dict) -> tuple[str, WeightParams | None]:
     if arm == "pear+variant":
         return "pear", WeightParams("block")
     if arm == "pear-live":
-        return "pear-live", shard_params(meta)
+        return "pear-live", stored_weight_params(meta)
     return arm, None
 
 

@@ -182,30 +182,6 @@ def check_meta(path: Path) -> dict:
     return meta
 
 
-def fingerprint(folder: str | Path) -> dict:
-    """Path and content hash of a model folder (weights and config), recorded in the metadata.
-
-    Files over 64 MiB are hashed by size and their first and last MiB, so that a multi-GB
-    checkpoint is fingerprinted in milliseconds.
-    """
-    folder = Path(folder)
-    h = hashlib.sha256()
-    for f in sorted(folder.iterdir()):
-        if not f.is_file() or f.suffix not in (".json", ".safetensors", ".bin", ".model", ".txt", ".jinja"):
-            continue
-        h.update(f.name.encode())
-        size = f.stat().st_size
-        h.update(str(size).encode())
-        with open(f, "rb") as fh:
-            if size <= 64 << 20:
-                h.update(fh.read())
-            else:
-                h.update(fh.read(1 << 20))
-                fh.seek(-(1 << 20), os.SEEK_END)
-                h.update(fh.read())
-    return {"path": str(folder), "sha256": h.hexdigest()}
-
-
 def tokenizer_sha256(tokenizer) -> str:
     """Hash of what decides token ids: the vocabulary, the special tokens and the chat template."""
     h = hashlib.sha256()

@@ -20,11 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from scorer import storage
+from scorer.models import split_hub_id
 from scorer.storage import ObjectPath, as_path
 
 SUFFIXES = (".parquet", ".jsonl", ".json")
 SCHEMA_SAMPLE_ROWS = 1000  # JSON sources: rows read to infer the schema
-HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?(@\S+)?$")  # name, org/name, org/name@revision
 
 Rows = tuple[list[dict | None], pa.Table | None, list[dict]]  # rows, their Arrow table, read errors
 
@@ -190,7 +190,7 @@ def open_sources(
     elif any(c in data for c in "*?["):
         files = storage.glob(data)
         files = [f for f in files if f.is_file() and f.suffix in SUFFIXES]
-    elif HUB_ID.match(data) and not data.endswith(SUFFIXES):
+    elif split_hub_id(data) and not data.endswith(SUFFIXES):
         return [_open_hub(data, config, split)]
     else:
         raise InputError(

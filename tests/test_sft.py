@@ -15,7 +15,7 @@ from torch.testing import assert_close
 from scorer.config import ConfigError, WeightConfig
 from scorer.shards import list_shards, read_meta, write_atomic
 from train import sft
-from train.data import collate, is_heldout, load_rows, plan_epoch, shard_params, split_heldout, steps_of
+from train.data import collate, is_heldout, load_rows, plan_epoch, split_heldout, steps_of, stored_weight_params
 from train.loss import token_weights
 from train.sft import SFTConfig, train
 
@@ -96,7 +96,6 @@ def test_tiny_run_loss_falls_and_writes_an_hf_folder(world, twin_scores, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.vllm
 def test_vllm_loads_the_trained_checkpoint(scores, tmp_path):
     from scorer.engines import TorchScorer, VllmScorer
 
@@ -126,7 +125,7 @@ def test_uniform_and_variant_weightings(scores, tmp_path):
 
     stored = train(cfg_for(scores, tmp_path / "p", max_steps=4))
     # --variant with the shards' own settings recomputes exactly the stored weights
-    own = shard_params(read_meta(list_shards(scores)[0]))
+    own = stored_weight_params(read_meta(list_shards(scores)[0]))
     again = train(cfg_for(scores, tmp_path / "v", max_steps=4, variant=own.variant, gamma=own.gamma,
                           block_size=own.block_size, delta_clip=own.delta_clip, log_weight_clip=own.log_weight_clip))
     for a, b in zip(metrics(tmp_path / "p"), metrics(tmp_path / "v")):
@@ -183,7 +182,7 @@ def test_the_summary_records_absolute_paths(scores, tmp_path, monkeypatch):
 def test_recomputed_weights_match_the_stored_ones_on_a_batch(scores):
     rows, meta = load_rows(scores, 10_000)
     batch = collate(rows, range(16))
-    recomputed = token_weights("pear", batch, batch.target_logprobs, shard_params(meta))
+    recomputed = token_weights("pear", batch, batch.target_logprobs, stored_weight_params(meta))
     assert_close(recomputed, batch.weights, rtol=1e-5, atol=1e-7)
 
 

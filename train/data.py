@@ -214,8 +214,8 @@ def load_rows(scores: str | Path, vocab_size: int, max_len: int | None = None) -
     return rows, first_meta
 
 
-def shard_params(meta: dict) -> WeightParams:
-    """The weighting the shards' stored weights were made with."""
+def stored_weight_params(meta: dict) -> WeightParams:
+    """The weighting the shards' stored weights were made with (from a shard's metadata)."""
     return WeightParams.from_dict(meta)
 
 

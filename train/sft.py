@@ -37,14 +37,14 @@ import torch.distributed as dist
 from scorer import console
 from scorer.config import ConfigError, WeightConfig, cli, field, setup_logging
 from scorer.lock import locked
-from scorer.models import pinned, resolve_model
-from scorer.shards import ShardError, fingerprint, list_shards, read_meta, tokenizer_sha256, write_json_atomic
+from scorer.models import hash_model_folder, pinned, resolve_model
+from scorer.shards import ShardError, list_shards, read_meta, tokenizer_sha256, write_json_atomic
 from scorer.storage import as_path
 from scorer.stats import TABLE_COLUMNS, weight_table
 from scorer.weights import WeightParams
 from train import checkpoint
-from train.data import Batch, Rows, collated, idle_batch, load_rows, plan_epoch, rank_share, shard_params, \
-    split_heldout, steps_of
+from train.data import Batch, Rows, collated, idle_batch, load_rows, plan_epoch, rank_share, split_heldout, \
+    steps_of, stored_weight_params
 from train.loss import cosine_lr, effective_sample_size, token_logprobs, token_weights, weighted_nll
 from train.tracking import Tracker, check_report_to, open_tracker
 
@@ -245,7 +245,7 @@ def check_inputs(cfg: SFTConfig):
     if meta.get("tokenizer_sha256") not in (None, tokenizer_sha256(tokenizer)):
         raise ConfigError(f"tokenizer {tok_dir!r} differs from the one {shards[0]} was made with; "
                           "the shards' token ids would mean other tokens")
-    if meta.get("target_model", {}).get("sha256") not in (None, fingerprint(model_dir)["sha256"]):
+    if meta.get("target_model", {}).get("sha256") not in (None, hash_model_folder(model_dir)["sha256"]):
         log.warning("training %s, but the shards' target logprobs come from %s: the stored PEAR weights refer "
                     "to that model", model_dir, meta["target_model"].get("path"))
     if len(rows) == 0:
@@ -333,7 +333,7 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
         held.enter_context(locked(out))  # one run per output folder
     params = cfg.weight_params()
     if cfg.weighting == "pear-live" and params is None:
-        params = shard_params(meta)
+        params = stored_weight_params(meta)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
@@ -484,7 +484,7 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
         summary = {
             "weighting": cfg.weighting,
             "weight_params": params.as_dict() if params else None,
-            "stored_weight_params": shard_params(meta).as_dict(),
+            "stored_weight_params": stored_weight_params(meta).as_dict(),
             # absolute, so that evaluation finds them from any folder (held-out check, world provenance)
             "model": str(Path(model_dir).resolve()), "scores": str(as_path(cfg.scores).resolve()),
             "out": str(out.resolve()),
