@@ -17,6 +17,8 @@ import re
 import typing
 from pathlib import Path
 
+from scorer.weights import VARIANTS, WeightParams
+
 # a value that starts with "-" but is numbers: argparse would take "-0.08,0.3" for a flag
 NEGATIVE_VALUE = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?(,\s*[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?)*$", re.I)
 
@@ -36,11 +38,11 @@ def field(default, help: str, **kw):
 class WeightConfig:
     """The PEAR weighting's constants as every stage takes them (one group, nested in each config)."""
 
-    variant: str = field("token", "PEAR variant: sequence, token, block or none")
-    gamma: float = field(0.999, "discount of the token and block variants")
-    block_size: int = field(4, "tokens per block (block variant)")
-    delta_clip: tuple[float, ...] = field((-0.08, 0.3), "clip of the per-token log-ratio, lo,hi")
-    log_weight_clip: tuple[float, ...] = field((-10.0, 5.0), "clip of log G, lo,hi")
+    variant: str = field(WeightParams.variant, f"PEAR variant: {', '.join(VARIANTS[:-1])} or {VARIANTS[-1]}")
+    gamma: float = field(WeightParams.gamma, "discount of the token and block variants")
+    block_size: int = field(WeightParams.block_size, "tokens per block (block variant)")
+    delta_clip: tuple[float, ...] = field(WeightParams.delta_clip, "clip of the per-token log-ratio, lo,hi")
+    log_weight_clip: tuple[float, ...] = field(WeightParams.log_weight_clip, "clip of log G, lo,hi")
 
     def __post_init__(self):
         if self.variant:  # empty: a stage that keeps the stored weights (SFT)
@@ -48,8 +50,6 @@ class WeightConfig:
 
     def params(self):
         """The checked `WeightParams` (ValueError names the bad constant)."""
-        from scorer.weights import WeightParams
-
         return WeightParams(**{**dataclasses.asdict(self), "delta_clip": tuple(self.delta_clip),
                                "log_weight_clip": tuple(self.log_weight_clip)})
 

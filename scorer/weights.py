@@ -17,7 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
+# torch is imported in the functions that use it: the stages' configs (scorer/config.py) take their
+# defaults from `WeightParams` and `VARIANTS` without the seconds a torch import costs
 
 VARIANTS = ("sequence", "token", "block", "none")
 
@@ -68,6 +69,8 @@ def clipped_delta(
     delta_clip: tuple[float, float],
 ) -> torch.Tensor:
     """Per-token clipped log-ratio, zero outside the response."""
+    import torch
+
     delta = (target_logprobs - behavior_logprobs).clamp(*delta_clip)
     return torch.where(response_mask, delta, torch.zeros_like(delta))
 
@@ -76,11 +79,13 @@ def log_weights_from_delta(
     delta: torch.Tensor,  # (B, T), already clipped, zero outside the response
     response_mask: torch.Tensor,  # (B, T) bool, a prefix of each row
     variant: str,
-    gamma: float = 0.999,
-    block_size: int = 4,
-    log_weight_clip: tuple[float, float] = (-10.0, 5.0),
+    gamma: float = WeightParams.gamma,
+    block_size: int = WeightParams.block_size,
+    log_weight_clip: tuple[float, float] = WeightParams.log_weight_clip,
 ) -> torch.Tensor:
     """Clipped log G for every response token (zero elsewhere), computed in float64."""
+    import torch
+
     delta = delta.double() * response_mask
     lengths = response_mask.sum(-1, keepdim=True)  # (B, 1) = T_i
     total = delta.sum(-1, keepdim=True)  # (B, 1)
@@ -118,12 +123,18 @@ def pear_log_weights(
 
 def pear_weights(target_logprobs, behavior_logprobs, response_mask, params: WeightParams) -> torch.Tensor:
     """G = exp(clipped log G), zero outside the response; float32 (B, T)."""
+    import torch
+
     log_g = pear_log_weights(target_logprobs, behavior_logprobs, response_mask, params)
     return torch.where(response_mask, log_g.exp(), torch.zeros_like(log_g)).float()
 
 
-def pad_left_aligned(rows: list, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ragged per-row sequences -> (values (B, T), mask (B, T)), each row starting at column 0."""
+def pad_left_aligned(rows: list, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged per-row sequences -> (values (B, T), mask (B, T)), each row starting at column 0;
+    values in `dtype` (default float32)."""
+    import torch
+
+    dtype = dtype or torch.float32
     T = max((len(r) for r in rows), default=0)
     values = torch.zeros(len(rows), T, dtype=dtype)
     mask = torch.zeros(len(rows), T, dtype=torch.bool)
@@ -140,6 +151,8 @@ def ragged_weights(target_rows: list, behavior_rows: list, params: WeightParams)
 
     Returns two lists of float32 numpy arrays, one entry per row, each as long as its response.
     """
+    import torch
+
     tgt, mask = pad_left_aligned(target_rows, torch.float64)
     beh, _ = pad_left_aligned(behavior_rows, torch.float64)
     log_g = pear_log_weights(tgt, beh, mask, params)

@@ -29,9 +29,8 @@ import torch
 from scorer.shards import ShardError, check_meta, check_table, list_shards, spans_of
 from scorer.weights import WeightParams
 
-# shard metadata that must agree across shards: one weighting, one target, one tokenizer
-SAME_ACROSS_SHARDS = ("variant", "gamma", "block_size", "delta_clip", "log_weight_clip", "target_model",
-                      "tokenizer_sha256")
+# shard metadata that must agree across shards: one weighting (every constant of it), one target, one tokenizer
+SAME_ACROSS_SHARDS = (*WeightParams().as_dict(), "target_model", "tokenizer_sha256")
 
 
 @dataclass

@@ -41,7 +41,7 @@ from scorer.lock import locked
 from scorer.storage import as_path
 from scorer.models import resolve_model
 from scorer.shards import write_json_atomic
-from train.rewards import load_reward, safe_score
+from train.rewards import REWARD_HELP, load_reward, safe_score
 from train.rollout import COMPARED, EVAL_PROMPT_SEED, RL_POOL_SIZE, RL_PROMPT_SEED, PromptConfig, RolloutEngine, \
     prompt_token_ids, reasoning_gym_examples, resolve_aliases, resolved, training_prompt_texts
 
@@ -66,8 +66,7 @@ class EvalConfig:
                                         "before RL and after it sees the same prompts")
     baseline: str = field("", "an earlier eval folder (e.g. of the model before RL): adds the paired difference "
                               "of each metric on the prompts both share, with a paired bootstrap 95% interval")
-    reward: str = field("default", "default (0/1), reasoning_gym, reasoning_gym_partial, math, or "
-                                   "'module:function' / 'file.py:function'")
+    reward: str = field("default", REWARD_HELP)
     pass_threshold: float = field(1.0, "a sample passes when its reward is at least this")
     reward_timeout: float = field(30.0, "seconds one reward call may take before it counts as 0 and is logged "
                                         "(0: no limit)")

@@ -130,6 +130,9 @@ def score(completion: str, example: dict) -> float:
 
 BUILT_IN: dict[str, Reward] = {"default": score, "": score, "reasoning_gym": score_reasoning_gym,
                                 "reasoning_gym_partial": score_reasoning_gym_partial, "math": score_math}
+# what --reward takes, as the stages' help says it
+REWARD_HELP = (f"{', '.join(name for name in BUILT_IN if name)} (default: 0/1, reasoning-gym's checker at full "
+               "credit for its tasks, else math-verify), or 'module:function' / 'file.py:function'")
 
 
 def load_reward(spec: str) -> Reward:
