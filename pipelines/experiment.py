@@ -11,7 +11,8 @@ out (with `--uniform-weight 0.25` the parameters move about as far as with 1; te
 so "every token weighs the mean weight" would not give PEAR's smaller average step. Every arm
 then runs the same RL recipe with the same budget and is evaluated on the same held-out prompts
 after SFT and after RL. The recipes are the ones `make sft`, `make rl` and
-`make eval` give a model of the embedded world, so a user can reproduce any arm by hand.
+`make eval` give a model of the embedded world (recipes/embedded-{sft,rl,eval}.yaml, passed as
+`--config`, with the experiment's own flags after them), so a user can reproduce any arm by hand.
 
 Statistics: every arm and seed is evaluated on the same prompts, so differences are paired by
 prompt and seed; intervals come from a two-level bootstrap (seeds, then prompts within each
@@ -39,8 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.rl import EMBEDDED_EVAL, EMBEDDED_RECIPE as RL_RECIPE
-from pipelines.sft import EMBEDDED_RECIPE as SFT_RECIPE
+from pipelines.recipes import RECIPES, STAGES, embedded_config, recipe_file, recipe_settings
+from pipelines.rl import world_exclude
 from pipelines.world import WorldConfig, build, world_dir
 from scorer import console
 from scorer.config import setup_logging
@@ -58,26 +59,39 @@ ARMS = {  # arm -> SFT flags (None: no SFT)
     "pear-block": ["--weighting", "pear", "--variant", "block"],
     "pear-live": ["--weighting", "pear-live"],
 }
-# The one recipe: the embedded recipes of `make sft`, `make rl`, `make eval`, one CPU thread per
-# stage (two chains share the 2 cores), then what --smoke changes.
+# The one recipe: the embedded recipes of `make sft`, `make rl`, `make eval` (their YAML files),
+# one CPU thread per stage (two chains share the 2 cores), then what --smoke changes.
+SFT_RECIPE, RL_RECIPE = embedded_config("sft", []), embedded_config("rl", [])
+EVAL_RECIPE = embedded_config("eval", []) + world_exclude()
 RECIPE = {
     "sft": SFT_RECIPE,
     "rl": RL_RECIPE + ["--save-every", "50", "--threads", "1"],
-    "eval": EMBEDDED_EVAL,
+    "eval": EVAL_RECIPE,
 }
 SMOKE = {
     "sft": SFT_RECIPE + ["--max-steps", "4"],
     "rl": RL_RECIPE + ["--steps", "3", "--prompts-per-step", "4", "--samples-per-prompt", "4", "--save-every", "0",
                        "--threads", "1"],
-    "eval": EMBEDDED_EVAL + ["--num-prompts", "24", "--n", "8", "--k", "1,8", "--bootstrap", "200"],
+    "eval": EVAL_RECIPE + ["--num-prompts", "24", "--n", "8", "--k", "1,8", "--bootstrap", "200"],
 }
 BOOTSTRAP = 2000
 Z_POWER = 1.96 + 0.84  # two-sided 5% test with 80% power: the difference must be 2.8 standard errors
 
 
-def flag(args: list[str], name: str) -> str:
-    """The value of the last `name` flag in an argument list."""
-    return args[len(args) - 1 - args[::-1].index(name) + 1]
+def setting(args: list[str], name: str) -> str:
+    """The value of setting `name` (a field: `lr`, `k`) that a stage gets from an argument list of one
+    embedded recipe file (`--config`) and flags: the last flag's, else the file's (a list joined by commas)."""
+    flag = "--" + name.replace("_", "-")
+    if flag in args:
+        return args[len(args) - 1 - args[::-1].index(flag) + 1]
+    stage = next(s for s in STAGES if str(recipe_file(s)) in args)
+    value = recipe_settings(stage)[name]
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def shown(args: list[str]) -> list[str]:
+    """An argument list as experiment.json records it: the recipe files relative to the repository."""
+    return [str(Path(a).relative_to(RECIPES.parent)) if a.startswith(str(RECIPES)) else a for a in args]
 
 
 def stage(cmds: list[list[str]], done: Path, log_file: Path, env: dict) -> None:
@@ -97,7 +111,7 @@ def stage(cmds: list[list[str]], done: Path, log_file: Path, env: dict) -> None:
 
 def sft_flags(arm: str, recipe: list[str], matched_weight: float) -> list[str]:
     """The recipe, then the arm's own flags (later flags win); the control's lr is the recipe's times the weight."""
-    lr = float(flag(recipe, "--lr")) * matched_weight
+    lr = float(setting(recipe, "lr")) * matched_weight
     return recipe + [f"{lr:.6g}" if a == MATCHED else a for a in ARMS[arm]]
 
 
@@ -427,7 +441,7 @@ def main(argv=None) -> int:
     root = Path(a.out or ("runs/experiment-smoke" if a.smoke else "runs/experiment"))
     results = Path(a.results or (root if a.smoke else "results"))
     console.quiet(root / "experiment.log")
-    ks = [int(k) for k in flag(recipe["eval"], "--k").split(",")]
+    ks = [int(k) for k in setting(recipe["eval"], "k").split(",")]
 
     # 1. the world, its scored corpus (cached) and the control's matched weight
     build(WORLD, WorldConfig())
@@ -464,10 +478,12 @@ def main(argv=None) -> int:
     results.mkdir(parents=True, exist_ok=True)
     meta = {"seeds": len(seeds), "command": "make experiment-smoke" if a.smoke else "make experiment",
             "machine": machine(), "minutes": round(wall_minutes(root, seeds, arms), 1), "arms": arms, "date": time.strftime("%Y-%m-%d"),
-            "commit": commit(), "samples_per_prompt": int(flag(recipe["eval"], "--n")),
+            "commit": commit(), "samples_per_prompt": int(setting(recipe["eval"], "n")),
             "lr_control_factor": matched_weight}
     (results / "experiment.json").write_text(json.dumps(
-        {"meta": meta, "recipe": recipe, "recipe_steps": int(flag(recipe["rl"], "--steps")), **res}, indent=1) + "\n")
+        {"meta": meta, "recipe": {k: shown(v) for k, v in recipe.items()},
+         "recipe_files": {k: recipe_settings(k) for k in recipe}, "recipe_steps": int(setting(recipe["rl"], "steps")), **res},
+        indent=1) + "\n")
     (results / "experiment.md").write_text(markdown(res, ks, meta))
     plots(res, ks, results)
     check_complete(results, seeds, ks)

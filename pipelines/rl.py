@@ -6,9 +6,10 @@
 rl: with the default model (runs/sft/pear) missing, the embedded world is built (cached) and the
 PEAR SFT checkpoint is made first by `python -m pipelines.sft`. A model descended from the
 embedded world (its target, an SFT run of it, an RL run of those; wherever its folder is) gets the
-embedded recipe (`EMBEDDED_RECIPE`; flags override it, a --config YAML replaces it).
+embedded recipe, recipes/embedded-rl.yaml (flags override it, a --config YAML replaces it).
 eval: with the default model (runs/rl/pear) missing, the default RL run is made first; an embedded
-model gets `EMBEDDED_EVAL` (400 prompts before the held-out check, 16 samples each).
+model gets recipes/embedded-eval.yaml (400 prompts before the held-out check, 16 samples each)
+and, recipe or not, the world's unfiltered corpus as an --exclude.
 The stages' default prompts (reasoning-gym chain_sum with 1-digit terms, 64 new tokens) are the
 embedded world's: for any other model, rl and eval stop unless --prompts or --tasks is given.
 Exit code 2 on bad input, with one line that says what is wrong.
@@ -21,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipelines.recipes import embedded_config, gave
 from pipelines.world import WorldConfig, build, world_dir
 from scorer import console
 from scorer.config import ConfigError, parse, setup_logging
@@ -31,16 +33,12 @@ from train import rl
 log = logging.getLogger("pear.pipelines")
 WORLD = world_dir()
 SFT_TIMEOUT_S = 3600  # scoring + two SFT runs take minutes on 2 cores; an hour means something hangs
-# train.rl's defaults suit billion-parameter models; the embedded 2-layer, 128-wide model takes a
-# far higher learning rate. With the 0/1 reward and 32 prompts x 8 samples per step, 3e-4 raised
-# held-out pass@1 of every arm by 0.42-0.50 (results/experiment.md). The KL to the start ends
-# at 0.03-0.28, with single-step spikes (up to 7.7 in 1 of 28 runs) that did not derail the
-# reward; a step takes about 1.4 s on one core.
-EMBEDDED_RECIPE = ["--lr", "3e-4", "--prompts-per-step", "32", "--samples-per-prompt", "8", "--steps", "150"]
-# Evaluation of an embedded model: enough held-out prompts (281 survive the exclusions) and
-# samples that a 0.05 difference in pass@1 can be seen.
-EMBEDDED_EVAL = ["--num-prompts", "400", "--n", "16", "--k", "1,2,4,8",
-                 "--exclude", str(WORLD / "corpus-unfiltered.parquet")]
+
+
+def world_exclude() -> list[str]:
+    """The evaluation's --exclude of the embedded world's unfiltered corpus: its folder depends on
+    WORLD_SEED, so it cannot be written in recipes/embedded-eval.yaml."""
+    return ["--exclude", str(WORLD / "corpus-unfiltered.parquet")]
 
 
 def from_world(model: str) -> bool:
@@ -55,10 +53,6 @@ def from_world(model: str) -> bool:
             return False
         folder = Path(start).resolve()
     return False
-
-
-def gave(argv, flag: str) -> bool:
-    return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
 def gave_prompts(argv) -> bool:
@@ -120,9 +114,9 @@ def run_rl(argv) -> int:
         return refuse_world_prompts(model)
     # the recipe comes first, so that flags given on the command line win; a YAML recipe is the
     # user's whole recipe, so the embedded one is left out then
-    recipe = EMBEDDED_RECIPE if embedded and not gave(argv, "--config") else []
+    recipe = embedded_config("rl", argv) if embedded else []
     if recipe:
-        log.info("embedded model: recipe %s", " ".join(recipe))
+        log.info("embedded model: recipe %s", recipe[-1])
     return rl.main(recipe + list(argv) + ["--model", model])
 
 
@@ -141,7 +135,7 @@ def run_eval(argv) -> int:
         return refuse_world_prompts(cfg.model)
     if from_world(cfg.model):
         build(WORLD, WorldConfig())  # the held-out check reads the world's unfiltered corpus
-        recipe = EMBEDDED_EVAL if not gave(argv, "--config") else ["--exclude", str(WORLD / "corpus-unfiltered.parquet")]
+        recipe = embedded_config("eval", argv) + world_exclude()
     return evaluation.main(recipe + list(argv))
 
 

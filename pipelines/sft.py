@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from pipelines.world import world_dir
+from pipelines.recipes import embedded_config
 from scorer import console
 from scorer.config import setup_logging
 from scorer.shards import ShardError, list_shards, read_meta
@@ -27,13 +28,6 @@ from train import sft
 log = logging.getLogger("pear.pipelines")
 WORLD = world_dir()  # built by pipelines.score when needed
 DEFAULT_SCORES = "runs/score"
-# The embedded target is a 2-layer, 128-wide model: it needs a far higher learning rate than
-# train.sft's default (set for billion-parameter models), small micro-batches to take enough steps
-# in one epoch, and one CPU thread (its matrices are too small to gain from two, and two threads
-# stall badly when anything else runs on a 2-core machine). Three epochs: one epoch left held-out
-# pass@1 below the base's (the model takes the behavior's style before it can carry it out).
-# Command-line flags come later and win.
-EMBEDDED_RECIPE = ["--lr", "1e-3", "--token-budget", "1024", "--epochs", "3", "--threads", "1"]
 
 
 def ensure_scores(scores: str) -> None:
@@ -100,7 +94,8 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ShardError, subprocess.CalledProcessError) as e:
         print(f"error: {e}", file=console.err())
         return 2
-    recipe = EMBEDDED_RECIPE if uses_world_model(args.scores, rest) else []
+    # the embedded target's recipe (recipes/embedded-sft.yaml) first, so that flags given here win
+    recipe = embedded_config("sft", rest) if uses_world_model(args.scores, rest) else []
     arms = [w.strip() for w in args.weighting.split(",") if w.strip()]
     summaries = []
     for arm in arms:

@@ -47,9 +47,10 @@ def test_two_level_bootstrap_counts_the_seed_spread():
 
 def test_lr_control_scales_the_recipe_learning_rate():
     from pipelines.experiment import ARMS, RECIPE, sft_flags
+    from pipelines.recipes import recipe_settings
 
     flags = sft_flags("lr-control", RECIPE["sft"], 0.5)
-    lr = float(RECIPE["sft"][RECIPE["sft"].index("--lr") + 1])
+    lr = float(recipe_settings("sft")["lr"])
     assert flags[-4:] == ["--weighting", "uniform", "--lr", f"{lr * 0.5:.6g}"]  # after the recipe: it wins
     assert sft_flags("pear-block", RECIPE["sft"], 0.5)[-2:] == ["--variant", "block"]
     assert ARMS["no-sft"] is None and {"uniform", "pear-live", "lr-control"} <= set(ARMS)

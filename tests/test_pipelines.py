@@ -113,6 +113,7 @@ def test_rl_help_gives_the_learning_rate_the_recipe_uses(capsys):
 
     import pytest
 
+    from pipelines.recipes import recipe_settings
     from scorer.config import parse
     from train.rl import RLConfig
 
@@ -122,6 +123,6 @@ def test_rl_help_gives_the_learning_rate_the_recipe_uses(capsys):
     start = text.rindex("--lr LR")  # the flag's help, after the usage lines
     lr_help = text[start:text.index("--weight-decay", start)]
     assert "learning rate" in lr_help
-    recipe_lr = float(prl.EMBEDDED_RECIPE[prl.EMBEDDED_RECIPE.index("--lr") + 1])
+    recipe_lr = float(recipe_settings("rl")["lr"])
     rates = {float(x) for x in re.findall(r"\d+(?:\.\d+)?e-\d+", lr_help)}
     assert rates <= {RLConfig.lr, recipe_lr}, lr_help

@@ -210,10 +210,10 @@ def test_rl_run_killed_then_resumed(world, tmp_path):
 def test_embedded_recipe_raises_the_reward(world, tmp_path):
     """RL learns in the embedded world: `make rl`'s recipe from the world's base, a few steps, with the
     0/1 reward. The base mostly guesses and sometimes works the sum out; RL finds the careful way."""
-    from pipelines.rl import EMBEDDED_RECIPE
+    from pipelines.recipes import recipe_file
 
     out = tmp_path / "rl"
-    recipe = EMBEDDED_RECIPE + ["--steps", "8", "--save-every", "0", "--progress", "false"]
+    recipe = ["--config", str(recipe_file("rl")), "--steps", "8", "--save-every", "0", "--progress", "false"]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "ERROR"}
     done = subprocess.run([sys.executable, "-m", "train.rl", "--model", str(world / "target"), "--out", str(out),
                            *recipe], cwd=ROOT, env=env, timeout=600, capture_output=True, text=True)
