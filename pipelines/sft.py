@@ -16,8 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipelines.world import world_dir
 from pipelines.recipes import embedded_config
+from pipelines.world import world_dir
 from scorer import console
 from scorer.config import setup_logging
 from scorer.shards import ShardError, list_shards, read_meta

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from scorer import console
 from scorer.config import setup_logging
+from train.rollout import WORLD_TASK_KWARGS, reasoning_gym_examples
 
 log = logging.getLogger("pear.world")
 
@@ -89,22 +90,6 @@ class WorldConfig:
 
 
 # ---- tasks and the two solution styles -------------------------------------------------------
-
-def make_tasks(names, size: int, seed: int) -> list[dict]:
-    """reasoning-gym entries (question, answer, metadata) for the given task names."""
-    import reasoning_gym as rg
-
-    rows = []
-    per = max(1, size // len(names))
-    for k, name in enumerate(names):
-        kwargs = {"min_terms": 2, "max_terms": 4, "min_digits": 1, "max_digits": 1} if name == "chain_sum" else {}
-        ds = rg.create_dataset(name, size=per, seed=seed + k, **kwargs)
-        for i in range(per):
-            e = ds[i]
-            rows.append({"task": name, "question": e["question"], "answer": str(e["answer"]),
-                         "metadata": e["metadata"]})
-    return rows
-
 
 def _steps(expression: str) -> list[tuple[int, str, int, int]]:
     """'4 - 1 + 7' -> [(4, '-', 1, 3), (3, '+', 7, 10)]."""
@@ -285,7 +270,9 @@ def _build(out: Path, cfg: WorldConfig, stamp: dict) -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     offsets = dict(cfg.seed_offsets)
 
-    pre_tasks = make_tasks(cfg.tasks, cfg.pretrain_examples, cfg.seed + offsets["pretrain"])
+    # the tasks as RL and evaluation generate them (train.rollout), with the world's settings
+    pre_tasks = reasoning_gym_examples(cfg.tasks, cfg.pretrain_examples, cfg.seed + offsets["pretrain"],
+                                       WORLD_TASK_KWARGS)
     rng = random.Random(cfg.seed)
     target_texts = [target_text(t["metadata"]["expression"], rng, cfg) for t in pre_tasks]
     behavior_texts = [scratch_style(t["metadata"]["expression"]) if rng.random() < cfg.behavior_careful_share
@@ -303,7 +290,7 @@ def _build(out: Path, cfg: WorldConfig, stamp: dict) -> None:
         tokenizer.save_pretrained(out / name)
         log.info("%s model saved (%.0fs so far)", name, time.time() - t0)
 
-    corpus_tasks = make_tasks(cfg.tasks, cfg.corpus_rows, cfg.seed + offsets["corpus"])
+    corpus_tasks = reasoning_gym_examples(cfg.tasks, cfg.corpus_rows, cfg.seed + offsets["corpus"], WORLD_TASK_KWARGS)
     rows = generate_corpus(out / "behavior", tokenizer, corpus_tasks, cfg.max_new_tokens, cfg.seed)
     for i, r in enumerate(rows):
         r["id"] = f"world-{cfg.seed}-{i:06d}"

@@ -321,20 +321,26 @@ def _register_packed_attention():
     AttentionInterface.register(_PACKED, functools.partial(_packed_attention, varlen=varlen, per_sequence=per_sequence))
 
 
-def length_sorted_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Indices grouped by length so that (rows x longest row) stays under the token budget."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+def padded_batches(order, lengths, token_budget: int) -> list[list[int]]:
+    """Row indices `order` cut greedily, in that order, into batches whose padded size (rows x longest
+    row) stays under the token budget; a row longer than the budget is a batch of its own. The one
+    token-budget batching of the scorer and the SFT trainer (`train.data.plan_epoch`)."""
     batches, cur, longest = [], [], 0
     for i in order:
-        m = max(longest, lengths[i])
+        m = max(longest, int(lengths[i]))
         if cur and m * (len(cur) + 1) > token_budget:
             batches.append(cur)
-            cur, m = [], lengths[i]
-        cur.append(i)
+            cur, m = [], int(lengths[i])
+        cur.append(int(i))
         longest = m
     if cur:
         batches.append(cur)
     return batches
+
+
+def length_sorted_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Indices grouped by length so that (rows x longest row) stays under the token budget."""
+    return padded_batches(sorted(range(len(lengths)), key=lambda i: lengths[i]), lengths, token_budget)
 
 
 def packed_batches(lengths: list[int], token_budget: int) -> list[list[int]]:

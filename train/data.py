@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from scorer.engines import padded_batches
 from scorer.shards import ShardError, check_meta, check_table, list_shards, spans_of
 from scorer.weights import WeightParams
 
@@ -240,16 +241,7 @@ def plan_epoch(lengths: np.ndarray, token_budget: int, seed: int, epoch: int) ->
     rng = np.random.default_rng([seed, epoch])
     tiebreak = rng.permutation(len(lengths))
     order = tiebreak[np.argsort(lengths[tiebreak], kind="stable")]
-    batches, cur, longest = [], [], 0
-    for i in order:
-        m = max(longest, int(lengths[i]))
-        if cur and m * (len(cur) + 1) > token_budget:
-            batches.append(np.array(cur))
-            cur, m = [], int(lengths[i])
-        cur.append(int(i))
-        longest = m
-    if cur:
-        batches.append(np.array(cur))
+    batches = [np.array(b) for b in padded_batches(order, lengths, token_budget)]
     return [batches[k] for k in rng.permutation(len(batches))]
 
 

@@ -74,8 +74,9 @@ class RolloutEngine:
 
 # ---- prompts ------------------------------------------------------------------------------------
 
-# The embedded world's task settings (as in pipelines/world.py): the tiny models know 1-digit
-# chains of 2-4 terms. A JSON object so that any reasoning-gym task can take its own settings.
+# The embedded world's task settings (pipelines/world.py builds its corpus with them): the tiny
+# models know 1-digit chains of 2-4 terms. A JSON object so that any reasoning-gym task can take
+# its own settings.
 WORLD_TASK_KWARGS = '{"chain_sum": {"min_terms": 2, "max_terms": 4, "min_digits": 1, "max_digits": 1}}'
 # The RL stage's default reasoning-gym prompt pool (seed and size); evaluation leaves it out too,
 # so that a model evaluated before RL and after it is scored on the same held-out prompts.
@@ -85,7 +86,7 @@ EVAL_PROMPT_SEED = 30_000
 
 
 def reasoning_gym_examples(tasks, size: int, seed: int, task_kwargs: str | dict = "") -> list[dict]:
-    """`size` reasoning-gym prompts shared over `tasks`; task k uses seed + k (as the world does).
+    """`size` reasoning-gym prompts shared over `tasks`; task k uses seed + k (the world's corpus too).
 
     Rows: prompt (= question), answer, task, metadata: what the rewards need.
     """
