@@ -31,6 +31,7 @@ import json
 import logging
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -297,11 +298,11 @@ def markdown(report: dict) -> str:
 def evaluate(cfg: EvalConfig) -> dict:
     """One evaluation; returns the report (also written to out/eval.json and out/eval.md). One
     evaluation per output folder at a time: a second one is refused, naming the holder."""
-    with locked(cfg.out):
-        return _evaluate(cfg)
+    with ExitStack() as held:
+        return _evaluate(cfg, held)
 
 
-def _evaluate(cfg: EvalConfig) -> dict:
+def _evaluate(cfg: EvalConfig, held: ExitStack) -> dict:
     from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
@@ -317,6 +318,7 @@ def _evaluate(cfg: EvalConfig) -> dict:
     except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
         raise ConfigError(str(e)) from None
     examples, dropped, sources, seen = held_out_set(cfg)
+    held.enter_context(locked(cfg.out))  # the inputs are good: from here on the folder is this run's
 
     # 2. n samples per prompt, rewards
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
