@@ -6,10 +6,10 @@ A synthetic corpus of N rows is made from the embedded world's corpus (its rows 
 ids, with their behavior logprobs, so no behavior model runs) and scored with the embedded target
 (torch backend, in-process executor: the driver process does all the work, so its peak RSS is the
 job's). Then one epoch of the SFT loader (`train.data.load_rows`, the plan, `collate` of every
-micro-batch, read as the trainer reads them) runs over the shards. Each measurement runs in a fresh process and reports its own
-peak resident memory (ru_maxrss). Printed: per size, peak RSS and time; then the ratio of the
-largest size to the smallest (goal: at most 1.2). JSON goes to $OUT/bench_scale.json, else
-bench/results/.
+micro-batch, read as the trainer reads them) runs over the shards. Each measurement runs in a
+fresh process and reports its own peak resident memory (ru_maxrss). Printed: per size, peak RSS
+and time; then the ratio of the largest size to the smallest (goal: at most 1.2). JSON goes to
+$OUT/bench_scale.json, else bench/results/.
 """
 from __future__ import annotations
 
@@ -76,7 +76,8 @@ def run(code: str, args: list[str]) -> tuple[float, float]:
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT), PEAR_BENCH_RESULT=str(result))
         out = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True)
         if out.returncode or not result.exists():
-            raise RuntimeError(f"benchmark process failed (exit {out.returncode}):\n{(out.stdout + out.stderr)[-3000:]}")
+            raise RuntimeError(f"benchmark process failed (exit {out.returncode}):\n"
+                               f"{(out.stdout + out.stderr)[-3000:]}")
         r = json.loads(result.read_text())
     if r["rc"] != 0:
         raise RuntimeError(f"scoring exited {r['rc']}:\n{(out.stdout + out.stderr)[-3000:]}")
@@ -110,9 +111,10 @@ def main(argv=None) -> int:
               "loader": hi["loader_peak_rss_mib"] / lo["loader_peak_rss_mib"]}
     print(f"peak RSS ratio {hi['rows']} / {lo['rows']} rows: driver {ratios['driver']:.2f}x, "
           f"loader {ratios['loader']:.2f}x (goal: at most 1.2)")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d"), "commit": commit,
-              "results": results, "ratios": ratios}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d"),
+              "commit": commit, "results": results, "ratios": ratios}
     dest = Path(os.environ.get("OUT") or ROOT / "bench" / "results") / "bench_scale.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(report, indent=1) + "\n")

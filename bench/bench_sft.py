@@ -117,7 +117,8 @@ def main(argv=None) -> int:
     from pipelines.sft import ensure_scores
 
     setup_logging()
-    console.quiet(Path(os.environ.get("OUT") or ROOT / "runs" / "bench") / "bench_sft.log")  # the terminal: its own lines
+    # the terminal: its own lines
+    console.quiet(Path(os.environ.get("OUT") or ROOT / "runs" / "bench") / "bench_sft.log")
 
     ensure_scores(args.scores)  # the embedded corpus is scored first when runs/score is empty
 

@@ -49,8 +49,9 @@ dev = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
 cuda = dev == "cuda"
 dt = torch.bfloat16 if cuda else torch.float32
 R = {"device": dev, "gpu": torch.cuda.get_device_name() if cuda else None,
-     "gpu_GiB": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None, "torch": torch.__version__,
-     "transformers": transformers.__version__, "args": vars(args), "scoring": {}, "sft": {}, "skipped": {}}
+     "gpu_GiB": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None,
+     "torch": torch.__version__, "transformers": transformers.__version__, "args": vars(args), "scoring": {}, "sft": {},
+     "skipped": {}}
 out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "bench" / "results"
 out_path = out_dir / ("gpu_bench_tiny.json" if args.tiny else "gpu_bench.json")
 
@@ -235,7 +236,8 @@ if naive_tps:
 unit_s = (time.perf_counter() - t) / 1.2 if cuda else 1.0
 floor_n = min(16, nseq)
 if ref is not None:
-    R["bf16_noise_floor"] = dict(zip(("max_abs_diff", "mean_abs_diff"), diff(naive(seq_lists[:floor_n], bs=1), ref[:floor_n])))
+    R["bf16_noise_floor"] = dict(zip(("max_abs_diff", "mean_abs_diff"),
+                                     diff(naive(seq_lists[:floor_n], bs=1), ref[:floor_n])))
     R["bf16_noise_floor"]["what"] = f"naive unbatched vs naive batches of 8, first {floor_n} sequences"
     print(f"noise floor (batch 1 vs 8): max|d| {R['bf16_noise_floor']['max_abs_diff']:.3g}, "
           f"mean|d| {R['bf16_noise_floor']['mean_abs_diff']:.2g}", flush=True)
@@ -282,7 +284,8 @@ def category(kernel):
     for cat, keys in (("triton (compiled)", ("triton",)), ("attention", ("flash", "fmha", "attention")),
                       ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "matmul", "addmm", "aten::mm", "linear")),
                       ("softmax/CE", ("softmax", "nll", "cross_entropy", "logsumexp")),
-                      ("reduce", ("reduce", "amax", "sum")), ("copy/index", ("copy", "cat", "index", "gather", "memcpy", "memset", "fill")),
+                      ("reduce", ("reduce", "amax", "sum")),
+                      ("copy/index", ("copy", "cat", "index", "gather", "memcpy", "memset", "fill")),
                       ("elementwise", ("elementwise", "vectorized", "unrolled", "pointwise", "mul", "add", "silu"))):
         if any(x in k for x in keys):
             return cat
@@ -303,7 +306,8 @@ def profile(name, score):
     for e in prof.key_averages():
         if cuda and str(getattr(e, "device_type", "")).split(".")[-1] != "CUDA":
             continue
-        us = (getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)) if cuda else e.self_cpu_time_total
+        us = ((getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)) if cuda
+              else e.self_cpu_time_total)
         if us > 0:
             times[e.key] = times.get(e.key, 0) + us
     total = sum(times.values()) or 1
@@ -312,7 +316,8 @@ def profile(name, score):
         by_cat[category(k)] = by_cat.get(category(k), 0) + us
     top = sorted(times.items(), key=lambda kv: -kv[1])[:12]
     rec = {"total_ms": round(total / 1e3, 1), "tokens": sum(len(x) for x in batch),
-           "by_category_pct": {c: round(100 * us / total, 1) for c, us in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+           "by_category_pct": {c: round(100 * us / total, 1)
+                               for c, us in sorted(by_cat.items(), key=lambda kv: -kv[1])},
            "top": [[k[:90], round(100 * us / total, 1)] for k, us in top]}
     R.setdefault("profile", {})[name] = rec
     print(f"profile {name}: {rec['by_category_pct']}", flush=True)
@@ -511,7 +516,8 @@ flops_tok = 2 * (nparams - V * d) + 2 * V * d + 4 * L * d * mean_ctx  # as the a
 R["gflop_per_token"] = round(flops_tok / 1e9, 3)
 R["roofline_tok_per_s"] = round(R["matmul_tflops"] * 1e12 / flops_tok)
 R["total_s"] = round(time.perf_counter() - T0, 1)
-print(f"\nroofline {R['roofline_tok_per_s']} tok/s ({R['gflop_per_token']} GFLOP/token at {R['matmul_tflops']} TFLOP/s)")
+print(f"\nroofline {R['roofline_tok_per_s']} tok/s "
+      f"({R['gflop_per_token']} GFLOP/token at {R['matmul_tflops']} TFLOP/s)")
 rows = sorted(((k, v) for k, v in R["scoring"].items() if isinstance(v, dict)), key=lambda kv: -kv[1]["tok_per_s"])
 for k, v in rows:
     print(f"  {v['tok_per_s']:>9} tok/s  {str(v['peak_GiB']):>6} GiB  x{v.get('vs_naive', 1.0):<5}"

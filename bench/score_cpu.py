@@ -34,7 +34,8 @@ def main(argv=None):
     from scorer.config import setup_logging
 
     setup_logging()
-    console.quiet(Path(os.environ.get("OUT") or ROOT / "runs" / "bench") / "score_cpu.log")  # the terminal: its own lines
+    # the terminal: its own lines
+    console.quiet(Path(os.environ.get("OUT") or ROOT / "runs" / "bench") / "score_cpu.log")
 
     def say(line: str) -> None:
         print(line, file=console.out(), flush=True)
@@ -62,8 +63,10 @@ def main(argv=None):
         fn(ids, plens)
         s = time.perf_counter() - t
         results[name] = {"seconds": round(s, 3), "tokens_per_s": round(n_all / s)}
-        ratio = f"  ratio vs {base}: {results[name]['tokens_per_s'] / results[base]['tokens_per_s']:.2f}" if base else ""
-        say(f"{name}: {n_all / s:,.0f} tokens/s (all tokens through the model; {n_resp / s:,.0f} response tokens/s){ratio}")
+        ratio = (f"  ratio vs {base}: {results[name]['tokens_per_s'] / results[base]['tokens_per_s']:.2f}"
+                 if base else "")
+        say(f"{name}: {n_all / s:,.0f} tokens/s (all tokens through the model; "
+            f"{n_resp / s:,.0f} response tokens/s){ratio}")
 
     torch_scorer = TorchScorer(str(world / "target"))
     timed("torch", torch_scorer.score)
@@ -91,8 +94,8 @@ def main(argv=None):
                 base = f"ray_{backend}_1_actor"
                 ratio = (f"  wall ratio 2 actors / 1 actor: {results[base]['wall_s'] / wall:.2f}x faster"
                          if actors == 2 else "")
-                say(f"{name}: wall {wall:.1f}s for {len(ids)} rows ({s['tokens_scored_now'] / wall:,.0f} tokens/s end to end)"
-                    f"{ratio}")
+                say(f"{name}: wall {wall:.1f}s for {len(ids)} rows "
+                    f"({s['tokens_scored_now'] / wall:,.0f} tokens/s end to end){ratio}")
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "score_cpu.json").write_text(json.dumps(results, indent=1) + "\n")
     say(f"written {Path(a.out) / 'score_cpu.json'}")

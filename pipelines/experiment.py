@@ -210,10 +210,12 @@ def weight_diagnostics(arm: str, root: Path, seeds: list[int], scores: Path) -> 
     variant = {"pear-sequence": "sequence", "pear-token": "token", "pear-block": "block"}.get(arm)
     if variant:  # the corpus-wide distribution, from the scoring summary
         v = json.loads((scores / "summary.json").read_text())["variants"][variant]
-        out.update({"share_delta_at_lo": v["share_at_delta_clip"]["lo"], "share_delta_at_hi": v["share_at_delta_clip"]["hi"],
+        out.update({"share_delta_at_lo": v["share_at_delta_clip"]["lo"],
+                    "share_delta_at_hi": v["share_at_delta_clip"]["hi"],
                     "share_log_weight_at_lo": v["share_at_log_weight_clip"]["lo"],
                     "share_log_weight_at_hi": v["share_at_log_weight_clip"]["hi"],
-                    "ess_tokens_fraction": v["ess_tokens_fraction"], "ess_sequences_fraction": v["ess_sequences_fraction"],
+                    "ess_tokens_fraction": v["ess_tokens_fraction"],
+                    "ess_sequences_fraction": v["ess_sequences_fraction"],
                     "weight_mean": v["weight_mean"]})
     return out
 
@@ -309,12 +311,13 @@ def markdown(res: dict, ks: list[int], meta: dict) -> str:
         "|---|---|---|---|---|---|---|---|"]
     for arm, r in arms.items():
         vs = r.get("vs_uniform_after_rl")
-        lines.append(f"| {arm} | {r['heldout_nll']:.3f} | {f(r['after_sft']['pass@1'])} | {f(r['after_rl']['pass@1'])} | "
-                     f"{g(r['rl_gain']['pass@1'])} | {f(r['after_rl'][top])} | "
+        lines.append(f"| {arm} | {r['heldout_nll']:.3f} | {f(r['after_sft']['pass@1'])} | "
+                     f"{f(r['after_rl']['pass@1'])} | {g(r['rl_gain']['pass@1'])} | {f(r['after_rl'][top])} | "
                      f"{g(vs['pass@1']) if vs else '-'} | {g(vs[top]) if vs else '-'} |")
     lines += ["", "Weights each arm trained with (corpus-wide shares from the scoring summary; mean weight and "
               "batch ESS as trained):", "",
-              "| arm | mean weight | delta at lo clip | delta at hi clip | log G at lo clip | ESS tokens | ESS sequences |",
+              "| arm | mean weight | delta at lo clip | delta at hi clip | log G at lo clip | "
+              "ESS tokens | ESS sequences |",
               "|---|---|---|---|---|---|---|"]
     p = lambda x: "-" if x is None else f"{x:.1%}"  # noqa: E731
     for arm, r in arms.items():
@@ -477,12 +480,13 @@ def main(argv=None) -> int:
     res = collect(root, seeds, ks, scores, arms)
     results.mkdir(parents=True, exist_ok=True)
     meta = {"seeds": len(seeds), "command": "make experiment-smoke" if a.smoke else "make experiment",
-            "machine": machine(), "minutes": round(wall_minutes(root, seeds, arms), 1), "arms": arms, "date": time.strftime("%Y-%m-%d"),
-            "commit": commit(), "samples_per_prompt": int(setting(recipe["eval"], "n")),
-            "lr_control_factor": matched_weight}
+            "machine": machine(), "minutes": round(wall_minutes(root, seeds, arms), 1), "arms": arms,
+            "date": time.strftime("%Y-%m-%d"), "commit": commit(),
+            "samples_per_prompt": int(setting(recipe["eval"], "n")), "lr_control_factor": matched_weight}
     (results / "experiment.json").write_text(json.dumps(
         {"meta": meta, "recipe": {k: shown(v) for k, v in recipe.items()},
-         "recipe_files": {k: recipe_settings(k) for k in recipe}, "recipe_steps": int(setting(recipe["rl"], "steps")), **res},
+         "recipe_files": {k: recipe_settings(k) for k in recipe}, "recipe_steps": int(setting(recipe["rl"], "steps")),
+         **res},
         indent=1) + "\n")
     (results / "experiment.md").write_text(markdown(res, ks, meta))
     plots(res, ks, results)

@@ -93,7 +93,8 @@ def ensure_sft_model(model: str) -> str:
         return model
     build(WORLD, WorldConfig())
     log.info("%s is missing: making the embedded scores and SFT checkpoints first (python -m pipelines.sft)", model)
-    subprocess.run([sys.executable, "-m", "pipelines.sft"], check=True, timeout=SFT_TIMEOUT_S, **console.child_streams())
+    subprocess.run([sys.executable, "-m", "pipelines.sft"], check=True, timeout=SFT_TIMEOUT_S,
+                   **console.child_streams())
     if not (Path(model) / "config.json").exists():
         raise FileNotFoundError(f"pipelines.sft finished but wrote no model at {model}")
     return model

@@ -202,7 +202,9 @@ def pretrain(model, examples: list[tuple[list[int], int]], steps: int, seed: int
         loss = weighted_nll(lp, torch.ones_like(lp), lp.numel())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
         if step % 50 == 0 or step == steps - 1:
             log.info("pretrain step %d/%d loss %.3f", step + 1, steps, loss.item())
     model.eval()
@@ -222,7 +224,8 @@ def generate_corpus(behavior_dir: Path, tokenizer, tasks: list[dict], max_new_to
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t["question"]}],
                                              add_generation_prompt=True, tokenize=True, return_dict=False)
                for t in tasks]
-    sp = SamplingParams(n=1, temperature=1.0, max_tokens=max_new_tokens, logprobs=0)  # engine-level seed: per-request seeds fail on CPU
+    # engine-level seed: per-request seeds fail on CPU
+    sp = SamplingParams(n=1, temperature=1.0, max_tokens=max_new_tokens, logprobs=0)
     outs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sp, use_tqdm=False)
     rows = []
     for task, out in zip(tasks, outs):

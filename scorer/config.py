@@ -3,9 +3,9 @@
 Each field carries its help text as `metadata={"help": ...}`. Precedence: defaults < YAML
 (`--config recipe.yaml`) < command-line flags. Field `foo_bar` is flag `--foo-bar`; tuples take
 comma-separated values (`--delta-clip -0.08,0.3` or `--delta-clip=-0.08,0.3`); booleans take
-true/false. A field whose type is itself such a dataclass is a group shared by several stages (`WeightConfig`): its fields are
-flags of their own (`--variant`, not `--weights-variant`), and YAML takes them flat or nested
-under the group's name.
+true/false. A field whose type is itself such a dataclass is a group shared by several stages
+(`WeightConfig`): its fields are flags of their own (`--variant`, not `--weights-variant`), and
+YAML takes them flat or nested under the group's name.
 """
 from __future__ import annotations
 

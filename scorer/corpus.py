@@ -244,7 +244,8 @@ def _sampled_response(row: dict, conversation: list[dict], tokenizer) -> list[in
         # text would tokenize differently; they must still spell this response.
         decoded = tokenizer.decode(response_ids, skip_special_tokens=True)
         if decoded != response:
-            at = next((i for i, (a, b) in enumerate(zip(decoded, response)) if a != b), min(len(decoded), len(response)))
+            at = next((i for i, (a, b) in enumerate(zip(decoded, response)) if a != b),
+                      min(len(decoded), len(response)))
             raise RowError("response_ids", f"do not spell the response text: from character {at} they decode to "
                                            f"{decoded[at:at + 30]!r}, the text has {response[at:at + 30]!r}")
     return response_ids
@@ -295,7 +296,8 @@ def encode_row(row: dict, index: int, source: str, tokenizer, *, max_len: int, t
         if behavior.ndim != 1 or len(behavior) != n_response:
             raise RowError("behavior_logprobs", f"has {behavior.size} values for {n_response} response tokens")
         if not np.isfinite(behavior).all():
-            raise RowError("behavior_logprobs", f"non-finite value at response token {int(np.argmin(np.isfinite(behavior)))}")
+            raise RowError("behavior_logprobs",
+                           f"non-finite value at response token {int(np.argmin(np.isfinite(behavior)))}")
         if (behavior > 1e-4).any():
             raise RowError("behavior_logprobs", f"positive logprob {behavior.max():.4g} (not a log-probability)")
         behavior = behavior.astype(np.float32)

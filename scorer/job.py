@@ -30,8 +30,9 @@ from scorer.corpus import unknown_roles as count_unknown_roles
 from scorer.engines import BACKENDS, make_scorer, vllm_available
 from scorer.lock import locked, writable_folder
 from scorer.models import model_record, pinned, resolve_model
-from scorer.shards import (CORE_NAMES, META_KEY, REJECT_SCHEMA, SCHEMA_VERSION, NotAShard, ShardError, core_table, list_shards, read_meta,
-                           made_on, remove_temporaries, tokenizer_sha256, write_atomic, write_json_atomic)
+from scorer.shards import (CORE_NAMES, META_KEY, REJECT_SCHEMA, SCHEMA_VERSION, NotAShard, ShardError, core_table,
+                           list_shards, read_meta, made_on, remove_temporaries, tokenizer_sha256, write_atomic,
+                           write_json_atomic)
 from scorer.storage import as_path, replace
 from scorer.sources import InputError, Source, open_source, open_sources
 from scorer.stats import stats_of_shards, weight_table
@@ -55,7 +56,8 @@ class ScoreConfig:
                               "empty or 'none': the corpus column only")
     backend: str = field("auto", "scoring backend: vllm, torch, or auto (torch: the fastest measured, "
                                  "see bench/RESULTS.md)")
-    weights: WeightConfig = field(WeightConfig(), "PEAR weighting: --variant, --gamma, --block-size, --delta-clip, --log-weight-clip")
+    weights: WeightConfig = field(WeightConfig(),
+                                  "PEAR weighting: --variant, --gamma, --block-size, --delta-clip, --log-weight-clip")
     max_len: int = field(4096, "longest prompt+response in tokens; longer rows are rejected")
     truncate: bool = field(False, "cut over-long responses to max_len instead of rejecting them")
     append_eos: bool = field(True, "end tokenized responses with the tokenizer's EOS token")
@@ -148,7 +150,8 @@ class ShardScorer:
                 if ex.behavior_logprobs is None and self.cfg.behavior_model is None:
                     raise RowError("behavior_logprobs", "is null and no behavior model was given")
             except Exception as e:  # whatever is wrong with one row rejects that row, not the job
-                field, reason = (e.field, e.reason) if isinstance(e, RowError) else ("<row>", f"{type(e).__name__}: {e}")
+                field, reason = ((e.field, e.reason) if isinstance(e, RowError)
+                                 else ("<row>", f"{type(e).__name__}: {e}"))
                 rejects.append({"id": _safe_id(row, index, str(path)), "source": str(path), "row": index,
                                 "field": field, "reason": reason})
                 continue
@@ -195,8 +198,8 @@ class ShardScorer:
         write_atomic(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), out_dir / "rejects" / "parts" / unit["shard"])
         behavior_source = ("model" if from_model == len(examples) and examples else
                            "column+model" if from_model else "column")
-        meta = dict(self.job_meta, source=str(path), source_fingerprint=json.loads(unit["fingerprint"]), rows=[start, stop],
-                    rows_sha256=rows_sha256(rows), unknown_roles=unknown_roles, made_on=made_on(),
+        meta = dict(self.job_meta, source=str(path), source_fingerprint=json.loads(unit["fingerprint"]),
+                    rows=[start, stop], rows_sha256=rows_sha256(rows), unknown_roles=unknown_roles, made_on=made_on(),
                     behavior=dict(self.job_meta["behavior"], source=behavior_source, rows_from_model=from_model))
         write_atomic(out, out_dir / unit["shard"], meta)
         n_tokens = int(sum(len(x) for x in input_ids))
@@ -320,7 +323,8 @@ def check_inputs(cfg: ScoreConfig) -> tuple[list[Source], list[dict], dict, byte
         raise ConfigError(f"--rows-per-shard must be at least 1, got {cfg.rows_per_shard}")
     if cfg.backend != "auto" and cfg.backend not in BACKENDS:
         raise ConfigError(f"backend must be auto or one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
-    if cfg.torch_compile.lower() not in ("auto", "true", "false") or cfg.torch_attention not in ("", "padded", "packed"):
+    if (cfg.torch_compile.lower() not in ("auto", "true", "false")
+            or cfg.torch_attention not in ("", "padded", "packed")):
         raise ConfigError("torch_compile must be auto/true/false and torch_attention padded/packed")
     if cfg.executor not in ("ray", "local"):
         raise ConfigError(f"executor must be ray or local, got {cfg.executor!r}")
@@ -555,7 +559,8 @@ def execute(cfg: ScoreConfig, units: list[dict], job_meta: dict, passthrough: by
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     actors = cfg.actors or default_actors(ray.nodes(), gpus, cfg.cpus_per_actor, len(units))
     ds = ray.data.from_items(units, override_num_blocks=len(units))
-    ds = ds.map_batches(ShardScorer, fn_constructor_kwargs={"cfg": cfg, "job_meta": job_meta, "passthrough": passthrough},
+    ds = ds.map_batches(ShardScorer,
+                        fn_constructor_kwargs={"cfg": cfg, "job_meta": job_meta, "passthrough": passthrough},
                         batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
                         num_cpus=cfg.cpus_per_actor, num_gpus=gpus)
     # an actor that dies (its process or its node) is restarted and its unit retried: Ray Data's
@@ -680,7 +685,8 @@ def summarize(cfg: ScoreConfig, out: Path, units: list[dict], results: list[dict
         "warnings": warnings,
     }
     if warnings["empty_sources"]:
-        log.warning("%d empty input(s), no rows: %s", len(warnings["empty_sources"]), ", ".join(warnings["empty_sources"][:5]))
+        log.warning("%d empty input(s), no rows: %s", len(warnings["empty_sources"]),
+                    ", ".join(warnings["empty_sources"][:5]))
     if warnings["duplicate_ids"]:
         log.warning("%d rows repeat an earlier row's id (%d of these ids name different content: see summary.json)",
                     warnings["duplicate_ids"], warnings["conflicting_ids"])
@@ -688,7 +694,8 @@ def summarize(cfg: ScoreConfig, out: Path, units: list[dict], results: list[dict
         log.warning("%d messages have a role the common chat templates do not know (not one of %s); they went "
                     "through the template as they are", warnings["unknown_roles"], ", ".join(KNOWN_ROLES))
     if summary["rows_in"] != summary["rows_written"] + summary["rows_rejected"]:
-        log.error("row accounting does not add up: %s", {k: summary[k] for k in ("rows_in", "rows_written", "rows_rejected")})
+        log.error("row accounting does not add up: %s",
+                  {k: summary[k] for k in ("rows_in", "rows_written", "rows_rejected")})
     return summary
 
 

@@ -128,7 +128,7 @@ class JSONArraySource(FileSource):
         with self.path.open("rb") as f:
             try:
                 # ijson picks its C backend (yajl2_c) when built; use_float: numbers as int/float, not Decimal
-                for n, item in enumerate(ijson.items(f, "item", use_float=True), 1):
+                for n, item in enumerate(ijson.items(f, "item", use_float=True), 1):  # noqa: B007 (n: the error message)
                     yield item
             except ijson.JSONError as e:
                 reason = str(e).strip().splitlines()[0]  # yajl adds lines pointing at the spot

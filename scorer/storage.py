@@ -195,7 +195,8 @@ class ObjectPath:
         found = []
         for i in self._listing(deep):
             rel = i.path[len(self.key) + 1:]
-            if fnmatch.fnmatchcase(rel, pattern) or (pattern.startswith("**/") and fnmatch.fnmatchcase(rel, pattern[3:])):
+            if (fnmatch.fnmatchcase(rel, pattern)
+                    or (pattern.startswith("**/") and fnmatch.fnmatchcase(rel, pattern[3:]))):
                 found.append(ObjectPath(f"{self.scheme}://{i.path}"))
         return sorted(found)
 

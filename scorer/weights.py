@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only
+    import torch
 
 # torch is imported in the functions that use it: the stages' configs (scorer/config.py) take their
 # defaults from `WeightParams` and `VARIANTS` without the seconds a torch import costs

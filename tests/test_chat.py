@@ -17,7 +17,8 @@ END_OF_TURN = {"qwen2_5": "<|im_end|>", "llama3": "<|eot_id|>", "llama3_1": "<|e
 
 
 def conversation(family: str) -> list[dict]:
-    system = [] if family == "gemma2" else [{"role": "system", "content": "Answer briefly."}]  # gemma has no system role
+    # gemma has no system role
+    system = [] if family == "gemma2" else [{"role": "system", "content": "Answer briefly."}]
     return system + [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "It is 5."},
                      {"role": "user", "content": "And 5 plus 5?"}, {"role": "assistant", "content": "It is 10."}]
 

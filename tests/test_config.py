@@ -31,7 +31,8 @@ def test_sft_keeps_the_stored_weights_unless_a_variant_is_named():
 
 
 def test_bad_constants_exit_2_naming_them(capsys):
-    for flags, words in [(["--gamma", "0"], "gamma must be in (0, 1]"), (["--variant", "tokens"], "variant must be one of")]:
+    for flags, words in [(["--gamma", "0"], "gamma must be in (0, 1]"),
+                         (["--variant", "tokens"], "variant must be one of")]:
         with pytest.raises(SystemExit) as e:
             parse(ScoreConfig, flags)
         assert e.value.code == 2 and words in capsys.readouterr().err

@@ -67,7 +67,8 @@ def test_response_ids_that_spell_other_text_are_rejected(tokenizer):
     ({"prompt": "q", "response": "  "}, "response", "empty"),
     ({"foo": 1}, "prompt", "neither"),
     ({"prompt": "q", "response": "ab", "behavior_logprobs": [-0.1]}, "behavior_logprobs", "values for"),
-    ({"prompt": "q", "response": "ab", "behavior_logprobs": [-0.1, float("nan"), -0.1]}, "behavior_logprobs", "non-finite"),
+    ({"prompt": "q", "response": "ab", "behavior_logprobs": [-0.1, float("nan"), -0.1]}, "behavior_logprobs",
+     "non-finite"),
     ({"prompt": "q", "response": "ab", "behavior_logprobs": [-0.1, 0.5, -0.1]}, "behavior_logprobs", "positive"),
     ({"prompt": "q", "response": " ".join(str(i) for i in range(600))}, "response", "exceed max_len"),
     ({"prompt": "q", "response_ids": [5, 99_999]}, "response_ids", "outside the model's vocabulary"),
@@ -92,7 +93,8 @@ def test_truncation_only_when_asked_and_cuts_behavior_logprobs_too(tokenizer):
 def test_ids_are_kept_or_derived_stably(tokenizer):
     assert encode({"id": 7, "prompt": "q", "response": "a"}, tokenizer).id == "7"
     a = encode({"prompt": "q", "response": "a"}, tokenizer).id
-    assert a == encode({"prompt": "q", "response": "a", "other": 1}, tokenizer).id == derive_id({"prompt": "q", "response": "a"})
+    assert (a == encode({"prompt": "q", "response": "a", "other": 1}, tokenizer).id
+            == derive_id({"prompt": "q", "response": "a"}))
     assert a != encode({"prompt": "q", "response": "b"}, tokenizer).id
 
 

@@ -251,7 +251,8 @@ def test_evaluate_end_to_end(world, tmp_path):
     assert report["held_out"]["dropped_overlapping"] >= 10  # the planted RL prompts were removed
     assert str(model / "rl_prompts.jsonl") in report["held_out"]["checked_against"]
     evaluated = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(evaluated) == report["prompts"] and not {e["prompt"] for e in evaluated} & {e["prompt"] for e in rl_prompts}
+    assert (len(evaluated) == report["prompts"]
+            and not {e["prompt"] for e in evaluated} & {e["prompt"] for e in rl_prompts})
     g = report["groups"]["all"]
     p = [g[f"pass@{k}"]["mean"] for k in (1, 2, 4)]
     assert p[0] <= p[1] <= p[2] <= 1.0 and 0.0 < p[2]  # the base model solves part of the tasks

@@ -167,7 +167,8 @@ def test_user_errors_are_one_line_and_exit_2(world, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     base = ["--data", str(data), "--target", str(world / "target"), "--executor", "local"]
     for args, words in [(["--out", str(tmp_path / "file")], "is a file, not a folder"),
-                        (["--out", str(tmp_path / "s"), "--rows-per-shard", "0"], "--rows-per-shard must be at least 1")]:
+                        (["--out", str(tmp_path / "s"), "--rows-per-shard", "0"],
+                         "--rows-per-shard must be at least 1")]:
         assert job.main(base + args) == 2
         err = capsys.readouterr().err.strip()
         assert words in err and "\n" not in err

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
@@ -242,8 +241,10 @@ def test_unusable_object_storage_is_one_line_and_exit_2(world, s3, local_run, tm
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err
 
-    fails(["--data", f"{bucket}/c.parquet", "--out", "s3://no-such-bucket/scores", *base], "'no-such-bucket' does not exist")
-    fails(["--data", "s3://no-such-bucket/c.parquet", "--out", f"{bucket}/scores", *base], "'no-such-bucket' does not exist")
+    fails(["--data", f"{bucket}/c.parquet", "--out", "s3://no-such-bucket/scores", *base],
+          "'no-such-bucket' does not exist")
+    fails(["--data", "s3://no-such-bucket/c.parquet", "--out", f"{bucket}/scores", *base],
+          "'no-such-bucket' does not exist")
     fails(["--scores", "s3://no-such-bucket/scores", "--variant", "block"], "not found", main=reweight_main)
     fails(["--scores", str(local), "--out", "s3://no-such-bucket/export"], "'no-such-bucket' does not exist",
           main=__import__("scorer.export", fromlist=["main"]).main)

@@ -71,7 +71,8 @@ def test_sft_on_the_default_folder_keeps_a_reweighted_variant(tmp_path, monkeypa
     scores.mkdir(parents=True)
     meta = {"schema_version": 2, "variant": "block", "gamma": 0.99, "block_size": 8, "delta_clip": [-0.1, 0.2],
             "log_weight_clip": [-5.0, 5.0], "target_model": {"path": str(sft.WORLD.resolve() / "target")}}
-    write_atomic(core_table(["a"], [[1, 2, 3]], [[(1, 3)]], [[-1, -1]], [[-1, -1]], [[1, 1]]), scores / "c.parquet", meta)
+    write_atomic(core_table(["a"], [[1, 2, 3]], [[(1, 3)]], [[-1, -1]], [[-1, -1]], [[1, 1]]), scores / "c.parquet",
+                 meta)
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd))
     sft.ensure_scores("runs/score")
@@ -79,7 +80,8 @@ def test_sft_on_the_default_folder_keeps_a_reweighted_variant(tmp_path, monkeypa
                       "--log-weight-clip=-5.0,5.0"} <= set(calls[0])
     calls.clear()
     meta["target_model"] = {"path": str(tmp_path / "my-model")}  # a user's own scores: nothing to make
-    write_atomic(core_table(["a"], [[1, 2, 3]], [[(1, 3)]], [[-1, -1]], [[-1, -1]], [[1, 1]]), scores / "c.parquet", meta)
+    write_atomic(core_table(["a"], [[1, 2, 3]], [[(1, 3)]], [[-1, -1]], [[-1, -1]], [[1, 1]]), scores / "c.parquet",
+                 meta)
     sft.ensure_scores("runs/score")
     assert not calls
 

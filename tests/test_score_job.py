@@ -39,12 +39,14 @@ def mixed_corpus(world, tmp_path):
     src = good.row(0, named=True)
     n_resp = len(src["response_ids"])
     extra = [
-        {"id": "no-behavior", "prompt": src["prompt"], "response": src["response"], "response_ids": src["response_ids"]},
-        {"id": "chat", "messages": [{"role": "user", "content": "1 + 2 ="}, {"role": "assistant", "content": "1+2=3\nAnswer: 3"}]},
+        {"id": "no-behavior", "prompt": src["prompt"], "response": src["response"],
+         "response_ids": src["response_ids"]},
+        {"id": "chat", "messages": [{"role": "user", "content": "1 + 2 ="},
+                                    {"role": "assistant", "content": "1+2=3\nAnswer: 3"}]},
         {"id": "no-response", "prompt": "q"},
         {"id": "empty", "prompt": "q", "response": ""},
-        {"id": "short-logprobs", "prompt": src["prompt"], "response_ids": src["response_ids"], "response": src["response"],
-         "behavior_logprobs": src["behavior_logprobs"][:-1]},
+        {"id": "short-logprobs", "prompt": src["prompt"], "response_ids": src["response_ids"],
+         "response": src["response"], "behavior_logprobs": src["behavior_logprobs"][:-1]},
         {"id": "nan", "prompt": src["prompt"], "response_ids": src["response_ids"], "response": src["response"],
          "behavior_logprobs": [float("nan")] * n_resp},
         {"id": "long", "prompt": src["prompt"], "response": " ".join(str(i) for i in range(700))},
@@ -76,7 +78,7 @@ def test_job_writes_shards_rejects_and_summary(world, mixed_corpus, tmp_path):
     assert df.columns[: len(CORE_NAMES)] == CORE_NAMES and "task" in df.columns  # pass-through kept
     assert len(df) == 42 and df["id"].n_unique() == 42
     shards = list_shards(out)
-    assert [s.name for s in shards] == [f"extra-00000.parquet"] + [f"good-0000{i}.parquet" for i in range(3)]
+    assert [s.name for s in shards] == ["extra-00000.parquet"] + [f"good-0000{i}.parquet" for i in range(3)]
     meta = read_meta(shards[1])
     for key in ("schema_version", "variant", "gamma", "block_size", "delta_clip", "log_weight_clip", "target_model",
                 "behavior", "tokenizer_sha256", "backend", "version"):

@@ -334,7 +334,8 @@ def test_cli_exit_code_is_2(scores, tmp_path):
 def test_activation_checkpointing_changes_memory_not_the_training(scores, tmp_path):
     plain = train(cfg_for(scores, tmp_path / "plain", max_steps=3))
     ckpt = train(cfg_for(scores, tmp_path / "ckpt", max_steps=3, gradient_checkpointing=True))
-    assert [m["loss"] for m in metrics(tmp_path / "ckpt")] == pytest.approx([m["loss"] for m in metrics(tmp_path / "plain")], rel=1e-5)
+    assert [m["loss"] for m in metrics(tmp_path / "ckpt")] == pytest.approx(
+        [m["loss"] for m in metrics(tmp_path / "plain")], rel=1e-5)
     a, b = params_of(tmp_path / "plain"), params_of(tmp_path / "ckpt")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)

@@ -21,7 +21,7 @@ import pytest
 from scorer import inspect as inspect_cli
 from scorer.config import parse
 from scorer.corpus import RowError, encode_row
-from scorer.job import ConfigError, ScoreConfig, run
+from scorer.job import ScoreConfig, run
 from scorer.job import main as score_main
 from scorer.reweight import main as reweight_main
 from scorer.shards import list_shards, read_meta
@@ -88,7 +88,8 @@ def test_an_empty_assistant_turn_is_rejected_like_an_empty_response(content):
 def test_an_assistant_turn_that_only_calls_a_tool_is_still_scored():
     tok = tiny_tokenizer("qwen2_5")
     call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
-    ex = encode({"messages": [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+    ex = encode({"messages": [{"role": "user", "content": "2+3?"},
+                              {"role": "assistant", "content": "", "tool_calls": [call]},
                               {"role": "tool", "content": "5"}, {"role": "assistant", "content": "5"}]}, tok)
     assert len(ex.spans) == 2 and "add" in tok.decode(ex.input_ids[slice(*ex.spans[0])])
 
@@ -162,7 +163,9 @@ def test_an_unreachable_ray_address_exits_2_naming_it(world, tmp_path):
     data = tmp_path / "c.parquet"
     pl.read_parquet(world / "corpus.parquet").head(2).write_parquet(data)
     address = f"127.0.0.1:{free_port()}"  # nobody listens there
-    proc = subprocess.run([sys.executable, "-m", "scorer.job", *score_args(world, data, tmp_path / "s", executor="ray")], cwd=ROOT, capture_output=True, text=True, timeout=200,
+    proc = subprocess.run([sys.executable, "-m", "scorer.job",
+                           *score_args(world, data, tmp_path / "s", executor="ray")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=200,
                           env={**os.environ, "PEAR_QUIET": "1", "RAY_ADDRESS": address})
     assert proc.returncode == 2, proc.stderr
     err = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
@@ -182,8 +185,10 @@ def test_a_stale_cluster_record_does_not_stop_a_local_ray_run(world, tmp_path):
         (ray_tmp / "ray").mkdir()
         (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")  # a dead cluster's record
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        proc = subprocess.run([sys.executable, "-m", "scorer.job", *score_args(world, data, tmp_path / "s", executor="ray")], cwd=ROOT, capture_output=True,
-                              text=True, timeout=400, env={**env, "PEAR_QUIET": "1", "RAY_TMPDIR": str(ray_tmp)})
+        proc = subprocess.run([sys.executable, "-m", "scorer.job",
+                               *score_args(world, data, tmp_path / "s", executor="ray")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=400,
+                              env={**env, "PEAR_QUIET": "1", "RAY_TMPDIR": str(ray_tmp)})
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -198,10 +203,11 @@ def test_a_cluster_that_refuses_the_token_is_one_line_and_exit_2(world, tmp_path
     ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port", str(port),
-                             "--num-cpus", "1", "--include-dashboard", "false"], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**env, "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "a" * 32})
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+                             "--port", str(port), "--num-cpus", "1", "--include-dashboard", "false"],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**env, "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "token",
+                                 "RAY_AUTH_TOKEN": "a" * 32})
     try:
         for _ in range(240):  # the head's GCS listens
             try:
@@ -209,9 +215,11 @@ def test_a_cluster_that_refuses_the_token_is_one_line_and_exit_2(world, tmp_path
                 break
             except OSError:
                 time.sleep(0.5)
-        proc = subprocess.run([sys.executable, "-m", "scorer.job", *score_args(world, data, tmp_path / "s", executor="ray")],
+        proc = subprocess.run([sys.executable, "-m", "scorer.job",
+                               *score_args(world, data, tmp_path / "s", executor="ray")],
                               cwd=ROOT, capture_output=True, text=True, timeout=300,
-                              env={**env, "PEAR_QUIET": "1", "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_TOKEN": "b" * 32})
+                              env={**env, "PEAR_QUIET": "1", "RAY_ADDRESS": f"127.0.0.1:{port}",
+                                   "RAY_AUTH_TOKEN": "b" * 32})
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # the head and the daemons it started (its own process group)
         try:

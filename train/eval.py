@@ -359,7 +359,8 @@ def _evaluate(cfg: EvalConfig, held: ExitStack) -> dict:
             idx = np.array([x == t for x in tasks])
             report_groups[str(t)] = summarize(rewards[idx], passed[idx], ks, cfg.bootstrap, cfg.seed)
     report = {
-        "model": cfg.model, "model_ref": asdict(model_ref), "n": cfg.n, "k": ks, "prompts": len(examples), "groups": report_groups,
+        "model": cfg.model, "model_ref": asdict(model_ref), "n": cfg.n, "k": ks, "prompts": len(examples),
+        "groups": report_groups,
         "held_out": {"checked_against": [str(s) for s in sources], "compared": COMPARED, "training_prompts": len(seen),
                      "dropped_overlapping": dropped, "overlap_after_check": 0},
         "reward_errors": errors, "seconds": round(time.perf_counter() - t0, 2), "config": asdict(cfg),
