@@ -112,7 +112,7 @@ def ok(r: subprocess.CompletedProcess, line: str) -> str:
     """The target exited 0 and printed `line` (a regular expression) on the terminal."""
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert re.search(line, r.stdout + r.stderr, re.M), (line, r.stdout[-3000:], r.stderr[-3000:])
-    return r.stdout
+    return r.stdout + r.stderr  # what the terminal shows
 
 
 @pytest.mark.slow
