@@ -64,7 +64,7 @@ DESC.bench-scale := driver and SFT-loader peak memory against corpus size
 DESC.bench-gpu := every GPU figure
 DESC.test := the test suite (what CI runs)
 DESC.test-fast := the suite without the slow end-to-end runs
-DESC.lint := byte-compile every package
+DESC.lint := ruff (its settings in pyproject.toml)
 DESC.clean := remove runs/
 # every target: ARGS (more flags, passed as they are), VERBOSE, WORLD_SEED, VENV
 GLOBAL_VARS := ARGS VERBOSE WORLD_SEED VENV
@@ -179,7 +179,7 @@ test-fast: setup world
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow" $(ARGS)
 
 lint: setup
-	$(PY) -m compileall -q scorer train pipelines tests bench
+	$(PY) -m ruff check scorer train pipelines tests bench
 
 clean:
 	rm -rf runs
