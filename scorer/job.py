@@ -562,7 +562,10 @@ def execute(cfg: ScoreConfig, units: list[dict], job_meta: dict, passthrough: by
     ds = ds.map_batches(ShardScorer,
                         fn_constructor_kwargs={"cfg": cfg, "job_meta": job_meta, "passthrough": passthrough},
                         batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
-                        num_cpus=cfg.cpus_per_actor, num_gpus=gpus)
+                        num_cpus=cfg.cpus_per_actor, num_gpus=gpus,
+                        # actors over the nodes, not packed onto the first that has room: every node
+                        # scores, and a lost node takes a share of the actors, not all of them
+                        scheduling_strategy="SPREAD")
     # an actor that dies (its process or its node) is restarted and its unit retried: Ray Data's
     # defaults for actor pools (max_restarts=-1, max_task_retries=-1); the shard is written atomically
     t0, tokens = time.perf_counter(), 0
