@@ -31,13 +31,15 @@ VARS.inspect := SCORES PNG
 VARS.sft := SCORES OUT MODEL WEIGHTING $(WEIGHT_VARS) EPOCHS MAX_STEPS LR TOKEN_BUDGET PRECISION \
             GRADIENT_CHECKPOINTING LORA_RANK LORA_ALPHA LORA_TARGETS REPORT_TO SEED SAVE_EVERY OVERWRITE CONFIG
 VARS.rl := MODEL OUT TASKS PROMPTS ANSWER_COLUMN REWARD STEPS LR PROMPTS_PER_STEP SAMPLES_PER_PROMPT MAX_NEW_TOKENS \
-           KL_COEF AGGREGATION REPORT_TO SEED SAVE_EVERY OVERWRITE CONFIG
+           KL_COEF AGGREGATION MICRO_BATCH_TOKENS GRADIENT_CHECKPOINTING CPU_KV_CACHE_GIB GPU_MEMORY_UTILIZATION \
+           REPORT_TO SEED SAVE_EVERY OVERWRITE CONFIG
 VARS.eval := MODEL OUT TASKS PROMPTS ANSWER_COLUMN REWARD NUM_PROMPTS N K BASELINE MAX_NEW_TOKENS SEED CONFIG
 VARS.experiment := SEEDS ARMS JOBS OUT RESULTS
 VARS.experiment-smoke := ARMS JOBS OUT RESULTS
 VARS.bench := ROWS SCORES STEPS
 VARS.bench-sft := SCORES STEPS
 VARS.bench-scale := SIZES
+VARS.bench-rl := SIZES MODES
 VARS.bench-gpu :=
 VARS.test := TEST_WORKERS
 VARS.test-fast := TEST_WORKERS
@@ -61,6 +63,7 @@ DESC.experiment-smoke := the experiment at smoke size
 DESC.bench := CPU scoring backends and PEAR vs uniform SFT step time
 DESC.bench-sft := PEAR vs uniform SFT step time
 DESC.bench-scale := driver and SFT-loader peak memory against corpus size
+DESC.bench-rl := peak memory of an RL step against the batch (135M shape; an hour on 2 cores)
 DESC.bench-gpu := every GPU figure
 DESC.test := the test suite (what CI runs)
 DESC.test-fast := the suite without the slow end-to-end runs
@@ -69,7 +72,7 @@ DESC.clean := remove runs/
 # every target: ARGS (more flags, passed as they are), VERBOSE, WORLD_SEED, VENV
 GLOBAL_VARS := ARGS VERBOSE WORLD_SEED VENV
 TARGETS := help setup demo world score reweight export inspect sft rl eval experiment experiment-smoke \
-           bench bench-sft bench-scale bench-gpu test test-fast lint clean
+           bench bench-sft bench-scale bench-rl bench-gpu test test-fast lint clean
 
 # the flag of a variable: lower case, _ -> - (SPLIT is --data-split)
 lc = $(subst A,a,$(subst B,b,$(subst C,c,$(subst D,d,$(subst E,e,$(subst F,f,$(subst G,g,$(subst H,h,$(subst I,i,$(subst J,j,$(subst K,k,$(subst L,l,$(subst M,m,$(subst N,n,$(subst O,o,$(subst P,p,$(subst Q,q,$(subst R,r,$(subst S,s,$(subst T,t,$(subst U,u,$(subst V,v,$(subst W,w,$(subst X,x,$(subst Y,y,$(subst Z,z,$(1)))))))))))))))))))))))))))
@@ -163,6 +166,10 @@ bench-sft: setup
 # driver and SFT-loader peak memory for a 10k- and a 100k-row corpus (minutes on 2 cores)
 bench-scale: setup
 	$(PY) -m bench.bench_scale $(call args,bench-scale)
+
+# peak RSS of one RL step at 8, 16, 32 prompts x 8 samples, with and without the token budget
+bench-rl: setup
+	$(PY) -m bench.bench_rl_memory $(call args,bench-rl)
 
 # one script, every GPU measurement (a few minutes on an H100/H200); results in bench/results/
 bench-gpu: setup

@@ -50,8 +50,11 @@ def on_gpu() -> bool:
 
 
 def make_vllm_engine(model: str, max_model_len: int = 4096, skip_tokenizer_init: bool = True,
-                     gpu_memory_utilization: float = 0.85, dtype: str | None = None, seed: int = 0):
-    """A vLLM engine for scoring or sampling; float32 on CPU (bf16 logprobs of a tiny model drift)."""
+                     gpu_memory_utilization: float = 0.85, dtype: str | None = None, seed: int = 0,
+                     cpu_kv_cache_gib: int | None = None):
+    """A vLLM engine for scoring or sampling; float32 on CPU (bf16 logprobs of a tiny model drift).
+    `cpu_kv_cache_gib`: the KV cache on the CPU (VLLM_CPU_KVCACHE_SPACE, read as the engine starts);
+    None: the environment's, 1 GiB unless set."""
     _vllm_env()
     from vllm import LLM
 
@@ -62,7 +65,14 @@ def make_vllm_engine(model: str, max_model_len: int = 4096, skip_tokenizer_init:
                   logprobs_mode="raw_logprobs", seed=seed)
     if on_gpu():
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-    return LLM(**kwargs)
+    if cpu_kv_cache_gib is None or on_gpu():
+        return LLM(**kwargs)
+    before = os.environ["VLLM_CPU_KVCACHE_SPACE"]  # this engine's only: later ones get the environment's
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(cpu_kv_cache_gib))
+    try:
+        return LLM(**kwargs)
+    finally:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = before
 
 
 def shutdown_vllm(llm) -> None:
@@ -139,7 +149,8 @@ class TorchScorer:
         import torch
         from transformers import AutoModelForCausalLM
 
-        gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") if isinstance(model, str) \
+        gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") \
+            if isinstance(model, str) \
             else next(model.parameters()).is_cuda
         attention = attention or ("packed" if gpu else "padded")
         compile = gpu if compile is None else compile
@@ -148,7 +159,8 @@ class TorchScorer:
             raise ValueError(f"attention must be 'padded' or 'packed', got {attention!r}")
         if isinstance(model, str):
             self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if self.device == "cuda" else torch.float32)
+            torch_dtype = (getattr(torch, dtype) if dtype
+                           else (torch.bfloat16 if self.device == "cuda" else torch.float32))
             self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(self.device).eval()
         else:
             self.model = model.eval()
@@ -174,10 +186,12 @@ class TorchScorer:
             for batch in batches:
                 hidden, ids, starts = self._forward([input_ids[i] for i in batch])  # (M, D), (M,)
                 # only response positions: the hidden state at t-1 predicts token t
-                pos = torch.cat([torch.arange(s + prompt_lens[i] - 1, s + lengths[i] - 1) for s, i in zip(starts, batch)])
+                pos = torch.cat([torch.arange(s + prompt_lens[i] - 1, s + lengths[i] - 1)
+                                 for s, i in zip(starts, batch)])
                 pos = pos.to(self.device, non_blocking=True)  # (N,)
                 labels = ids[pos + 1]  # (N,)
-                pieces += [self._chunk_logprobs(hidden[pos[s : s + self.chunk_size]], head, labels[s : s + self.chunk_size])
+                pieces += [self._chunk_logprobs(hidden[pos[s : s + self.chunk_size]], head,
+                                                labels[s : s + self.chunk_size])
                            for s in range(0, len(pos), self.chunk_size)]
         flat = torch.cat(pieces).cpu().numpy() if pieces else np.zeros(0, np.float32)
         result: list[np.ndarray | None] = [None] * len(input_ids)
@@ -198,7 +212,8 @@ class TorchScorer:
             ids = torch.cat([torch.as_tensor(x, dtype=torch.long) for x in seqs])  # (M,)
             position_ids = torch.cat([torch.arange(n) for n in lens])  # (M,), restarting per sequence
             cu_seq_lens = torch.tensor(np.cumsum([0] + lens), dtype=torch.int32)  # (S+1,) boundaries
-            ids, position_ids, cu_seq_lens = (t.to(self.device, non_blocking=True) for t in (ids, position_ids, cu_seq_lens))
+            ids, position_ids, cu_seq_lens = (t.to(self.device, non_blocking=True)
+                                              for t in (ids, position_ids, cu_seq_lens))
             hidden = body(input_ids=ids[None], position_ids=position_ids[None], use_cache=False,
                           cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens,
                           max_length_q=max(lens), max_length_k=max(lens)).last_hidden_state[0]  # (M, D)

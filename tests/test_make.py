@@ -18,7 +18,7 @@ PROGRAMS = {
     "sft": ["pipelines.sft", "train.sft"], "rl": ["train.rl"], "eval": ["train.eval"],
     "experiment": ["pipelines.experiment"], "experiment-smoke": ["pipelines.experiment"],
     "bench": ["bench.score_cpu", "bench.bench_sft"], "bench-sft": ["bench.bench_sft"],
-    "bench-scale": ["bench.bench_scale"],
+    "bench-scale": ["bench.bench_scale"], "bench-rl": ["bench.bench_rl_memory"],
 }
 
 

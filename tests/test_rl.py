@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from train import checkpoint
-from train.rl import combine_stat, pack, response_logprobs, step_prompts
-from train.rollout import WORLD_TASK_KWARGS, prompt_token_ids, reasoning_gym_examples
+from train.rl import (RLConfig, combine_stat, pack, response_logprobs, rollout_batch, step_prompts,
+                      update_policy)
+from train.rollout import WORLD_TASK_KWARGS, Sample, prompt_token_ids, reasoning_gym_examples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,7 +90,8 @@ def test_weights_reach_the_running_engine(world, tokenizer):
         def sample_and_compare():
             """Sampling logprobs vs the trainer's on the same sampled tokens: (B, T) each."""
             samples = [s for g in engine.generate(prompts, 2, 1.0, 24) for s in g]
-            ids, label_mask, response_mask = pack([p for p in prompts for _ in range(2)], [s.token_ids for s in samples])
+            ids, label_mask, response_mask = pack([p for p in prompts for _ in range(2)],
+                                                  [s.token_ids for s in samples])
             sampling = torch.zeros(response_mask.shape)
             for i, s in enumerate(samples):
                 sampling[i, : len(s.logprobs)] = torch.from_numpy(s.logprobs)
@@ -231,3 +233,100 @@ def test_a_steps_ratio_max_is_the_largest_over_mini_batches():
         for v in vs:
             got = combine_stat(name, got, v, len(vs))
         assert got == pytest.approx({"ratio_max": 1.5, "ratio_min": 0.7, "loss": 2.0}[name])
+
+
+# ---- micro-batches: the same step in less memory --------------------------------------------------
+
+def made_up_rollouts(vocab: int, P: int, n: int, seed: int = 0):
+    """P prompts x n samples of assorted lengths, with engine logprobs near the model's."""
+    rng = np.random.default_rng(seed)
+    prompts = [[int(t) for t in rng.integers(3, vocab, size=int(rng.integers(3, 10)))] for _ in range(P)]
+    samples = []
+    for _ in range(P * n):
+        m = int(rng.integers(1, 14))
+        samples.append(Sample([int(t) for t in rng.integers(3, vocab, size=m)],
+                              rng.normal(-np.log(vocab), 0.3, size=m).astype(np.float32), bool(rng.integers(2))))
+    return [p for p in prompts for _ in range(n)], samples, torch.tensor(rng.normal(size=P * n), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("aggregation, mini_batches", [("token", 1), ("sequence", 1), ("token", 2)])
+def test_an_accumulated_step_is_the_one_shot_step(world, aggregation, mini_batches):
+    """The trainer's part of a step (no-grad passes, then `mini_batches` optimizer steps) in
+    micro-batches of at most 40 padded tokens, with and without gradient checkpointing, equals the
+    whole batch at once: the logprobs (to
+    float32 rounding), the logged loss statistics, the gradient norms and every parameter after the
+    steps, to 1e-6. The optimizer is SGD at lr 1, so a parameter moves by its clipped gradient:
+    AdamW's first step moves every weight by about lr whatever the size of its gradient, which
+    turns float32 rounding of near-zero gradients into 1e-5 differences (at lr 1e-3)."""
+    from contextlib import nullcontext
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    vocab = AutoConfig.from_pretrained(world / "target").vocab_size
+    prompts, samples, advantages = made_up_rollouts(vocab, 6, 4)
+    batch = rollout_batch(prompts, samples, torch.device("cpu"))
+    assert batch.lengths.max() <= 40 < batch.input_ids.numel()
+    start = AutoModelForCausalLM.from_pretrained(world / "target", dtype=torch.float32).state_dict()
+    results = []
+    for budget, recompute in ((0, False), (40, False), (40, True)):
+        torch.manual_seed(0)
+        lm = AutoModelForCausalLM.from_pretrained(world / "target", dtype=torch.float32)
+        if recompute:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ref = AutoModelForCausalLM.from_pretrained(world / "target", dtype=torch.float32).eval()
+        with torch.no_grad():  # a reference that differs from the policy, so that the KL term pulls
+            for p in ref.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        cfg = RLConfig(aggregation=aggregation, mini_batches=mini_batches, micro_batch_tokens=budget, kl_coef=0.1,
+                       tis_cap=1.5, max_grad_norm=0.5)
+        optimizer = torch.optim.SGD(lm.parameters(), lr=1.0)
+        pushes = []
+        out = update_policy(lm, ref, optimizer, batch, advantages, cfg, nullcontext(), lambda p=pushes: p.append(1))
+        results.append((out, lm.state_dict(), len(pushes)))
+    (old0, ref0, tis0, losses0, norms0), params0, pushes0 = results[0]
+    assert losses0.keys() == {"loss", "ratio_mean", "ratio_max", "ratio_min", "clip_fraction", "approx_kl"}
+    for (old1, ref1, tis1, losses1, norms1), params1, pushes1 in results[1:]:
+        assert pushes1 == pushes0 == mini_batches  # the engine gets the weights after each optimizer step
+        for a, b in ((old0, old1), (ref0, ref1), (tis0, tis1)):  # logprobs near -6: float32 rounding is ~1e-6
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+        # float32 sums in another order, and the second mini-batch's ratios go up to ~20: relative 1e-5
+        assert losses1 == pytest.approx(losses0, rel=1e-5, abs=1e-6) and norms1 == pytest.approx(norms0, rel=1e-5)
+        for name in params0:
+            torch.testing.assert_close(params1[name], params0[name], atol=1e-6, rtol=0, msg=name)
+    moved = max(float((params0[name] - start[name]).abs().max()) for name in params0)
+    assert moved > 1e-2  # the steps did move the weights: the comparison is not vacuous
+    assert (tis0 < 1.5).any() and (tis0 == 1.5).any()  # TIS weights in play, some capped
+
+
+def test_bad_memory_settings_are_one_line_and_exit_2_before_the_engine(world, tmp_path, capsys):
+    """A budget under the longest sequence, a negative one, or no KV cache: one line, exit 2,
+    nothing written; a budget that is not a number stops in the argument parser, exit 2."""
+    from train import rl as rl_train
+
+    out = tmp_path / "rl"
+    base = ["--model", str(world / "target"), "--out", str(out), "--max-new-tokens", "24"]
+    for flags, words in [(["--micro-batch-tokens", "30"], "micro_batch_tokens 30 is less than the longest sequence"),
+                         (["--micro-batch-tokens", "-1"], "micro_batch_tokens must be >= 0"),
+                         (["--cpu-kv-cache-gib", "0"], "cpu_kv_cache_gib must be >= 1")]:
+        assert rl_train.main(base + flags) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err, err
+        assert not out.exists()
+    with pytest.raises(SystemExit) as e:
+        rl_train.main(base + ["--micro-batch-tokens", "4k"])
+    assert e.value.code == 2 and "4k" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_memory_bench_runs_on_a_tiny_model(tmp_path):
+    """`python -m bench.bench_rl_memory --smoke`: each run in its own process, the budget's run in
+    several micro-batches, the old behaviour's in one, the peaks in the JSON."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "bench.bench_rl_memory", "--smoke", "--sizes", "2",
+                           "--modes", "budget,whole", "--out", str(out)], cwd=ROOT, timeout=300, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = {r["mode"]: r for r in json.loads(out.read_text())["runs"]}
+    assert runs["budget"]["micro_batches"] > 1 and runs["whole"]["micro_batches"] == 1
+    assert all(0 < r["ready_gib"] <= r["peak_gib"] for r in runs.values())
+    assert "budget          2 x 8: peak" in done.stdout

@@ -4,7 +4,10 @@ import math
 import pytest
 import torch
 
-from train.rl_math import aggregate, clipped_policy_loss, group_advantages, kl_k3, tis_weights
+import numpy as np
+
+from train.rl_math import (aggregate, aggregation_normaliser, clipped_policy_loss, group_advantages, kl_k3,
+                           micro_batches, rl_loss, tis_weights)
 
 T = torch.tensor
 
@@ -27,7 +30,8 @@ def test_group_advantages_by_hand():
 
 def test_group_advantages_unscaled_and_edge_cases():
     rewards = T([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 3.0]])
-    torch.testing.assert_close(group_advantages(rewards, "none"), T([[0.5, -0.5, -0.5, 0.5], [-0.75, -0.75, -0.75, 2.25]]))
+    torch.testing.assert_close(group_advantages(rewards, "none"),
+                               T([[0.5, -0.5, -0.5, 0.5], [-0.75, -0.75, -0.75, 2.25]]))
     # one sample per prompt: no group to compare with, advantage 0 (not NaN)
     torch.testing.assert_close(group_advantages(T([[1.0], [0.0]]), "std"), torch.zeros(2, 1))
     # advantages sum to zero within every group
@@ -48,6 +52,68 @@ def test_aggregate_token_and_sequence():
     assert aggregate(values, mask, "sequence").item() == pytest.approx(3.0)
     with pytest.raises(ValueError):
         aggregate(values, mask, "batch")
+
+
+def test_micro_batch_aggregates_add_up_to_the_whole_batch_by_hand():
+    """Cut into rows {0, 2} and {1}: each part divided by the whole batch's normaliser."""
+    values = T([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0], [7.0, 7.0, 7.0]])
+    mask = T([[1, 1, 1], [1, 0, 0], [0, 0, 0]]).bool()
+    assert aggregation_normaliser(mask, "token") == 4.0  # response tokens
+    assert aggregation_normaliser(mask, "sequence") == 2.0  # responses with a token (the empty one does not count)
+    parts = [[0, 2], [1]]
+    # token: (1 + 2 + 3) / 4 + 4 / 4
+    got = [aggregate(values[r], mask[r], "token", aggregation_normaliser(mask, "token")).item() for r in parts]
+    assert got == pytest.approx([1.5, 1.0]) and sum(got) == pytest.approx(aggregate(values, mask, "token").item())
+    # sequence: mean(1, 2, 3) / 2 + 4 / 2
+    got = [aggregate(values[r], mask[r], "sequence", aggregation_normaliser(mask, "sequence")).item() for r in parts]
+    assert got == pytest.approx([1.0, 2.0]) and sum(got) == pytest.approx(aggregate(values, mask, "sequence").item())
+    with pytest.raises(ValueError):
+        aggregation_normaliser(mask, "batch")
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_rl_loss_over_micro_batches_is_the_batch_loss_and_gradient(aggregation):
+    """Losses of a cut batch, each with the whole batch's normaliser: summed, the batch's loss and
+    gradient (KL term and TIS weights included)."""
+    g = torch.Generator().manual_seed(0)
+    B, Tn = 7, 5
+    lengths = T([5, 1, 3, 0, 4, 2, 5])
+    mask = torch.arange(Tn)[None, :] < lengths[:, None]  # (B, T), one empty response
+    lp = (-torch.rand(B, Tn, generator=g) * 3).requires_grad_(True)
+    old = lp.detach() + 0.3 * torch.randn(B, Tn, generator=g)
+    ref = lp.detach() + 0.3 * torch.randn(B, Tn, generator=g)
+    tis = torch.rand(B, Tn, generator=g) + 0.5
+    adv = torch.randn(B, generator=g)
+    args = (0.2, 0.28, aggregation)
+    whole, _ = rl_loss(lp, old, adv, mask, *args, tis, 0.1, ref)
+    (whole_grad,) = torch.autograd.grad(whole, lp)
+    norm = aggregation_normaliser(mask, aggregation)
+    total = 0.0
+    for r in ([0, 3], [1, 5, 6], [2], [4]):
+        r = torch.tensor(r)
+        total = total + rl_loss(lp[r], old[r], adv[r], mask[r], *args, tis[r], 0.1, ref[r], norm)[0]
+    (parts_grad,) = torch.autograd.grad(total, lp)
+    torch.testing.assert_close(total, whole, atol=1e-6, rtol=0)
+    torch.testing.assert_close(parts_grad, whole_grad, atol=1e-7, rtol=0)
+    assert whole_grad.abs().max() > 1e-2  # not vacuous
+
+
+def test_micro_batches_pack_by_length_under_the_budget():
+    lengths = np.array([90, 12, 94, 40, 41, 94, 13, 60, 90, 11])
+    batches = micro_batches(lengths, 200)
+    assert sorted(int(i) for b in batches for i in b) == list(range(10))  # every row once
+    assert all(len(b) * lengths[b].max() <= 200 for b in batches)  # rows x longest row within the budget
+    # packed by length: the micro-batches hold runs of the sorted lengths, so padding stays small
+    spans = sorted((lengths[b].min(), lengths[b].max()) for b in batches)
+    assert all(hi <= lo_next for (_, hi), (lo_next, _) in zip(spans, spans[1:]))
+    # greedy over the sorted lengths: [11, 12, 13, 40] (4 x 40), [41, 60], [90, 90], [94, 94]
+    assert sorted(sorted(lengths[b].tolist()) for b in batches) == [[11, 12, 13, 40], [41, 60], [90, 90], [94, 94]]
+    # the smallest budget allowed, the longest row: the long rows go one at a time
+    tight = micro_batches(lengths, 94)
+    assert all(len(b) * lengths[b].max() <= 94 for b in tight)
+    assert all(len(b) == 1 for b in tight if lengths[b].max() > 94 / 2)
+    # 0: the whole batch in one pass, in order
+    assert [b.tolist() for b in micro_batches(lengths, 0)] == [list(range(10))]
 
 
 # ---- clipped policy loss ---------------------------------------------------------------------

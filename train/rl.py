@@ -11,6 +11,11 @@ each token weighted by the truncated importance ratio min(pi_trainer / pi_engine
 corrects the engine/trainer mismatch, plus an optional KL to the starting model -> one optimizer
 step per mini-batch -> the new weights go into the running engine. The math is `train/rl_math.py`.
 
+Memory: every pass over a batch (the no-grad logprobs of the trainer and of the reference, the
+forward and backward of an optimizer step) runs in length-packed micro-batches of at most
+`--micro-batch-tokens` padded tokens; an optimizer step accumulates the gradients of its
+micro-batches, each loss normalised by the whole (mini-)batch, so it is the one-shot step.
+
 `out` becomes a HF model folder with `metrics.jsonl` (one line per step), `rl_summary.json`,
 `rl_prompts.jsonl` (the prompt pool, so evaluation can prove it holds other prompts),
 `reward_errors.jsonl` (rows whose reward raised; they count as 0) and `checkpoints/step-N/` (HF
@@ -19,6 +24,7 @@ the last checkpoint. Bad input prints one line, exit code 2.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -40,9 +46,9 @@ from scorer.shards import write_json_atomic
 from train import checkpoint
 from train.loss import token_logprobs
 from train.rewards import load_reward, safe_score
-from train.rl_math import (ADVANTAGE_SCALES, AGGREGATIONS, aggregate, clipped_policy_loss, group_advantages, kl_k3,
-                           masked_mean, tis_weights)
-from train.rollout import PromptConfig, RolloutEngine, prompt_token_ids, resolve_aliases
+from train.rl_math import (ADVANTAGE_SCALES, AGGREGATIONS, aggregation_normaliser, group_advantages, kl_k3,
+                           masked_mean, micro_batches, rl_loss, tis_weights)
+from train.rollout import PromptConfig, RolloutEngine, Sample, prompt_token_ids, resolve_aliases
 from train.tracking import check_report_to, open_tracker
 
 log = logging.getLogger("pear.rl")
@@ -84,12 +90,23 @@ class RLConfig:
     track_kl: bool = field(True, "log the KL to the starting model even when kl_coef is 0 (one more forward)")
     tis_cap: float = field(2.0, "cap of the truncated importance weight pi_trainer / pi_engine; 0: no correction")
     loss_chunk: int = field(4096, "tokens per chunk of the vocabulary projection")
+    micro_batch_tokens: int = field(4096, "padded tokens (rows x longest row) per forward pass of the trainer: "
+                                          "each pass over a step's batch runs in length-packed micro-batches "
+                                          "of at most this many, an optimizer step accumulating their gradients "
+                                          "(the same step as the whole batch at once); bounds the trainer's "
+                                          "memory. At least the longest sequence (prompt + max_new_tokens); "
+                                          "0: the whole mini-batch in one pass")
+    gradient_checkpointing: bool = field(False, "recompute each decoder layer's activations in backward: "
+                                                "less memory per micro-batch token, one more forward pass")
     seed: int = field(0, "seed of torch, of the prompt order and of the engine's sampler")
     save_every: int = field(10, "checkpoint every N steps (and at the end); 0: only at the end")
     keep_checkpoints: int = field(2, "checkpoints kept (the newest)")
     overwrite: bool = field(False, "start afresh instead of resuming from checkpoints made with other settings")
     threads: int = field(0, "CPU threads; 0: all cores")
     gpu_memory_utilization: float = field(0.3, "share of the GPU the engine may take (the trainer shares it)")
+    cpu_kv_cache_gib: int = field(1, "on the CPU: GiB of the engine's KV cache (VLLM_CPU_KVCACHE_SPACE); 1 holds "
+                                     "about 23,000 tokens of a 135M SmolLM2-shaped model in float32 (46 KB a "
+                                     "token), a batch that does not fit is generated in turns")
     progress: bool = field(True, "progress bar")
     report_to: str = field("none", "also send the per-step metrics to none, tensorboard or wandb (train/tracking.py)")
     # other trainers' names (TRL's GRPOConfig), on the command line and in YAML; each is moved onto its field
@@ -112,12 +129,27 @@ ALIASES = {"num_generations": "samples_per_prompt", "beta": "kl_coef", "epsilon"
 
 
 # settings a resumed run may change: they do not alter what a step computes
+# (the micro-batching neither: a run killed for memory resumes with a smaller budget)
 NOT_TRAJECTORY = ("out", "steps", "save_every", "keep_checkpoints", "overwrite", "threads", "progress",
-                  "reward_timeout", "max_reward_failures", "report_to",
+                  "reward_timeout", "max_reward_failures", "report_to", "micro_batch_tokens", "gradient_checkpointing",
                   *ALIASES)  # always None: moved onto their fields
 
 
 # ---- pieces of a step ----------------------------------------------------------------------------
+
+def keep_malloc_threshold() -> None:
+    """Fix glibc's mmap threshold at its default of 128 KiB (nothing where libc is not glibc).
+
+    glibc raises the threshold, up to 32 MiB, each time a block above it is freed; the activations
+    of the next micro-batches (1-32 MiB each) then come from the heap, and freed, stay there in
+    pieces: on the CPU the step's peak grew with every micro-batch (bench/bench_rl_memory.py).
+    Blocks over a fixed threshold are mapped and unmapped alone, so a micro-batch's leave with it.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
 
 def step_prompts(num_prompts: int, per_step: int, seed: int, step: int) -> list[int]:
     """Pool indices of a step's prompts: a fresh seeded permutation each pass, a function of the step alone."""
@@ -156,6 +188,128 @@ def response_logprobs(lm, input_ids, label_mask, response_mask, chunk: int) -> t
     flat = token_logprobs(hidden[:, :-1][label_mask], lm.get_output_embeddings().weight,
                           input_ids[:, 1:][label_mask], chunk)  # (N,)
     return torch.zeros(response_mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(response_mask, flat)
+
+
+@dataclass
+class RolloutBatch:
+    """A step's B = P x n sampled responses as the trainer sees them (tensors on its device)."""
+
+    input_ids: torch.Tensor  # (B, L) right-padded prompt + response
+    label_mask: torch.Tensor  # (B, L - 1) hidden state t predicts a response token at t + 1
+    response_mask: torch.Tensor  # (B, T) the first len(response) entries of each row
+    sampling_logprobs: torch.Tensor  # (B, T) the engine's, 0 past each response
+    lengths: np.ndarray  # (B,) prompt + response tokens of each row
+
+    def rows(self, index: torch.Tensor):
+        """(input_ids, label_mask, response_mask) of the rows `index`, cut to their own longest row:
+        a micro-batch is padded only to its longest sequence."""
+        L = int(self.lengths[index.cpu().numpy()].max())
+        T = max(1, int(self.response_mask[index].sum(-1).max()))
+        return self.input_ids[index, :L], self.label_mask[index, : L - 1], self.response_mask[index, :T]
+
+
+def rollout_batch(prompts: list[list[int]], samples: list[Sample], device) -> RolloutBatch:
+    """The trainer's tensors of B sampled responses (`prompts[i]` is sample i's prompt)."""
+    input_ids, label_mask, response_mask = pack(prompts, [s.token_ids for s in samples])
+    sampling_lp = torch.zeros(response_mask.shape, dtype=torch.float32)  # (B, T)
+    for i, s in enumerate(samples):
+        sampling_lp[i, : len(s.logprobs)] = torch.from_numpy(s.logprobs)
+    lengths = np.array([len(p) + len(s.token_ids) for p, s in zip(prompts, samples)], dtype=np.int64)
+    return RolloutBatch(input_ids.to(device), label_mask.to(device), response_mask.to(device), sampling_lp.to(device),
+                        lengths)
+
+
+def batch_logprobs(model, batch: RolloutBatch, token_budget: int, chunk: int, autocast) -> torch.Tensor:
+    """The model's logprobs of every response token (B, T), without grad, micro-batch by micro-batch."""
+    out = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=batch.response_mask.device)  # (B, T)
+    with torch.no_grad(), autocast:
+        for rows in micro_batches(batch.lengths, token_budget):
+            index = torch.as_tensor(rows, device=out.device)
+            ids, label_mask, response_mask = batch.rows(index)
+            out[index, : response_mask.shape[1]] = response_logprobs(model, ids, label_mask, response_mask, chunk)
+    return out
+
+
+def accumulated_step(lm, optimizer, batch: RolloutBatch, rows: torch.Tensor, old_lp, advantages, tis, ref_lp,
+                     cfg: RLConfig, autocast) -> tuple[torch.Tensor, dict, float]:
+    """One optimizer step on the rows `rows` (a mini-batch) of `batch`: the gradients of its
+    length-packed micro-batches accumulated, each loss normalised by the whole mini-batch, so the
+    step is the one-shot step. Returns (loss, stats, grad norm): the loss and its statistics on the
+    whole mini-batch, as `rl_loss` gives them, with the policy before the step."""
+    norm = aggregation_normaliser(batch.response_mask[rows], cfg.aggregation)
+    lp = torch.zeros(batch.response_mask[rows].shape, dtype=torch.float32, device=rows.device)  # (b, T) no grad
+    pick = lambda x, index, T: None if x is None else x[index, :T]  # noqa: E731
+    for part in micro_batches(batch.lengths[rows.cpu().numpy()], cfg.micro_batch_tokens):
+        part = torch.as_tensor(part, device=rows.device)
+        index = rows[part]
+        ids, label_mask, response_mask = batch.rows(index)
+        if not response_mask.any():  # no response token: no gradient to add
+            continue
+        T = response_mask.shape[1]
+        with autocast:
+            part_lp = response_logprobs(lm, ids, label_mask, response_mask, cfg.loss_chunk)  # (m, T)
+        loss, _ = rl_loss(part_lp, old_lp[index, :T], advantages[index], response_mask, cfg.clip_low, cfg.clip_high,
+                          cfg.aggregation, pick(tis, index, T), cfg.kl_coef, pick(ref_lp, index, T), norm)
+        loss.backward()
+        lp[part, :T] = part_lp.detach()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.max_grad_norm or float("inf")))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        loss, stats = rl_loss(lp, old_lp[rows], advantages[rows], batch.response_mask[rows], cfg.clip_low,
+                              cfg.clip_high, cfg.aggregation, pick(tis, rows, None), cfg.kl_coef,
+                              pick(ref_lp, rows, None))
+    return loss, stats, grad_norm
+
+
+def update_policy(lm, ref, optimizer, batch: RolloutBatch, advantages, cfg: RLConfig, autocast,
+                  after_step=lambda: None):
+    """The trainer's part of a step: the no-grad logprobs of the policy (pi_old) and of the reference
+    (None without one), the TIS weights, then one accumulated optimizer step per mini-batch,
+    `after_step()` after each (the engine takes the new weights). Returns (old_lp, ref_lp, tis,
+    losses: the mini-batches' loss statistics combined, grad_norms)."""
+    old_lp = batch_logprobs(lm, batch, cfg.micro_batch_tokens, cfg.loss_chunk, autocast)  # (B, T)
+    ref_lp = batch_logprobs(ref, batch, cfg.micro_batch_tokens, cfg.loss_chunk, autocast) if ref is not None else None
+    tis = tis_weights(old_lp, batch.sampling_logprobs, cfg.tis_cap) if cfg.tis_cap > 0 else None  # (B, T)
+    lm.train()
+    losses: dict[str, float] = {}
+    grad_norms = []
+    for mb in torch.arange(len(batch.lengths), device=old_lp.device).chunk(cfg.mini_batches):
+        loss, stats, grad_norm = accumulated_step(lm, optimizer, batch, mb, old_lp, advantages, tis, ref_lp, cfg,
+                                                  autocast)
+        grad_norms.append(grad_norm)
+        after_step()
+        for k, v in {"loss": loss, **stats}.items():
+            losses[k] = combine_stat(k, losses.get(k), float(v), cfg.mini_batches)
+    lm.eval()
+    return old_lp, ref_lp, tis, losses, grad_norms
+
+
+def step_metrics(rewards, response_mask, old_lp, sampling_lp, ref_lp, tis, tis_cap: float, pass_threshold: float,
+                 finished: list[bool], losses: dict, grad_norms: list[float], reward_errors: int) -> dict:
+    """A step's metrics from its tensors: rewards (P, n), the (B, T) logprobs and TIS weights (None
+    when off), the samples' EOS flags, the mini-batches' combined loss statistics and grad norms."""
+    lengths = response_mask.sum(-1).float()
+    resp_tokens = int(lengths.sum())
+    passed = (rewards >= pass_threshold).float()  # (P, n)
+    tis_stats = {"tis_mean": None, "tis_capped_fraction": None}
+    if tis is not None:
+        tis_stats = {"tis_mean": float(masked_mean(tis, response_mask)),
+                     "tis_capped_fraction": float(masked_mean((tis >= tis_cap).float(), response_mask))}
+    gap = (old_lp - sampling_lp).abs()
+    return {
+        "mean_reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+        "pass_rate": float(passed.mean()), "prompt_pass_rate": float(passed.max(-1).values.mean()),
+        "groups_with_signal": float((rewards.std(-1) > 0).float().mean()),
+        "response_length": float(lengths.mean()), "response_length_max": int(lengths.max()),
+        "truncated_fraction": float(np.mean([not f for f in finished])),
+        **{k: round(v, 6) for k, v in losses.items()},
+        "kl_ref": float(masked_mean(kl_k3(old_lp, ref_lp), response_mask)) if ref_lp is not None else None,
+        **tis_stats,
+        "logprob_gap_mean": float(masked_mean(gap, response_mask)),
+        "logprob_gap_max": float(gap[response_mask].max()) if resp_tokens else 0.0,
+        "grad_norm": float(np.mean(grad_norms)), "reward_errors": reward_errors, "response_tokens": resp_tokens,
+    }
 
 
 def combine_stat(name: str, so_far: float | None, value: float, parts: int) -> float:
@@ -210,6 +364,12 @@ def check_inputs(cfg: RLConfig):
         raise ConfigError("steps, prompts_per_step, samples_per_prompt, max_new_tokens, mini_batches must be >= 1")
     if (cfg.prompts_per_step * cfg.samples_per_prompt) % cfg.mini_batches:
         raise ConfigError("mini_batches must divide prompts_per_step * samples_per_prompt")
+    if cfg.micro_batch_tokens < 0:
+        raise ConfigError(f"micro_batch_tokens must be >= 0 (0: the whole batch in one pass), "
+                          f"got {cfg.micro_batch_tokens}")
+    if cfg.cpu_kv_cache_gib < 1 or not 0 < cfg.gpu_memory_utilization <= 1:
+        raise ConfigError(f"cpu_kv_cache_gib must be >= 1 (GiB) and gpu_memory_utilization in (0, 1], got "
+                          f"{cfg.cpu_kv_cache_gib} and {cfg.gpu_memory_utilization}")
     if cfg.temperature != 1.0:
         log.warning("temperature %.2f: the engine samples the tempered policy, the loss and the TIS ratio use "
                     "the untempered one, so the rollouts are slightly off-policy", cfg.temperature)
@@ -240,16 +400,21 @@ def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads or max(1, os.cpu_count() or 1))
+        keep_malloc_threshold()
     out = Path(cfg.out)
 
     # 1. inputs, all checked before anything is written
     tokenizer, examples, reward_fn = check_inputs(cfg)
-    if held is not None:
-        held.enter_context(locked(out))  # one run per output folder
     max_model_len = max(len(ex["prompt_ids"]) for ex in examples) + cfg.max_new_tokens
     limit = getattr(AutoConfig.from_pretrained(cfg.model), "max_position_embeddings", None)
     if limit and max_model_len > limit:
         raise ConfigError(f"longest prompt + max_new_tokens = {max_model_len} tokens, over the model's {limit}")
+    if 0 < cfg.micro_batch_tokens < max_model_len:
+        raise ConfigError(f"micro_batch_tokens {cfg.micro_batch_tokens} is less than the longest sequence (longest "
+                          f"prompt + max_new_tokens = {max_model_len} tokens); give at least that, or 0 for the "
+                          "whole batch in one pass")
+    if held is not None:
+        held.enter_context(locked(out))  # one run per output folder
 
     # 2. resume from the last checkpoint made with the same settings
     made_from = {k: v for k, v in asdict(cfg).items() if k not in NOT_TRAJECTORY}
@@ -270,13 +435,15 @@ def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device)
     lm.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref = None
     if cfg.kl_coef > 0 or cfg.track_kl:
         ref = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).to(device).eval()
         ref.requires_grad_(False)
     optimizer = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     engine = RolloutEngine(source, max_model_len, seed=cfg.seed + start_step,
-                           gpu_memory_utilization=cfg.gpu_memory_utilization)
+                           gpu_memory_utilization=cfg.gpu_memory_utilization, cpu_kv_cache_gib=cfg.cpu_kv_cache_gib)
     if state:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
@@ -294,7 +461,8 @@ def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
     with open(out / "rl_prompts.jsonl", "w") as f:
         for ex in examples:
             f.write(json.dumps({"prompt": ex["prompt"], "answer": ex["answer"], "task": ex.get("task")}) + "\n")
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="rl", unit="step", disable=not cfg.progress, file=console.err())
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="rl", unit="step", disable=not cfg.progress,
+               file=console.err())
     tracker = open_tracker(cfg.report_to, out, f"rl {out.name}", asdict(cfg), start_step)
 
     # 5. the loop
@@ -316,66 +484,21 @@ def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
                                            errors_path, step + 1)
             advantages = group_advantages(rewards, cfg.advantage_scale).reshape(-1).to(device)  # (B,)
 
-            # 5c. the trainer's view of the same tokens: pi_old, the reference, TIS weights
-            input_ids, label_mask, response_mask = pack([ex["prompt_ids"] for ex in batch for _ in range(n)],
-                                                        [s.token_ids for s in samples])
-            input_ids, label_mask, response_mask = input_ids.to(device), label_mask.to(device), response_mask.to(device)
-            sampling_lp = torch.zeros(response_mask.shape, dtype=torch.float32)  # (B, T)
-            for i, s in enumerate(samples):
-                sampling_lp[i, : len(s.logprobs)] = torch.from_numpy(s.logprobs)
-            sampling_lp = sampling_lp.to(device)
-            with torch.no_grad(), autocast:
-                old_lp = response_logprobs(lm, input_ids, label_mask, response_mask, cfg.loss_chunk)  # (B, T)
-                ref_lp = response_logprobs(ref, input_ids, label_mask, response_mask, cfg.loss_chunk) \
-                    if ref is not None else None
-            tis = tis_weights(old_lp, sampling_lp, cfg.tis_cap) if cfg.tis_cap > 0 else None  # (B, T)
-
-            # 5d. optimizer steps over mini-batches; after each, the engine gets the new weights
-            lm.train()
-            stats_sum: dict[str, float] = {}
-            grad_norms = []
-            for mb in torch.arange(len(samples), device=device).chunk(cfg.mini_batches):
-                with autocast:
-                    lp = response_logprobs(lm, input_ids[mb], label_mask[mb], response_mask[mb], cfg.loss_chunk)
-                loss, stats = clipped_policy_loss(lp, old_lp[mb], advantages[mb], response_mask[mb], cfg.clip_low,
-                                                  cfg.clip_high, cfg.aggregation, tis[mb] if tis is not None else None)
-                if cfg.kl_coef > 0:
-                    loss = loss + cfg.kl_coef * aggregate(kl_k3(lp, ref_lp[mb]), response_mask[mb], cfg.aggregation)
-                loss.backward()
-                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(lm.parameters(),
-                                                                       cfg.max_grad_norm or float("inf"))))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                engine.push_weights(lm)
-                for k, v in {"loss": loss.detach(), **stats}.items():
-                    stats_sum[k] = combine_stat(k, stats_sum.get(k), float(v), cfg.mini_batches)
-            lm.eval()
+            # 5c-5d. the trainer's view of the same tokens (pi_old, the reference, TIS weights), then
+            # one optimizer step per mini-batch, each accumulated over micro-batches; after each, the
+            # engine gets the new weights
+            rb = rollout_batch([ex["prompt_ids"] for ex in batch for _ in range(n)], samples, device)
+            old_lp, ref_lp, tis, losses, grad_norms = update_policy(lm, ref, optimizer, rb, advantages, cfg, autocast,
+                                                                    lambda: engine.push_weights(lm))
 
             # 5e. one metrics line
             dt = time.perf_counter() - t0
-            lengths = response_mask.sum(-1).float()
-            resp_tokens = int(lengths.sum())
-            passed = (rewards >= cfg.pass_threshold).float()  # (P, n)
-            tis_stats = {"tis_mean": None, "tis_capped_fraction": None}
-            if tis is not None:
-                tis_stats = {"tis_mean": float(masked_mean(tis, response_mask)),
-                             "tis_capped_fraction": float(masked_mean((tis >= cfg.tis_cap).float(), response_mask))}
-            gap = (old_lp - sampling_lp).abs()
-            metrics = {
-                "step": step + 1, "mean_reward": float(rewards.mean()), "reward_std": float(rewards.std()),
-                "pass_rate": float(passed.mean()), "prompt_pass_rate": float(passed.max(-1).values.mean()),
-                "groups_with_signal": float((rewards.std(-1) > 0).float().mean()),
-                "response_length": float(lengths.mean()), "response_length_max": int(lengths.max()),
-                "truncated_fraction": float(np.mean([not s.finished for s in samples])),
-                **{k: round(v, 6) for k, v in stats_sum.items()},
-                "kl_ref": float(masked_mean(kl_k3(old_lp, ref_lp), response_mask)) if ref_lp is not None else None,
-                **tis_stats,
-                "logprob_gap_mean": float(masked_mean(gap, response_mask)),
-                "logprob_gap_max": float(gap[response_mask].max()) if resp_tokens else 0.0,
-                "grad_norm": float(np.mean(grad_norms)), "reward_errors": len(errors),
-                "response_tokens": resp_tokens, "tokens_per_s": round(resp_tokens / dt, 1),
-                "gen_seconds": round(t_gen, 3), "seconds": round(dt, 3),
-            }
+            metrics = {"step": step + 1,
+                       **step_metrics(rewards, rb.response_mask, old_lp, rb.sampling_logprobs, ref_lp, tis, cfg.tis_cap,
+                                      cfg.pass_threshold, [s.finished for s in samples], losses, grad_norms,
+                                      len(errors)),
+                       "tokens_per_s": round(int(rb.response_mask.sum()) / dt, 1), "gen_seconds": round(t_gen, 3),
+                       "seconds": round(dt, 3)}
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             tracker.log(metrics, step + 1)
@@ -407,10 +530,12 @@ def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
     window = max(1, min(5, len(steps) // 4))
     mean_of = lambda rows, key: float(np.mean([m[key] for m in rows])) if rows else None  # noqa: E731
     summary = {
-        "model": str(Path(cfg.model).resolve()), "model_ref": asdict(model_ref), "out": str(out), "steps": cfg.steps, "resumed_from_step": start_step if state else None,
+        "model": str(Path(cfg.model).resolve()), "model_ref": asdict(model_ref), "out": str(out), "steps": cfg.steps,
+        "resumed_from_step": start_step if state else None,
         "mean_reward_first": mean_of(steps[:window], "mean_reward"),
         "mean_reward_last": mean_of(steps[-window:], "mean_reward"),
-        "pass_rate_first": mean_of(steps[:window], "pass_rate"), "pass_rate_last": mean_of(steps[-window:], "pass_rate"),
+        "pass_rate_first": mean_of(steps[:window], "pass_rate"),
+        "pass_rate_last": mean_of(steps[-window:], "pass_rate"),
         "window_steps": window, "reward_errors": sum(m["reward_errors"] for m in steps),
         "prompt_pool": len(examples), "prompt_source": cfg.prompt_set.source(),
         "seconds": round(time.perf_counter() - t_start, 2), "config": asdict(cfg),

@@ -46,21 +46,63 @@ def aggregate(
     values: torch.Tensor,  # (B, T) per-token values
     response_mask: torch.Tensor,  # (B, T) bool
     mode: str,
+    normaliser: float | None = None,
 ) -> torch.Tensor:
     """One scalar from per-token values.
 
     token:    sum over every response token / number of response tokens (long responses weigh more)
     sequence: mean over each response's tokens, then mean over responses (each response weighs 1)
+
+    `normaliser`: when these B rows are one micro-batch of a larger batch, that batch's
+    `aggregation_normaliser`; the micro-batches' aggregates then add up to the whole batch's
+    (so gradients accumulated over micro-batches equal the one-shot gradient). None: these rows'.
     """
     mask = response_mask.to(values.dtype)
     if mode == "token":
-        return (values * mask).sum() / mask.sum().clamp(min=1.0)
-    if mode == "sequence":
+        total, count = (values * mask).sum(), mask.sum()
+    elif mode == "sequence":
         lengths = mask.sum(dim=-1)  # (B,)
         per_seq = (values * mask).sum(dim=-1) / lengths.clamp(min=1.0)  # (B,)
         has_tokens = (lengths > 0).to(values.dtype)
-        return (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
+        total, count = (per_seq * has_tokens).sum(), has_tokens.sum()
+    else:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {mode!r}")
+    if normaliser is None:
+        return total / count.clamp(min=1.0)
+    return total / max(float(normaliser), 1.0)
+
+
+def aggregation_normaliser(
+    response_mask: torch.Tensor,  # (B, T) bool, the whole batch
+    mode: str,
+) -> float:
+    """What `aggregate` divides the whole batch's sum by: its response tokens (token) or its
+    responses with at least one token (sequence)."""
+    lengths = response_mask.sum(dim=-1)  # (B,)
+    if mode == "token":
+        return float(lengths.sum())
+    if mode == "sequence":
+        return float((lengths > 0).sum())
     raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {mode!r}")
+
+
+def micro_batches(
+    lengths,  # (B,) tokens of each sequence (prompt + response)
+    token_budget: int,
+) -> list:
+    """Row indices of length-packed micro-batches: rows sorted by length, cut so that rows x
+    longest row <= token_budget (padding stays within a micro-batch), as the scorer's and the SFT
+    trainer's batches are. token_budget <= 0: all rows at once, in order (the batch as one
+    forward pass). Every row is in exactly one micro-batch; a row longer than the budget goes
+    alone (the trainer refuses such a budget up front)."""
+    import numpy as np
+
+    from scorer.engines import length_sorted_batches
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if token_budget <= 0 or len(lengths) == 0:
+        return [np.arange(len(lengths))]
+    return [np.array(b) for b in length_sorted_batches(lengths.tolist(), token_budget)]
 
 
 def masked_mean(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -105,14 +147,15 @@ def clipped_policy_loss(
     clip_high: float = 0.2,
     aggregation: str = "token",
     token_weights: torch.Tensor | None = None,  # (B, T) e.g. TIS weights; no grad
+    normaliser: float | None = None,  # the whole batch's, when these rows are one micro-batch of it
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate, to minimise: max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)).
 
     r = pi / pi_old per token. The max keeps the pessimistic side, so a token stops pulling once
     its ratio has moved `clip` past 1 in the direction its advantage favours. `token_weights`
-    (TIS) multiply each token's term before aggregation. Returns (loss, stats) with stats:
-    ratio_mean, ratio_max, ratio_min, clip_fraction (share of tokens whose clipped term won),
-    approx_kl (k3 of pi_old against pi).
+    (TIS) multiply each token's term before aggregation; `normaliser`: see `aggregate`. Returns
+    (loss, stats) with stats: ratio_mean, ratio_max, ratio_min, clip_fraction (share of tokens
+    whose clipped term won), approx_kl (k3 of pi_old against pi).
     """
     log_ratio = (logprobs - old_logprobs.detach()).clamp(-20.0, 20.0)
     ratio = torch.exp(log_ratio)  # (B, T)
@@ -122,7 +165,7 @@ def clipped_policy_loss(
     per_token = torch.maximum(unclipped, clipped)  # (B, T)
     if token_weights is not None:
         per_token = per_token * token_weights.detach().to(per_token.dtype)
-    loss = aggregate(per_token, response_mask, aggregation)
+    loss = aggregate(per_token, response_mask, aggregation, normaliser)
 
     with torch.no_grad():
         mask = response_mask.bool()
@@ -135,4 +178,27 @@ def clipped_policy_loss(
             "clip_fraction": masked_mean((clipped > unclipped).to(r.dtype), mask),
             "approx_kl": masked_mean(kl_k3(old_logprobs.detach(), logprobs.detach()), mask),
         }
+    return loss, stats
+
+
+def rl_loss(
+    logprobs: torch.Tensor,  # (B, T) with grad
+    old_logprobs: torch.Tensor,  # (B, T)
+    advantages: torch.Tensor,  # (B,)
+    response_mask: torch.Tensor,  # (B, T) bool
+    clip_low: float,
+    clip_high: float,
+    aggregation: str,
+    token_weights: torch.Tensor | None,  # (B, T) TIS weights, or None
+    kl_coef: float = 0.0,
+    ref_logprobs: torch.Tensor | None = None,  # (B, T); needed when kl_coef > 0
+    normaliser: float | None = None,  # the whole batch's, when these rows are one micro-batch of it
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The RL stage's loss: the clipped policy loss plus kl_coef x the aggregated k3 KL to the
+    reference; (loss, the policy loss's stats). With the whole batch's `normaliser`, the losses of
+    its micro-batches add up to the batch's loss (and so do their gradients)."""
+    loss, stats = clipped_policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low, clip_high,
+                                      aggregation, token_weights, normaliser)
+    if kl_coef > 0:
+        loss = loss + kl_coef * aggregate(kl_k3(logprobs, ref_logprobs), response_mask, aggregation, normaliser)
     return loss, stats

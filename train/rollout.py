@@ -36,10 +36,12 @@ class Sample:
 class RolloutEngine:
     """n samples per token-id prompt, with logprobs; `push_weights` after each optimizer step."""
 
-    def __init__(self, model_dir: str, max_model_len: int, seed: int, gpu_memory_utilization: float = 0.3):
+    def __init__(self, model_dir: str, max_model_len: int, seed: int, gpu_memory_utilization: float = 0.3,
+                 cpu_kv_cache_gib: int | None = None):
         # on a GPU the trainer shares the card, so the engine gets a fraction of its memory
         self.llm = make_vllm_engine(str(model_dir), max_model_len=max_model_len, skip_tokenizer_init=True,
-                                    gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+                                    gpu_memory_utilization=gpu_memory_utilization, seed=seed,
+                                    cpu_kv_cache_gib=cpu_kv_cache_gib)
         self.max_model_len = max_model_len
 
     def generate(self, prompts: list[list[int]], n: int, temperature: float, max_tokens: int,
@@ -143,7 +145,8 @@ def prompt_sources(spec: str | Path, config: str = "", split: str = "") -> list:
         raise ValueError(str(e)) from None
 
 
-def prompt_rows(spec: str | Path, columns: tuple[str, ...], config: str = "", split: str = "") -> Iterator[tuple[str, dict]]:
+def prompt_rows(spec: str | Path, columns: tuple[str, ...], config: str = "",
+                split: str = "") -> Iterator[tuple[str, dict]]:
     """Every row of a prompt set as (where, row), read `PIECE_ROWS` rows at a time; `where` names the
     source and row. ValueError for a source with none of `columns`, or a row that is not a JSON object."""
     from scorer.sources import InputError
@@ -213,7 +216,7 @@ def training_prompt_texts(spec: str | Path) -> set[str]:
     """Every prompt text of a training set (a prompt file, SFT corpus or scoring output, any form
     `prompt_sources` reads): `prompt`, else `question`, and every user turn of `messages` (see COMPARED)."""
     texts: set[str] = set()
-    for where, row in prompt_rows(spec, ("prompt", "question", "messages")):
+    for _, row in prompt_rows(spec, ("prompt", "question", "messages")):
         messages = row.get("messages")
         if isinstance(messages, (list, tuple)):
             texts |= {message_text(m.get("content")).strip() for m in messages
@@ -260,7 +263,8 @@ class PromptConfig:
     prompt_seed: int = field(RL_PROMPT_SEED, f"seed of the generated prompts, task k from seed + k (the world's "
                                              f"ranges: RL {RL_PROMPT_SEED}, evaluation {EVAL_PROMPT_SEED})")
     prompts: str = field("", "prompts and answers instead of reasoning-gym tasks: a Parquet, JSONL or JSON (array) "
-                             "file, a folder or glob of them, a `datasets` folder, or a hub dataset org/name[@revision]. "
+                             "file, a folder or glob of them, a `datasets` folder, or a hub dataset "
+                             "org/name[@revision]. "
                              "Each row has `prompt` (a string) or `messages` (a chat: system prompt, earlier turns, "
                              "the user's question; a last assistant turn is left out), and the answer column; other "
                              "columns (`task`, `metadata`, ...) reach the reward")
