@@ -139,17 +139,21 @@ def parse_given(cls, argv=None, description: str | None = None) -> tuple[typing.
         v = getattr(ns, name)
         if v is not None:
             values[name] = v
+    top, grouped, flag = {}, {}, None
     try:
-        top, grouped = {}, {}
         for name, _, tp, group in flags:
             if name in values:
+                flag = "--" + name.replace("_", "-")
                 (grouped.setdefault(group, {}) if group else top)[name] = _convert(values[name], tp)
+        flag = None
         for group, given in grouped.items():
             base = getattr(defaults, group) if defaults is not None else typing.get_type_hints(cls)[group]()
             top[group] = dataclasses.replace(base, **given)
         return cls(**top), set(values)
     except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
-        p.error(str(e))
+        # a value that does not convert: one line naming the flag, exit code 2 (not argparse's usage block)
+        print(f"error: {flag + ': ' if flag else ''}{e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _negative_values(argv: list[str]) -> list[str]:

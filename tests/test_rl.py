@@ -300,7 +300,7 @@ def test_an_accumulated_step_is_the_one_shot_step(world, aggregation, mini_batch
 
 def test_bad_memory_settings_are_one_line_and_exit_2_before_the_engine(world, tmp_path, capsys):
     """A budget under the longest sequence, a negative one, or no KV cache: one line, exit 2,
-    nothing written; a budget that is not a number stops in the argument parser, exit 2."""
+    nothing written; a budget that is not a number: one line naming the flag, exit 2."""
     from train import rl as rl_train
 
     out = tmp_path / "rl"
@@ -314,7 +314,8 @@ def test_bad_memory_settings_are_one_line_and_exit_2_before_the_engine(world, tm
         assert not out.exists()
     with pytest.raises(SystemExit) as e:
         rl_train.main(base + ["--micro-batch-tokens", "4k"])
-    assert e.value.code == 2 and "4k" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == "error: --micro-batch-tokens: invalid literal for int() with base 10: '4k'"
 
 
 @pytest.mark.slow
