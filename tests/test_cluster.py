@@ -100,17 +100,25 @@ def check_whole(out: Path, reference: Path, units: int) -> None:
     assert json.loads((out / "summary.json").read_text())["rows_in"] == ROWS
 
 
+@pytest.fixture(scope="module")
+def reference(world, local_run, tmp_path_factory) -> tuple[Path, Path]:
+    """(the corpus file, its shards scored by the local executor at 2 rows a shard): what a job
+    through a lost actor or node must end with."""
+    corpus, _ = local_run
+    folder = tmp_path_factory.mktemp("reference")
+    data, ref = folder / "c.parquet", folder / "ref"
+    corpus.write_parquet(data)
+    subprocess.run(job_cmd(world, data, ref, "--rows-per-shard", "2", "--executor", "local"), cwd=folder,
+                   env=job_env(), check=True, capture_output=True, timeout=300)
+    return data, ref
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_a_scoring_actor_killed_mid_job_is_replaced(world, local_run, tmp_path):
+def test_a_scoring_actor_killed_mid_job_is_replaced(world, reference, tmp_path):
     import psutil
 
-    corpus, _ = local_run
-    data = tmp_path / "c.parquet"
-    corpus.write_parquet(data)
-    ref = tmp_path / "ref"
-    subprocess.run(job_cmd(world, data, ref, "--rows-per-shard", "2", "--executor", "local"), cwd=tmp_path,
-                   env=job_env(), check=True, capture_output=True, timeout=300)
+    data, ref = reference
     out = tmp_path / "out"
     env = job_env()
     env.pop("RAY_ADDRESS", None)  # a local Ray instance, started by the job
@@ -143,13 +151,8 @@ def test_a_scoring_actor_killed_mid_job_is_replaced(world, local_run, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_a_node_lost_mid_job_is_survived(world, local_run, cluster, tmp_path):
-    corpus, _ = local_run
-    data = tmp_path / "c.parquet"
-    corpus.write_parquet(data)
-    ref = tmp_path / "ref"
-    subprocess.run(job_cmd(world, data, ref, "--rows-per-shard", "2", "--executor", "local"), cwd=tmp_path,
-                   env=job_env(), check=True, capture_output=True, timeout=300)
+def test_a_node_lost_mid_job_is_survived(world, reference, cluster, tmp_path):
+    data, ref = reference
     worker = next(n for n in cluster.worker_nodes)
     out = tmp_path / "out"
     proc = subprocess.Popen(job_cmd(world, data, out, "--rows-per-shard", "2"), cwd=tmp_path,
