@@ -136,7 +136,7 @@ export: setup
 	  $(call args,export,SCORES OUT)
 
 inspect: setup
-	$(PY) -m scorer.inspect --scores '$(or $(SCORES),runs/score)' $(call args,inspect,SCORES)
+	$(PY) -m scorer.report --scores '$(or $(SCORES),runs/score)' $(call args,inspect,SCORES)
 
 sft: setup
 	$(PY) -m pipelines.sft --scores '$(or $(SCORES),runs/score)' --out '$(or $(OUT),runs/sft)' \

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from scorer import console
-from scorer.config import setup_logging
+from common import console
+from common.config import setup_logging
 from scorer.shards import list_shards, read_meta
 from scorer.weights import WeightParams
 from train.data import collate, load_rows, plan_epoch, split_heldout, stored_weight_params

@@ -11,8 +11,8 @@ same process, and its logprobs are compared with the baseline's.
 
 One line per variant, `name: tok/s, peak GiB, ratio vs naive`; everything goes to
 $OUT/gpu_bench.json (or bench/results/gpu_bench.json), rewritten after each measurement.
-Imports only torch, numpy, transformers and the repository's scorer/engines.py, scorer/weights.py
-and train/loss.py.
+Imports only torch, numpy, transformers and the repository's scorer/engines.py, scorer/weights.py,
+train/loss.py and the common/ helpers these use (batching, the vLLM engine's start-up).
 """
 import argparse
 import gc
@@ -30,7 +30,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from scorer.engines import TorchScorer, length_sorted_batches, packed_attention  # noqa: E402
+from common.batching import length_sorted_batches  # noqa: E402
+from scorer.engines import TorchScorer, packed_attention  # noqa: E402
 from scorer.weights import WeightParams, pear_weights  # noqa: E402
 from train.loss import token_logprobs, weighted_nll  # noqa: E402
 

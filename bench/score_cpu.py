@@ -30,8 +30,8 @@ def main(argv=None):
     import polars as pl
     from transformers import AutoTokenizer
 
-    from scorer import console
-    from scorer.config import setup_logging
+    from common import console
+    from common.config import setup_logging
 
     setup_logging()
     # the terminal: its own lines

@@ -19,9 +19,9 @@ import sys
 import time
 from pathlib import Path
 
+from common import console
+from common.config import setup_logging
 from pipelines import score
-from scorer import console
-from scorer.config import setup_logging
 
 ARMS = ("uniform", "pear")
 

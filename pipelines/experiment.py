@@ -40,11 +40,11 @@ from pathlib import Path
 
 import numpy as np
 
+from common import console
+from common.config import setup_logging
 from pipelines.recipes import RECIPES, STAGES, embedded_config, recipe_file, recipe_settings
 from pipelines.rl import world_exclude
 from pipelines.world import WorldConfig, build, world_dir
-from scorer import console
-from scorer.config import setup_logging
 from train.eval import per_prompt_metrics, read_eval
 
 log = logging.getLogger("pear.experiment")

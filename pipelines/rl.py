@@ -22,11 +22,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common import console
+from common.config import ConfigError, parse, setup_logging
+from common.models import resolve_model
 from pipelines.recipes import embedded_config, gave
 from pipelines.world import WorldConfig, build, world_dir
-from scorer import console
-from scorer.config import ConfigError, parse, setup_logging
-from scorer.models import resolve_model
 from train import eval as evaluation
 from train import rl
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from common import console
+from common.config import parse, setup_logging
+from common.storage import local_file
 from pipelines.world import WorldConfig, build, world_dir
-from scorer import console, job
-from scorer.config import parse, setup_logging
+from scorer import job
 from scorer.job import ScoreConfig
-from scorer.storage import local_file
 
 WORLD = str(world_dir())
 EMBEDDED = {"data": f"{WORLD}/corpus.parquet", "target": f"{WORLD}/target", "behavior": f"{WORLD}/behavior"}

@@ -16,12 +16,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common import console
+from common.config import setup_logging
+from common.storage import as_path
 from pipelines.recipes import embedded_config
 from pipelines.world import world_dir
-from scorer import console
-from scorer.config import setup_logging
 from scorer.shards import ShardError, list_shards, read_meta
-from scorer.storage import as_path
 from scorer.weights import WeightParams
 from train import sft
 

@@ -13,7 +13,7 @@ import importlib
 import json
 import sys
 
-from scorer.config import setup_logging
+from common.config import setup_logging
 
 
 def main(argv=None) -> int:

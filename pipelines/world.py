@@ -33,8 +33,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from scorer import console
-from scorer.config import setup_logging
+from common import console
+from common.config import setup_logging
 from train.rollout import WORLD_TASK_KWARGS, reasoning_gym_examples
 
 log = logging.getLogger("pear.world")
@@ -215,7 +215,7 @@ def pretrain(model, examples: list[tuple[list[int], int]], steps: int, seed: int
 
 def generate_corpus(behavior_dir: Path, tokenizer, tasks: list[dict], max_new_tokens: int, seed: int) -> list[dict]:
     """The behavior model answers every task once with vLLM at temperature 1; logprobs recorded."""
-    from scorer.engines import make_vllm_engine, shutdown_vllm
+    from common.vllm_engine import make_vllm_engine, shutdown_vllm
     from train.rewards import score
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt

@@ -15,72 +15,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import logging
-import os
 from typing import Callable, Protocol
 
 import numpy as np
 
-log = logging.getLogger("pear.scorer")
-
-
-def _vllm_env():
-    # In-process engine: faster start, less memory, and weight updates by reference (RL stage).
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    # ERROR: with skip_tokenizer_init, vLLM's start-up warm-up logs a harmless chat-template
-    # traceback at WARNING level on every engine start
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-
-
-def vllm_available() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except Exception:  # vllm missing, or a build that cannot run here
-        return False
-    return True
-
-
-def on_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def make_vllm_engine(model: str, max_model_len: int = 4096, skip_tokenizer_init: bool = True,
-                     gpu_memory_utilization: float = 0.85, dtype: str | None = None, seed: int = 0,
-                     cpu_kv_cache_gib: int | None = None):
-    """A vLLM engine for scoring or sampling; float32 on CPU (bf16 logprobs of a tiny model drift).
-    `cpu_kv_cache_gib`: the KV cache on the CPU (VLLM_CPU_KVCACHE_SPACE, read as the engine starts);
-    None: the environment's, 1 GiB unless set."""
-    _vllm_env()
-    from vllm import LLM
-
-    if dtype is None:
-        dtype = "bfloat16" if on_gpu() else "float32"
-    kwargs = dict(model=model, dtype=dtype, max_model_len=max_model_len, enforce_eager=not on_gpu(),
-                  enable_prefix_caching=False, skip_tokenizer_init=skip_tokenizer_init,
-                  logprobs_mode="raw_logprobs", seed=seed)
-    if on_gpu():
-        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-    if cpu_kv_cache_gib is None or on_gpu():
-        return LLM(**kwargs)
-    before = os.environ["VLLM_CPU_KVCACHE_SPACE"]  # this engine's only: later ones get the environment's
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(cpu_kv_cache_gib))
-    try:
-        return LLM(**kwargs)
-    finally:
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = before
-
-
-def shutdown_vllm(llm) -> None:
-    """Stop the engine explicitly: a process holding it and torch models can abort at exit otherwise."""
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception as e:  # best effort; the process is about to drop it anyway
-        log.debug("vLLM shutdown: %s", e)
+from common.batching import length_sorted_batches, packed_batches
+from common.vllm_engine import make_vllm_engine, shutdown_vllm, vllm_available
 
 
 def prompt_logprobs(llm, input_ids: list[list[int]], prompt_lens: list[int]) -> list[np.ndarray]:
@@ -334,43 +274,6 @@ def _register_packed_attention():
     # the fallback's Python loop over sequences stays out of compiled graphs (it would recompile per batch)
     per_sequence = torch.compiler.disable(_sdpa_per_sequence)
     AttentionInterface.register(_PACKED, functools.partial(_packed_attention, varlen=varlen, per_sequence=per_sequence))
-
-
-def padded_batches(order, lengths, token_budget: int) -> list[list[int]]:
-    """Row indices `order` cut greedily, in that order, into batches whose padded size (rows x longest
-    row) stays under the token budget; a row longer than the budget is a batch of its own. The one
-    token-budget batching of the scorer and the SFT trainer (`train.data.plan_epoch`)."""
-    batches, cur, longest = [], [], 0
-    for i in order:
-        m = max(longest, int(lengths[i]))
-        if cur and m * (len(cur) + 1) > token_budget:
-            batches.append(cur)
-            cur, m = [], int(lengths[i])
-        cur.append(int(i))
-        longest = m
-    if cur:
-        batches.append(cur)
-    return batches
-
-
-def length_sorted_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Indices grouped by length so that (rows x longest row) stays under the token budget."""
-    return padded_batches(sorted(range(len(lengths)), key=lambda i: lengths[i]), lengths, token_budget)
-
-
-def packed_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Indices grouped in length order so that each group's total length stays under the token budget."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches, cur, total = [], [], 0
-    for i in order:
-        if cur and total + lengths[i] > token_budget:
-            batches.append(cur)
-            cur, total = [], 0
-        cur.append(i)
-        total += lengths[i]
-    if cur:
-        batches.append(cur)
-    return batches
 
 
 class Scorer(Protocol):

@@ -36,11 +36,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from scorer.config import ConfigError, cli, field, setup_logging
-from scorer.lock import locked
+from common.config import ConfigError, cli, field, setup_logging
+from common.lock import locked
+from common.storage import as_path, replace
 from scorer.shards import CORE_NAMES, META_KEY, NotAShard, ShardError, check_meta, check_table, list_shards, \
     read_meta
-from scorer.storage import as_path, replace
 
 log = logging.getLogger("pear.export")
 IGNORE_INDEX = -100  # the label of a token left out of the loss (PyTorch's cross-entropy default)

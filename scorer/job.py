@@ -23,17 +23,19 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from scorer import __version__, console
-from scorer.config import ConfigError, WeightConfig, cli, field, setup_logging
+from common import console
+from common.config import ConfigError, cli, field, setup_logging
+from common.lock import locked, writable_folder
+from common.models import model_record, pinned, resolve_model
+from common.storage import as_path, replace, write_json_atomic
+from common.vllm_engine import vllm_available
+from scorer import __version__
+from scorer.config import WeightConfig
 from scorer.corpus import CONSUMED, INPUT_COLUMNS, KNOWN_ROLES, RowError, columns_problem, encode_row, row_id
 from scorer.corpus import unknown_roles as count_unknown_roles
-from scorer.engines import BACKENDS, make_scorer, vllm_available
-from scorer.lock import locked, writable_folder
-from scorer.models import model_record, pinned, resolve_model
+from scorer.engines import BACKENDS, make_scorer
 from scorer.shards import (CORE_NAMES, META_KEY, REJECT_SCHEMA, SCHEMA_VERSION, NotAShard, ShardError, core_table,
-                           list_shards, read_meta, made_on, remove_temporaries, tokenizer_sha256, write_atomic,
-                           write_json_atomic)
-from scorer.storage import as_path, replace
+                           list_shards, read_meta, made_on, remove_temporaries, tokenizer_sha256, write_atomic)
 from scorer.sources import InputError, Source, open_source, open_sources
 from scorer.stats import stats_of_shards, weight_table
 from scorer.weights import WeightParams, ragged_weights
@@ -623,7 +625,7 @@ def init_ray():
            "TOKENIZERS_PARALLELISM": "false"}
     # the hub library's settings (offline mode, cache folder, token) reach the actors as they are here
     env.update({k: v for k, v in os.environ.items() if k.startswith("HF_")})
-    # and object storage's credentials and endpoint (scorer/storage.py): asked for once, on the driver
+    # and object storage's credentials and endpoint (common/storage.py): asked for once, on the driver
     env.update({k: v for k, v in os.environ.items() if k.startswith(("AWS_", "GOOGLE_", "GCS_"))})
     kwargs = dict(include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": env})
     address = os.environ.get("RAY_ADDRESS", "").strip()

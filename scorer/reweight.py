@@ -23,10 +23,11 @@ from typing import ClassVar
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from scorer.config import ConfigError, WeightConfig, cli, field, setup_logging
-from scorer.lock import locked
-from scorer.shards import META_KEY, ShardError, list_shards, read_meta, write_json_atomic
-from scorer.storage import as_path, replace
+from common.config import ConfigError, cli, field, setup_logging
+from common.lock import locked
+from common.storage import as_path, replace, write_json_atomic
+from scorer.config import WeightConfig
+from scorer.shards import META_KEY, ShardError, list_shards, read_meta
 from scorer.stats import BATCH_ROWS, LOGPROB_COLUMNS, VariantStats, logprob_rows
 from scorer.weights import WeightParams
 

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from scorer.storage import as_path, replace
+from common.storage import TMP_PREFIX, as_path, replace
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -40,7 +40,6 @@ CORE_FIELDS = [
     pa.field("weights", pa.list_(pa.float32())),
 ]
 CORE_NAMES = [f.name for f in CORE_FIELDS]
-TMP_PREFIX = "."  # files being written: hidden from `OUT/*.parquet` (and from polars' glob)
 REJECT_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("row", pa.int64()),
                            ("field", pa.string()), ("reason", pa.string())])
 
@@ -76,13 +75,6 @@ def write_atomic(table: pa.Table, path: Path, meta: dict | None = None) -> None:
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
     replace(tmp, path)  # object storage: a copy, then the temporary key is deleted
-
-
-def write_json_atomic(obj, path: Path) -> None:
-    path = as_path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
-    replace(tmp, path)
 
 
 def remove_temporaries(folder: Path) -> list:

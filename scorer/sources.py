@@ -19,9 +19,9 @@ import ijson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from scorer import storage
-from scorer.models import split_hub_id
-from scorer.storage import ObjectPath, as_path
+from common import storage
+from common.models import split_hub_id
+from common.storage import ObjectPath, as_path
 
 SUFFIXES = (".parquet", ".jsonl", ".json")
 SCHEMA_SAMPLE_ROWS = 1000  # JSON sources: rows read to infer the schema

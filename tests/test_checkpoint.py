@@ -4,7 +4,7 @@ import json
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from scorer.config import ConfigError
+from common.config import ConfigError
 from tiny_tokenizers import tiny_tokenizer
 from train import checkpoint
 

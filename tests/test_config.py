@@ -1,7 +1,8 @@
 """One weighting group for every stage: flags, YAML (flat or nested) and checks."""
 import pytest
 
-from scorer.config import WeightConfig, parse
+from common.config import parse
+from scorer.config import WeightConfig
 from scorer.job import ScoreConfig
 from scorer.reweight import ReweightConfig
 from train.eval import EvalConfig

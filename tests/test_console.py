@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 QUIET_CHILD = """
 import logging, os, subprocess, sys, warnings
-from scorer import console
-from scorer.config import setup_logging
+from common import console
+from common.config import setup_logging
 setup_logging()
 console.quiet(sys.argv[1])
 os.write(1, b"c-level stdout\\n"); os.write(2, b"c-level stderr\\n")
@@ -42,7 +42,7 @@ def test_quiet_keeps_the_terminal_for_our_output(tmp_path):
 
 def test_not_quiet_by_default_in_a_child_without_the_variable(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PEAR_QUIET"}
-    proc = subprocess.run([sys.executable, "-c", "from scorer import console; import sys; "
+    proc = subprocess.run([sys.executable, "-c", "from common import console; import sys; "
                            f"assert console.quiet({str(tmp_path / 'x.log')!r}) is None; "
                            "assert console.out() is sys.stdout and console.child_streams() == {}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
@@ -52,8 +52,8 @@ def test_not_quiet_by_default_in_a_child_without_the_variable(tmp_path):
 
 FAILING_CHILD = """
 import sys
-from scorer import console
-from scorer.config import setup_logging
+from common import console
+from common.config import setup_logging
 setup_logging()
 console.quiet(sys.argv[1])
 def load():

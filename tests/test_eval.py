@@ -321,7 +321,7 @@ def test_evaluate_chat_prompts_end_to_end(world, tmp_path):
     assert report["model"] == str((world / "target").resolve())
 
     # one evaluation per output folder: a second one while the first holds it is refused at once
-    from scorer.lock import locked
+    from common.lock import locked
 
     with locked(out), pytest.raises(ConfigError, match="in use by another job"):
         evaluate(EvalConfig(model=str(world / "target"), out=str(out), prompt_set=PromptConfig(prompts=str(prompts))))

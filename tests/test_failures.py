@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from common.lock import locked
 from scorer import job
 from scorer.job import ScoreConfig, run
-from scorer.lock import locked
 from scorer.reweight import main as reweight_main
 from scorer.shards import list_shards, read_meta
 from train import rl as rl_train

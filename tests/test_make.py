@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # of theirs (pipelines.sft passes what it does not take itself to train.sft; pipelines.rl to train.rl/eval)
 PROGRAMS = {
     "demo": ["pipelines.demo"], "world": ["pipelines.world"], "score": ["pipelines.score"],
-    "reweight": ["scorer.reweight"], "export": ["scorer.export"], "inspect": ["scorer.inspect"],
+    "reweight": ["scorer.reweight"], "export": ["scorer.export"], "inspect": ["scorer.report"],
     "sft": ["pipelines.sft", "train.sft"], "rl": ["train.rl"], "eval": ["train.eval"],
     "experiment": ["pipelines.experiment"], "experiment-smoke": ["pipelines.experiment"],
     "bench": ["bench.score_cpu", "bench.bench_sft"], "bench-sft": ["bench.bench_sft"],

@@ -6,9 +6,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from scorer.config import ConfigError
+from common.config import ConfigError
+from common.models import resolve_model
 from scorer.job import ScoreConfig, run
-from scorer.models import resolve_model
 from scorer.shards import list_shards, read_meta
 from hub_cache import add_model, offline_env
 

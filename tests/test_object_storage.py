@@ -15,14 +15,14 @@ import polars as pl
 import pyarrow.fs as pafs
 import pytest
 
+from common.lock import locked
+from common.storage import as_path
 from scorer import job
 from scorer.export import ExportConfig, export
-from scorer.inspect import main as inspect_main
 from scorer.job import ScoreConfig, run
-from scorer.lock import locked
+from scorer.report import main as inspect_main
 from scorer.reweight import main as reweight_main
 from scorer.shards import list_shards, read_meta
-from scorer.storage import as_path
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = 48

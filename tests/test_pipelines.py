@@ -115,8 +115,8 @@ def test_rl_help_gives_the_learning_rate_the_recipe_uses(capsys):
 
     import pytest
 
+    from common.config import parse
     from pipelines.recipes import recipe_settings
-    from scorer.config import parse
     from train.rl import RLConfig
 
     with pytest.raises(SystemExit):

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from scorer.config import parse
+from common.config import parse
 from train.eval import EvalConfig
 from train.rl import RLConfig
 from train.rollout import PromptConfig, prompt_token_ids, read_prompt_file, training_prompt_texts

@@ -117,7 +117,7 @@ def test_rewards_of_a_group_log_the_failing_rows():
 
 
 def test_a_stopped_steps_failed_rewards_are_logged(tmp_path):
-    from scorer.config import ConfigError
+    from common.config import ConfigError
     from train.rl import score_groups
 
     def broken(completion, example):

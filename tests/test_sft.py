@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from scorer.config import ConfigError, WeightConfig
+from common.config import ConfigError
+from scorer.config import WeightConfig
 from scorer.shards import list_shards, read_meta, write_atomic
 from train import sft
 from train.data import collate, is_heldout, load_rows, plan_epoch, split_heldout, steps_of, stored_weight_params

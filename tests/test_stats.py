@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from scorer import inspect as inspect_cli
+from scorer import report as inspect_cli
 from scorer import reweight as reweight_cli
 from scorer.reweight import reweight
 from scorer.shards import META_KEY, ShardError, core_table, read_meta, write_atomic

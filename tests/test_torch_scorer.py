@@ -12,7 +12,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from scorer.engines import TorchScorer, packed_attention, packed_batches
+from common.batching import packed_batches
+from scorer.engines import TorchScorer, packed_attention
 
 VOCAB = 300
 # (length, prompt_len): response = input_ids[prompt_len:]

@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from scorer import inspect as inspect_cli
-from scorer.config import parse
+from common.config import parse
+from scorer import report as inspect_cli
 from scorer.corpus import RowError, encode_row
 from scorer.job import ScoreConfig, run
 from scorer.job import main as score_main

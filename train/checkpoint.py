@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from scorer.config import ConfigError
+from common.config import ConfigError
 
 STATE = "trainer_state.pt"
 

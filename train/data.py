@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from scorer.engines import padded_batches
+from common.batching import padded_batches
 from scorer.shards import ShardError, check_meta, check_table, list_shards, spans_of
 from scorer.weights import WeightParams
 

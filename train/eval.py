@@ -37,11 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-from scorer.config import ConfigError, cli, field, setup_logging
-from scorer.lock import locked
-from scorer.storage import as_path
-from scorer.models import resolve_model
-from scorer.shards import write_json_atomic
+from common.config import ConfigError, cli, field, setup_logging
+from common.lock import locked
+from common.models import resolve_model
+from common.storage import as_path, write_json_atomic
 from train.rewards import REWARD_HELP, load_reward, safe_score
 from train.rollout import COMPARED, EVAL_PROMPT_SEED, RL_POOL_SIZE, RL_PROMPT_SEED, PromptConfig, RolloutEngine, \
     prompt_token_ids, reasoning_gym_examples, resolve_aliases, resolved, training_prompt_texts

@@ -38,11 +38,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scorer import console
-from scorer.config import ConfigError, cli, field, setup_logging
-from scorer.lock import locked
-from scorer.models import model_record, resolve_model
-from scorer.shards import write_json_atomic
+from common import console
+from common.config import ConfigError, cli, field, setup_logging
+from common.lock import locked
+from common.models import model_record, resolve_model
+from common.storage import write_json_atomic
 from train import checkpoint
 from train.loss import token_logprobs
 from train.rewards import load_reward, safe_score

@@ -97,7 +97,7 @@ def micro_batches(
     alone (the trainer refuses such a budget up front)."""
     import numpy as np
 
-    from scorer.engines import length_sorted_batches
+    from common.batching import length_sorted_batches
 
     lengths = np.asarray(lengths, dtype=np.int64)
     if token_budget <= 0 or len(lengths) == 0:

@@ -1,6 +1,6 @@
 """Rollouts from a vLLM engine held in the trainer's own process, and weight pushes into it.
 
-The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by `scorer.engines`), so new
+The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by `common.vllm_engine`), so new
 weights go in by reference through `reload_weights`, with no restart and no file (0.01 s on the
 tiny model; with worker processes passing tensors fails, see ENV-NOTES). Prompts and responses
 are token ids end to end: the trainer scores exactly the ids the engine sampled.
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from scorer.config import ConfigError, field
-from scorer.engines import make_vllm_engine, shutdown_vllm
+from common.config import ConfigError, field
+from common.vllm_engine import make_vllm_engine, shutdown_vllm
 
 log = logging.getLogger("pear.rollout")
 
@@ -129,8 +129,8 @@ def prompt_sources(spec: str | Path, config: str = "", split: str = "") -> list:
     """The `scorer.sources` sources of a prompt set: a Parquet, JSONL or JSON (array) file, a folder or
     glob of them, a folder saved by `datasets`, or a hub dataset id. A folder with Parquet files at its
     top is those files: a scoring output folder is its shards (not rejects/, not summary.json)."""
+    from common.storage import as_path
     from scorer.sources import InputError, open_sources
-    from scorer.storage import as_path
 
     spec = str(spec)
     p = as_path(spec)  # a local path or an object-storage URI

@@ -34,12 +34,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from scorer import console
-from scorer.config import ConfigError, WeightConfig, cli, field, setup_logging
-from scorer.lock import locked
-from scorer.models import hash_model_folder, pinned, resolve_model
-from scorer.shards import ShardError, list_shards, read_meta, tokenizer_sha256, write_json_atomic
-from scorer.storage import as_path
+from common import console
+from common.config import ConfigError, cli, field, setup_logging
+from common.lock import locked
+from common.models import hash_model_folder, pinned, resolve_model
+from common.storage import as_path, write_json_atomic
+from scorer.config import WeightConfig
+from scorer.shards import ShardError, list_shards, read_meta, tokenizer_sha256
 from scorer.stats import TABLE_COLUMNS, weight_table
 from scorer.weights import WeightParams
 from train import checkpoint

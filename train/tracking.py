@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-from scorer.config import ConfigError
+from common.config import ConfigError
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 

@@ -12,13 +12,15 @@ AWS_ENDPOINT_URL (an S3-compatible server); for GCS, GOOGLE_APPLICATION_CREDENTI
 asked for twice: Ray actors get the same variables (scorer.job.init_ray).
 
 Object stores have no rename: `replace(src, dst)` is a server-side copy then a delete; a writer
-writes under a temporary key first, so a reader never sees half an object (see scorer/shards.py).
+writes under a temporary name first (`TMP_PREFIX`), so a reader never sees half an object
+(`write_json_atomic` here, the shards' writer in scorer/shards.py).
 """
 from __future__ import annotations
 
 import fnmatch
 import glob as _glob
 import io
+import json
 import os
 import re
 import socket
@@ -26,10 +28,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlparse
 
-from scorer.config import ConfigError
+from common.config import ConfigError
 
 URI = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _FILESYSTEMS: dict[tuple, object] = {}  # (scheme, bucket, endpoint) -> pyarrow filesystem
+TMP_PREFIX = "."  # files being written: hidden from `OUT/*.parquet` (and from polars' glob)
 
 
 class StorageError(ConfigError):
@@ -251,6 +254,15 @@ def replace(src, dst) -> None:
         src.unlink(missing_ok=True)
     else:
         os.replace(src, dst)
+
+
+def write_json_atomic(obj, path) -> None:
+    """`obj` as indented JSON, written under a temporary name, then renamed: a reader (a rerun, another
+    stage) never sees half a file."""
+    path = as_path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+    replace(tmp, path)
 
 
 def glob(pattern: str) -> list:

@@ -25,8 +25,8 @@ import time
 import uuid
 from pathlib import Path
 
-from scorer.config import ConfigError
-from scorer.storage import ObjectPath, as_path, check_bucket
+from common.config import ConfigError
+from common.storage import ObjectPath, as_path, check_bucket
 
 log = logging.getLogger("pear.lock")
 LEASE_SETTLE_SECONDS = 1.0  # between writing the lease and reading it back

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from scorer.config import ConfigError
+from common.config import ConfigError
 
 # a hub id, of a model or a dataset: name, org/name, org/name@revision
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@\S+)?$")

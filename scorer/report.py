@@ -1,6 +1,6 @@
 """Look at a scoring run: the printed summary and a PNG histogram of log-weights per variant.
 
-    python -m scorer.inspect --scores runs/score     # writes runs/score/log_weights.png
+    python -m scorer.report --scores runs/score     # writes runs/score/log_weights.png
 
 Shards are read a batch of rows at a time into fixed-bin histograms, so memory does not grow
 with the corpus. One panel per variant of `scorer.weights.VARIANTS` but "none" (uniform), its
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from common.storage import StorageError, as_path
 from scorer.shards import ShardError, list_shards, read_meta
-from scorer.storage import StorageError, as_path
 from scorer.stats import VariantStats, WeightStats
 from scorer.weights import VARIANTS, WeightParams
 

@@ -1,0 +1,188 @@
+"""Typed configuration: one dataclass per stage, overridable from a YAML file and the CLI.
+
+Each field carries its help text as `metadata={"help": ...}`. Precedence: defaults < YAML
+(`--config recipe.yaml`) < command-line flags. Field `foo_bar` is flag `--foo-bar`; tuples take
+comma-separated values (`--delta-clip -0.08,0.3` or `--delta-clip=-0.08,0.3`); booleans take
+true/false. A field whose type is itself such a dataclass is a group shared by several stages
+(the scorer's `WeightConfig`, train's `PromptConfig`): its fields are flags of their own
+(`--variant`, not `--weights-variant`), and YAML takes them flat or nested under the group's name.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import logging
+import re
+import typing
+from pathlib import Path
+
+# a value that starts with "-" but is numbers: argparse would take "-0.08,0.3" for a flag
+NEGATIVE_VALUE = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?(,\s*[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?)*$", re.I)
+
+
+class ConfigError(Exception):
+    """Bad input found before any work starts: the entry points print its one line and exit 2."""
+
+
+def field(default, help: str, **kw):
+    """A dataclass field with help text (mutable defaults, groups included, become factories)."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help}, **kw)
+    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+
+
+def _to_bool(s: str) -> bool:
+    v = str(s).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def _convert(value, tp):
+    """Coerce a YAML or CLI value to the field's declared type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or origin is getattr(__import__("types"), "UnionType", None):
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+            return None
+        return _convert(value, next(a for a in args if a is not type(None)))
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        inner = args[0] if args else str
+        return tuple(_convert(x, inner) for x in items)
+    if tp is bool:
+        return value if isinstance(value, bool) else _to_bool(value)
+    if tp in (int, float, str):
+        return tp(value)
+    return value
+
+
+def _flags(cls) -> list[tuple[str, dataclasses.Field, object, str | None]]:
+    """(name, field, type, group) of every flag of `cls`: its own fields and its groups' fields."""
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += [(sub.name, sub, typing.get_type_hints(tp)[sub.name], f.name) for sub in dataclasses.fields(tp)]
+        else:
+            out.append((f.name, f, tp, None))
+    names = [n for n, *_ in out]
+    assert len(names) == len(set(names)), f"{cls.__name__}: a group repeats a flag name"
+    return out
+
+
+def parse(cls, argv=None, description: str | None = None):
+    """Build `cls` from defaults, an optional `--config` YAML file and command-line flags."""
+    return parse_given(cls, argv, description)[0]
+
+
+def parse_given(cls, argv=None, description: str | None = None) -> tuple[typing.Any, set[str]]:
+    """`parse`, and the names of the fields given (in the YAML file or as flags), so that a stage can
+    take what was not given from elsewhere (`reweight`: from the shards). A config class may set
+    `GROUP_DEFAULTS` to the help's words for the default of its groups' flags."""
+    import sys
+
+    flags = _flags(cls)
+    p = argparse.ArgumentParser(description=description or cls.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=None, help="YAML file of field values (flags override it)")
+    defaults = cls() if all(_default(f) != "required" for f in dataclasses.fields(cls)) else None
+    for name, f, _, group in flags:
+        shown = getattr(getattr(defaults, group), name) if group and defaults is not None else _default(f)
+        if group and getattr(cls, "GROUP_DEFAULTS", None):
+            shown = cls.GROUP_DEFAULTS
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
+                       help=(f.metadata.get("help", "") + f" (default: {shown})").replace("%", "%%"))
+    ns = p.parse_args(_negative_values(list(sys.argv[1:] if argv is None else argv)))
+    values = {}
+    if ns.config is not None:
+        import yaml
+
+        if not ns.config.exists():
+            p.error(f"config file not found: {ns.config}")
+        loaded = yaml.safe_load(ns.config.read_text()) or {}
+        groups = {g for *_, g in flags if g}
+        for g in groups & set(loaded):  # a group's fields nested under its name
+            if not isinstance(loaded[g], dict):
+                p.error(f"{ns.config}: {g} must be a mapping of its fields")
+            loaded.update(loaded.pop(g))
+        unknown = set(loaded) - {n for n, *_ in flags}
+        if unknown:
+            p.error(f"{ns.config}: unknown fields {sorted(unknown)}")
+        values.update(loaded)
+    for name, *_ in flags:
+        v = getattr(ns, name)
+        if v is not None:
+            values[name] = v
+    top, grouped, flag = {}, {}, None
+    try:
+        for name, _, tp, group in flags:
+            if name in values:
+                flag = "--" + name.replace("_", "-")
+                (grouped.setdefault(group, {}) if group else top)[name] = _convert(values[name], tp)
+        flag = None
+        for group, given in grouped.items():
+            base = getattr(defaults, group) if defaults is not None else typing.get_type_hints(cls)[group]()
+            top[group] = dataclasses.replace(base, **given)
+        return cls(**top), set(values)
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+        # a value that does not convert: one line naming the flag, exit code 2 (not argparse's usage block)
+        print(f"error: {flag + ': ' if flag else ''}{e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _negative_values(argv: list[str]) -> list[str]:
+    """`--flag -0.08,0.3` as `--flag=-0.08,0.3`: argparse takes a lone negative number as a value, but
+    not a comma list of them, which it reads as an unknown flag."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i].startswith("--") and "=" not in argv[i] and i + 1 < len(argv) and NEGATIVE_VALUE.match(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def _default(f):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return "required"
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """The entry points' log: time, logger name, message (once per process)."""
+    from common.console import FORMAT
+
+    logging.basicConfig(level=level, format=FORMAT)
+
+
+def cli(cls, argv, description: str | None, work, report, errors: tuple[type[Exception], ...] = (),
+        log: str | None = None, given: bool = False) -> int:
+    """An entry point: the config from `argv`, then `work(cfg)` (`work(cfg, names given)` with `given`);
+    a ConfigError (or one of `errors`) is one line `error: ...` and exit code 2; otherwise
+    `report(result)` is printed, exit code 0. `log`: the file in the config's `out` folder that
+    other libraries' output goes to (common/console.py, with PEAR_QUIET=1); any other exception
+    then ends the stage with its one-line cause on the terminal and the traceback in that file."""
+    from common import console
+
+    cfg, names = parse_given(cls, argv, description=description)
+    if log:
+        from common.storage import local_file  # OUT may be a URI: the log stays on this machine
+
+        console.quiet(local_file(cfg.out, log))
+    try:
+        result = work(cfg, names) if given else work(cfg)
+    except (ConfigError, *errors) as e:
+        print(f"error: {e}", file=console.err())
+        return 2
+    text = report(result)
+    if text:
+        print(text, file=console.out())
+    return 0
