@@ -740,9 +740,10 @@ def format_summary(s: dict) -> str:
         lines.append(f"shards {s['shards']} ({s['shards_scored_now']} scored now), response tokens "
                      f"{s['response_tokens']}, {scoring}")
     lines += [f"{'variant':9} {'p1':>9} {'p50':>9} {'p99':>9} {'at lo':>6} {'at hi':>6} {'ESS tok':>8} {'ESS seq':>8}"]
-    for v, written, p1, p50, p99, _, lo, hi, _, _, ess_tok, ess_seq in weight_table(s):
-        lines.append(f"{v + ('*' if written else ' '):9} {p1:9.3g} {p50:9.3g} {p99:9.3g} {lo:6.1%} {hi:6.1%} "
-                     f"{ess_tok:8.1%} {ess_seq:8.1%}")
+    for r in weight_table(s):
+        lines.append(f"{r.variant + ('*' if r.written else ' '):9} {r.p1:9.3g} {r.p50:9.3g} {r.p99:9.3g} "
+                     f"{r.log_clip_lo:6.1%} {r.log_clip_hi:6.1%} {r.ess_tokens_fraction:8.1%} "
+                     f"{r.ess_sequences_fraction:8.1%}")
     lines.append("(* the variant written to the shards; at lo/hi: share of tokens at the log-weight clip; "
                  "ESS as a share of tokens/sequences)")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ import dataclasses
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -285,18 +286,36 @@ def logprob_rows(data: pa.Table | pa.RecordBatch, path: Path, first_row: int = 0
     return rows[0], rows[1]
 
 
-TABLE_COLUMNS = ("variant", "written", "p1", "p50", "p99", "mean", "log_clip_lo", "log_clip_hi", "delta_clip_lo",
-                 "delta_clip_hi", "ess_tokens_fraction", "ess_sequences_fraction")
+class WeightRow(NamedTuple):
+    """One variant's line of the weight table (`weight_table`): a tuple, so that a tracker takes it as
+    a table row, with its columns named (`TABLE_COLUMNS`)."""
+
+    variant: str
+    written: bool  # the variant stored in the shards
+    p1: float  # weight quantiles
+    p50: float
+    p99: float
+    mean: float
+    log_clip_lo: float  # share of tokens at each bound of the log-weight clip
+    log_clip_hi: float
+    delta_clip_lo: float  # share of tokens at each bound of the delta clip
+    delta_clip_hi: float
+    ess_tokens_fraction: float  # ESS as a share of tokens
+    ess_sequences_fraction: float  # and of sequences
 
 
-def weight_table(summary: dict) -> list[tuple]:
-    """One row per variant of a scoring summary (TABLE_COLUMNS): weight quantiles and mean, shares
-    of tokens at each clip, ESS fractions; `written` marks the variant stored in the shards."""
+TABLE_COLUMNS = WeightRow._fields
+
+
+def weight_table(summary: dict) -> list[WeightRow]:
+    """One row per variant of a scoring summary: weight quantiles and mean, shares of tokens at each
+    clip, ESS fractions; `written` marks the variant stored in the shards."""
     rows = []
     for v, st in summary.get("variants", {}).items():
         if not st.get("tokens"):
             continue
         q, lc, dc = st["weight_quantiles"], st["share_at_log_weight_clip"], st["share_at_delta_clip"]
-        rows.append((v, v == summary["params"]["variant"], q["p1"], q["p50"], q["p99"], st["weight_mean"],
-                     lc["lo"], lc["hi"], dc["lo"], dc["hi"], st["ess_tokens_fraction"], st["ess_sequences_fraction"]))
+        rows.append(WeightRow(v, v == summary["params"]["variant"], q["p1"], q["p50"], q["p99"], st["weight_mean"],
+                              lc["lo"], lc["hi"], dc["lo"], dc["hi"], st["ess_tokens_fraction"],
+                              st["ess_sequences_fraction"]))
     return rows
