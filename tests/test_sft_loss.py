@@ -1,4 +1,5 @@
 """Weighted-SFT math on hand-sized tensors: the loss, its normalisation, weights, batching, schedule."""
+import itertools
 import math
 
 import numpy as np
@@ -11,7 +12,8 @@ from scorer.weights import WeightParams, pear_weights
 from train.data import Rows, collate, idle_batch, is_heldout, plan_epoch, rank_share, steps_of
 from train.loss import (cosine_lr, effective_sample_size, flat_pear_weights, token_logprobs, token_weights,
                         weighted_nll)
-from train.sft import ResponseLogprobs, micro_batch_loss
+from train.sft import (ResponseLogprobs, SFTConfig, StepStats, learning_summary, micro_batch_loss, schedule,
+                       step_batches, step_metrics)
 
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 
@@ -82,8 +84,10 @@ def test_uniform_weighting_is_cross_entropy_on_response_tokens():
     ref = F.cross_entropy(torch.cat(logits), torch.cat(labels))
     assert batch.num_tokens == 4 + 2 + 1
     assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-    assert_close(stats[0] / stats[4], ref.double(), rtol=1e-5, atol=1e-6)  # logged loss = objective here
-    assert stats[2] == stats[4]  # mean weight 1
+    stats = StepStats.from_tensor(stats)
+    assert stats.nll / stats.tokens == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)  # logged loss = objective here
+    assert stats.weight == stats.tokens == 7  # mean weight 1
+    assert stats.real_tokens == 6 + 3 + 4
 
 
 def test_split_over_two_ranks_sums_to_the_single_rank_loss_and_gradient():
@@ -215,3 +219,50 @@ def test_cosine_schedule():
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
     assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 15 / 16)))
     assert cosine_lr(20, 20, 4, 1.0, 0.1) == pytest.approx(0.1)
+
+
+def test_step_stats_and_metrics_by_hand():
+    """Four response tokens, NLL 1, 2, 3, 4 under weights 1, 1, 2, 0: the step's sums and its metrics line."""
+    nll = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    w = torch.tensor([1.0, 1.0, 2.0, 0.0], dtype=torch.float64)
+    batch = collate(rows_of([[3, 4, 5, 6, 7], [3, 4]], [2, 1]), [0, 1])  # 3 + 1 response tokens of 7
+    stats = StepStats.from_tensor(StepStats.tensor(nll, w, batch))
+    assert stats == StepStats(nll=10.0, weighted_nll=9.0, weight=4.0, weight_sq=6.0, tokens=4.0, real_tokens=7.0)
+    m = step_metrics(stats, 0.5, step=2, epoch=1.5, lr=1e-5, seconds=2.0)
+    assert (m["step"], m["epoch"], m["loss"], m["weighted_loss"], m["mean_weight"]) == (3, 1.5, 2.5, 2.25, 1.0)
+    assert m["ess"] == pytest.approx(16 / 6) and m["ess_fraction"] == pytest.approx(16 / 6 / 4)
+    assert (m["response_tokens"], m["tokens"], m["tokens_per_s"], m["grad_norm"]) == (4, 7, 3.5, 0.5)
+
+
+def test_learning_summary_of_two_epochs_by_hand():
+    line = lambda epoch, loss, tokens, weight, ess: {"epoch": epoch, "loss": loss, "weighted_loss": loss + 0.5,
+                                                     "response_tokens": tokens, "mean_weight": weight,
+                                                     "ess_fraction": ess}
+    steps = [line(0.5, 4.0, 10, 1.0, 1.0), line(1.0, 3.0, 30, 2.0, 0.5),
+             line(1.5, 2.0, 10, 1.0, 0.8), line(2.0, 1.0, 30, 1.0, 0.7)]
+    s = learning_summary(steps, 5.0, 2.5)
+    assert (s["final_loss"], s["final_weighted_loss"], s["heldout_nll_start"], s["heldout_nll"]) == (1.0, 1.5, 5.0, 2.5)
+    assert s["last_epoch_loss"] == pytest.approx((2.0 * 10 + 1.0 * 30) / 40)  # the second epoch, per token
+    assert s["mean_weight"] == pytest.approx((10 + 60 + 10 + 30) / 80)
+    assert s["mean_ess_fraction"] == pytest.approx(0.75)
+    assert learning_summary([], None, None)["final_loss"] is None
+
+
+def test_step_batches_share_each_step_over_the_ranks():
+    """Two ranks: between them every micro-batch of the epoch once, as many per rank in each step (an
+    idle one fills a short share), the step's response tokens known to both; a resumed run (from step 2)
+    gets the same step 2."""
+    lengths = (5, 9, 3, 7, 4, 6, 8, 2, 5)
+    rows = rows_of([[k] * n for k, n in enumerate(lengths, start=1)], [1] * len(lengths))
+    cfg = SFTConfig(token_budget=10, micro_batches=3)
+    per_epoch, total, _ = schedule(cfg, rows.lengths)
+    assert (len(plan_epoch(rows.lengths, 10, 0, 0)), per_epoch, total) == (7, 3, 3)  # steps of 3, 3 and 1
+    ranks = [list(itertools.islice(step_batches(rows, cfg, per_epoch, 0, rank, 2), per_epoch)) for rank in (0, 1)]
+    for (epoch0, b0, tokens0), (epoch1, b1, tokens1) in zip(*ranks):
+        assert epoch0 == epoch1 and tokens0 == tokens1 and len(b0) == len(b1)
+        assert tokens0 == sum(b.num_tokens for b in b0 + b1)
+    assert ranks[0][-1][0] == 1.0  # the last step ends the epoch
+    assert sum(t for _, _, t in ranks[0]) == rows.response_lengths.sum()
+    assert sum(not b.idle for r in ranks for _, bs, _ in r for b in bs) == 7
+    _, resumed, _ = next(step_batches(rows, cfg, per_epoch, 2, 0, 2))
+    assert [b.input_ids.tolist() for b in resumed] == [b.input_ids.tolist() for b in ranks[0][2][1]]

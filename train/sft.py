@@ -28,7 +28,7 @@ import os
 import sys
 import time
 from contextlib import ExitStack, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -131,16 +131,42 @@ class ResponseLogprobs(torch.nn.Module):
         return token_logprobs(hidden[rows, cols], self.lm.get_output_embeddings().weight, labels, self.chunk)
 
 
+@dataclass(frozen=True)
+class StepStats:
+    """A step's sums over its response tokens, all a metrics line needs. Between the micro-batches and
+    the ranks they travel as one float64 tensor in field order (`tensor`), summed in place and by one
+    all-reduce; `from_tensor` names them again."""
+
+    nll: float  # sum of the per-token NLL
+    weighted_nll: float  # sum of w * NLL
+    weight: float  # sum of w
+    weight_sq: float  # sum of w^2 (for the ESS)
+    tokens: float  # response tokens (the trained ones)
+    real_tokens: float  # prompt + response tokens, padding excluded
+
+    @staticmethod
+    def zeros(device) -> torch.Tensor:  # (6,) float64
+        return torch.zeros(len(fields(StepStats)), dtype=torch.float64, device=device)
+
+    @staticmethod
+    def tensor(nll: torch.Tensor, w: torch.Tensor, batch: Batch) -> torch.Tensor:  # (N,), (N,) float64 -> (6,)
+        """One micro-batch's sums, in field order."""
+        return torch.stack([nll.sum(), (w * nll).sum(), w.sum(), (w * w).sum(),
+                            nll.new_tensor(batch.num_tokens), nll.new_tensor(batch.real_tokens)])
+
+    @classmethod
+    def from_tensor(cls, stats: torch.Tensor) -> "StepStats":
+        return cls(*stats.tolist())
+
+
 def micro_batch_loss(net, batch: Batch, weighting: str, params, global_tokens: int, autocast,
                      uniform_weight: float = 1.0):
-    """(loss with grad, stats (6,) float64: sum nll, sum w*nll, sum w, sum w^2, tokens, real tokens)."""
+    """(loss with grad, the micro-batch's sums as a `StepStats` tensor (6,) float64)."""
     with autocast:
         token_lp = net(batch.input_ids, batch.rows, batch.cols, batch.labels)  # (N,) float32
     w = token_weights(weighting, batch, token_lp, params, uniform_weight)  # (N,)
     loss = weighted_nll(token_lp, w, global_tokens)
-    nll, w = -token_lp.detach().double(), w.detach().double()
-    stats = torch.stack([nll.sum(), (w * nll).sum(), w.sum(), (w * w).sum(),
-                         nll.new_tensor(batch.num_tokens), nll.new_tensor(batch.real_tokens)])
+    stats = StepStats.tensor(-token_lp.detach().double(), w.detach().double(), batch)
     if batch.idle:
         return loss * 0.0, stats * 0.0
     return loss, stats
@@ -156,12 +182,12 @@ def grad_sync(model, sync: bool):
 
 
 def optimizer_step(model, optimizer, batches: list[Batch], weighting: str, params, global_tokens: int, world: int,
-                   max_grad_norm: float, autocast, device, uniform_weight: float = 1.0) -> tuple[torch.Tensor, float]:
-    """One optimizer step over this rank's micro-batches; returns (stats (6,) summed over ranks, grad norm).
+                   max_grad_norm: float, autocast, device, uniform_weight: float = 1.0) -> tuple[StepStats, float]:
+    """One optimizer step over this rank's micro-batches; returns (its sums over all ranks, grad norm).
 
     `model` is the ResponseLogprobs module, DDP-wrapped or FSDP-sharded with several ranks.
     """
-    stats = torch.zeros(6, dtype=torch.float64, device=device)
+    stats = StepStats.zeros(device)
     for j, batch in enumerate(batches):
         with grad_sync(model, j == len(batches) - 1):
             loss, s = micro_batch_loss(model, batch.to(device), weighting, params, global_tokens, autocast,
@@ -177,7 +203,18 @@ def optimizer_step(model, optimizer, batches: list[Batch], weighting: str, param
     optimizer.zero_grad(set_to_none=True)
     if world > 1:
         dist.all_reduce(stats)
-    return stats, float(grad_norm)
+    return StepStats.from_tensor(stats), float(grad_norm)
+
+
+def step_metrics(stats: StepStats, grad_norm: float, step: int, epoch: float, lr: float, seconds: float) -> dict:
+    """The metrics line of optimizer step `step` (0-based); `epoch`: epochs done once it is done."""
+    n_tok = stats.tokens
+    return {"step": step + 1, "epoch": round(epoch, 4), "lr": lr,
+            "loss": stats.nll / n_tok, "weighted_loss": stats.weighted_nll / n_tok, "mean_weight": stats.weight / n_tok,
+            "ess": effective_sample_size(stats.weight, stats.weight_sq),
+            "ess_fraction": effective_sample_size(stats.weight, stats.weight_sq) / n_tok,
+            "grad_norm": float(grad_norm), "response_tokens": int(n_tok), "tokens": int(stats.real_tokens),
+            "tokens_per_s": round(stats.real_tokens / seconds, 1), "seconds": round(seconds, 4)}
 
 
 # ---- setup -----------------------------------------------------------------------------------
@@ -311,56 +348,23 @@ def heldout_nll(net, rows: Rows, cfg: SFTConfig, device, rank: int, world: int, 
     return float(sums[0] / sums[1])
 
 
-# ---- the run ---------------------------------------------------------------------------------
+# ---- the run's steps ---------------------------------------------------------------------------
 
-def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
-    """One training run; returns the summary (also written to out/train_summary.json by rank 0).
-    `held`: where the output folder's lock is kept (rank 0 holds it for all ranks); None: no lock."""
-    from tqdm import tqdm
-    from transformers import AutoModelForCausalLM
-
-    t_start = time.perf_counter()
-    if not cfg.progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # "Loading weights" bars
-    rank, world, device = init_distributed(cfg)
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
-
-    # 1. inputs, all checked before anything is written
-    model_dir, tokenizer, rows, heldout, meta = check_inputs(cfg)
-    if held is not None and rank == 0:
-        held.enter_context(locked(out))  # one run per output folder
-    params = cfg.weight_params()
-    if cfg.weighting == "pear-live" and params is None:
-        params = stored_weight_params(meta)
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-    # 2. the plan: optimizer steps of every epoch (the number of micro-batches is the same each epoch)
-    lengths, resp_lengths = rows.lengths, rows.response_lengths
+def schedule(cfg: SFTConfig, lengths) -> tuple[int, int, int]:
+    """(optimizer steps per epoch, steps of the run, warm-up steps); every epoch has as many micro-batches."""
     steps_per_epoch = len(steps_of(len(plan_epoch(lengths, cfg.token_budget, cfg.seed, 0)), cfg.micro_batches))
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
+    return steps_per_epoch, total_steps, math.ceil(cfg.warmup_ratio * total_steps)
 
-    # 3. resume from the last checkpoint made with the same settings
-    made_from = {**{k: v for k, v in asdict(cfg).items() if k not in NOT_TRAJECTORY}, "data": rows.fingerprint()}
-    ckpt, state = checkpoint.resume(out, made_from, cfg.overwrite)
-    if state is None and rank == 0:
-        checkpoint.clear(out)
-    if world > 1:
-        dist.barrier()  # no rank loads while rank 0 clears an old run
-    start_step = state["step"] if state else 0
+
+def build_model(cfg: SFTConfig, model_dir: str, ckpt: Path | None, state: dict | None, device, world: int):
+    """(the ResponseLogprobs module, the same DDP-wrapped or FSDP-sharded with several ranks, its AdamW):
+    the starting model, or checkpoint `ckpt` with the optimizer state and RNG of its `state`."""
+    from transformers import AutoModelForCausalLM
+
     source = str(ckpt) if state else model_dir
-    log.info("%s from %s: %d train rows, %d held out, %d steps of %d micro-batches (%d ranks), %s",
-             "resuming at step %d" % start_step if state else "training", source, len(rows), len(heldout),
-             total_steps, cfg.micro_batches, world, cfg.weighting)
-
-    # 4. model and optimizer
-    fsdp = cfg.fsdp and world > 1
     lm = AutoModelForCausalLM.from_pretrained(model_dir if cfg.lora_rank else source, dtype=torch.float32)
     lm.config.use_cache = False
     if cfg.lora_rank:  # a LoRA checkpoint holds the adapter; the base is the starting model
@@ -368,6 +372,7 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     net = ResponseLogprobs(lm, cfg.loss_chunk)
+    fsdp = cfg.fsdp and world > 1
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
@@ -392,34 +397,17 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
         else:
             optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
-    nll_start = state["heldout_nll_start"] if state else heldout_nll(net, heldout, cfg, device, rank, world, autocast)
+    return net, model, optimizer
 
-    # 5. metrics file: keep the lines of the steps that the checkpoint contains
-    metrics_path = out / "metrics.jsonl"
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if state:
-            checkpoint.keep_lines_upto(metrics_path, start_step)
-        else:
-            metrics_path.write_text("")
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"sft {cfg.weighting}", unit="step",
-               disable=not (cfg.progress and rank == 0), file=console.err())
-    tracker = Tracker()
-    if rank == 0:
-        tracker = open_tracker(cfg.report_to, out, f"sft {cfg.weighting} {out.name}", asdict(cfg), start_step)
-        scoring = as_path(cfg.scores) / "summary.json"  # a local folder or an object-storage URI
-        if scoring.exists() and not state:
-            tracker.table("scorer/weights", TABLE_COLUMNS, weight_table(json.loads(scoring.read_text())))
 
-    # 6. the loop: one optimizer step over `micro_batches` micro-batches shared out over the ranks
-    net.train()
-    plan, plan_epoch_no, t_loop = None, -1, time.perf_counter()
-    # totals over the whole run, resumed segments included
-    tokens_done, seconds_before = (state["tokens_done"], state["loop_seconds"]) if state else (0, 0.0)
-    for step in range(start_step, total_steps):
-        t0 = time.perf_counter()
+def step_batches(rows: Rows, cfg: SFTConfig, steps_per_epoch: int, start_step: int, rank: int, world: int):
+    """From `start_step` on, each optimizer step's (epochs done once it is done, this rank's micro-batches,
+    the step's response tokens over all ranks): `micro_batches` micro-batches shared out over the ranks."""
+    lengths, resp_lengths = rows.lengths, rows.response_lengths
+    plan_epoch_no = -1
+    for step in itertools.count(start_step):
         epoch, k = divmod(step, steps_per_epoch)
-        if epoch != plan_epoch_no or step == start_step:
+        if epoch != plan_epoch_no:
             plan, plan_epoch_no = plan_epoch(lengths, cfg.token_budget, cfg.seed, epoch), epoch
             steps = steps_of(len(plan), cfg.micro_batches)
             # this rank's micro-batches from here to the epoch's end, read a window at a time
@@ -431,39 +419,148 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
         # every rank runs as many micro-batches as the busiest (a short step leaves some without
         # one): FSDP gathers weights in each forward, so all ranks must run the same number
         batches += [idle_batch()] * (math.ceil(len(this_step) / world) - len(batches))
+        yield epoch + (k + 1) / steps_per_epoch, batches, global_tokens
+
+
+def start_metrics(out: Path, resumed_step: int | None) -> Path:
+    """out/metrics.jsonl, holding the lines of the steps a resumed checkpoint contains (none afresh)."""
+    metrics_path = out / "metrics.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    if resumed_step is not None:
+        checkpoint.keep_lines_upto(metrics_path, resumed_step)
+    else:
+        metrics_path.write_text("")
+    return metrics_path
+
+
+def record_step(metrics: dict, metrics_path: Path, tracker: Tracker, bar) -> None:
+    """A step's metrics line: to metrics.jsonl, the tracker and the progress bar (rank 0)."""
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    tracker.log(metrics, metrics["step"])
+    bar.update(1)
+    bar.set_postfix(loss=f"{metrics['loss']:.3f}", wloss=f"{metrics['weighted_loss']:.3f}",
+                    tok_s=f"{metrics['tokens_per_s']:.0f}")
+
+
+def save_checkpoint(cfg: SFTConfig, out: Path, step: int, net, optimizer, tokenizer, made_from: dict, totals: dict,
+                    rank: int, world: int) -> None:
+    """checkpoints/step-N after optimizer step N: every rank gathers (FSDP), rank 0 writes the model, the
+    optimizer, the RNG and the run's `totals` so far, then the ranks go on together."""
+    model_sd, optim_sd = full_state(net, optimizer, cfg.fsdp and world > 1)  # every rank: FSDP gathers
+    if rank == 0:
+        checkpoint.save(out, step, net.lm, tokenizer, {
+            "step": step, "made_from": made_from, "optimizer": optim_sd, "torch_rng": torch.get_rng_state(),
+            **totals}, cfg.keep_checkpoints, model_sd)
+    if world > 1:
+        dist.barrier()
+
+
+def save_model(net, tokenizer, out: Path, lora: bool, model_sd: dict | None) -> None:
+    """The trained model as a plain HF folder in `out`, for transformers and vLLM; with LoRA the
+    adapter goes to out/adapter and the merged model to `out`."""
+    if lora:
+        net.lm.save_pretrained(out / "adapter")
+        net.lm = net.lm.merge_and_unload()
+    net.lm.save_pretrained(out, state_dict=model_sd)
+    tokenizer.save_pretrained(out)
+
+
+def learning_summary(steps: list[dict], nll_start: float | None, nll_end: float | None) -> dict:
+    """What the run's metrics lines say it learned: the last step's losses, the last epoch's loss (per
+    token), the held-out NLL before and after, the mean weight (per token) and ESS fraction (per step)."""
+    last_epoch = [m for m in steps if math.ceil(m["epoch"]) == math.ceil(steps[-1]["epoch"])] if steps else []
+    epoch_tokens = sum(m["response_tokens"] for m in last_epoch)
+    return {
+        "final_loss": steps[-1]["loss"] if steps else None,
+        "final_weighted_loss": steps[-1]["weighted_loss"] if steps else None,
+        "last_epoch_loss": sum(m["loss"] * m["response_tokens"] for m in last_epoch) / epoch_tokens
+        if epoch_tokens else None,
+        "heldout_nll_start": nll_start, "heldout_nll": nll_end,
+        "mean_weight": sum(m["mean_weight"] * m["response_tokens"] for m in steps)
+        / max(1, sum(m["response_tokens"] for m in steps)),
+        "mean_ess_fraction": sum(m["ess_fraction"] for m in steps) / max(1, len(steps)),
+    }
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
+    """One training run; returns the summary (also written to out/train_summary.json by rank 0).
+    `held`: where the output folder's lock is kept (rank 0 holds it for all ranks); None: no lock."""
+    from tqdm import tqdm
+
+    t_start = time.perf_counter()
+    if not cfg.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars
+    rank, world, device = init_distributed(cfg)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+
+    # 1. inputs, all checked before anything is written
+    model_dir, tokenizer, rows, heldout, meta = check_inputs(cfg)
+    if held is not None and rank == 0:
+        held.enter_context(locked(out))  # one run per output folder
+    params = cfg.weight_params()
+    if cfg.weighting == "pear-live" and params is None:
+        params = stored_weight_params(meta)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    # 2. the plan: optimizer steps of every epoch
+    steps_per_epoch, total_steps, warmup_steps = schedule(cfg, rows.lengths)
+
+    # 3. resume from the last checkpoint made with the same settings
+    made_from = {**{k: v for k, v in asdict(cfg).items() if k not in NOT_TRAJECTORY}, "data": rows.fingerprint()}
+    ckpt, state = checkpoint.resume(out, made_from, cfg.overwrite)
+    if state is None and rank == 0:
+        checkpoint.clear(out)
+    if world > 1:
+        dist.barrier()  # no rank loads while rank 0 clears an old run
+    start_step = state["step"] if state else 0
+    log.info("%s from %s: %d train rows, %d held out, %d steps of %d micro-batches (%d ranks), %s",
+             "resuming at step %d" % start_step if state else "training", str(ckpt) if state else model_dir,
+             len(rows), len(heldout), total_steps, cfg.micro_batches, world, cfg.weighting)
+
+    # 4. model and optimizer
+    net, model, optimizer = build_model(cfg, model_dir, ckpt, state, device, world)
+    nll_start = state["heldout_nll_start"] if state else heldout_nll(net, heldout, cfg, device, rank, world, autocast)
+
+    # 5. outputs on rank 0: the metrics file, the progress bar, the tracker
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"sft {cfg.weighting}", unit="step",
+               disable=not (cfg.progress and rank == 0), file=console.err())
+    tracker = Tracker()
+    if rank == 0:
+        metrics_path = start_metrics(out, start_step if state else None)
+        tracker = open_tracker(cfg.report_to, out, f"sft {cfg.weighting} {out.name}", asdict(cfg), start_step)
+        scoring = as_path(cfg.scores) / "summary.json"  # a local folder or an object-storage URI
+        if scoring.exists() and not state:
+            tracker.table("scorer/weights", TABLE_COLUMNS, weight_table(json.loads(scoring.read_text())))
+
+    # 6. the loop: one optimizer step after another, a checkpoint every `save_every`
+    net.train()
+    t_loop = time.perf_counter()
+    # totals over the whole run, resumed segments included
+    tokens_done, seconds_before = (state["tokens_done"], state["loop_seconds"]) if state else (0, 0.0)
+    plan = step_batches(rows, cfg, steps_per_epoch, start_step, rank, world)
+    for step in range(start_step, total_steps):
+        t0 = time.perf_counter()
+        epoch, batches, global_tokens = next(plan)
         lr = cosine_lr(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-
         stats, grad_norm = optimizer_step(model, optimizer, batches, cfg.weighting, params, global_tokens, world,
                                           cfg.max_grad_norm, autocast, device, cfg.uniform_weight)
-
-        sum_nll, sum_wnll, sum_w, sum_w2, n_tok, real_tok = stats.tolist()
         dt = time.perf_counter() - t0
-        tokens_done += real_tok
-        metrics = {"step": step + 1, "epoch": round(epoch + (k + 1) / steps_per_epoch, 4), "lr": lr,
-                   "loss": sum_nll / n_tok, "weighted_loss": sum_wnll / n_tok, "mean_weight": sum_w / n_tok,
-                   "ess": effective_sample_size(sum_w, sum_w2),
-                   "ess_fraction": effective_sample_size(sum_w, sum_w2) / n_tok,
-                   "grad_norm": float(grad_norm), "response_tokens": int(n_tok), "tokens": int(real_tok),
-                   "tokens_per_s": round(real_tok / dt, 1), "seconds": round(dt, 4)}
+        tokens_done += stats.real_tokens
         if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            tracker.log(metrics, step + 1)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", wloss=f"{metrics['weighted_loss']:.3f}",
-                            tok_s=f"{metrics['tokens_per_s']:.0f}")
-        done = step + 1 == total_steps
-        if done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            model_sd, optim_sd = full_state(net, optimizer, fsdp)  # every rank: FSDP gathers
-            if rank == 0:
-                checkpoint.save(out, step + 1, net.lm, tokenizer, {
-                    "step": step + 1, "made_from": made_from, "optimizer": optim_sd, "torch_rng": torch.get_rng_state(),
-                    "heldout_nll_start": nll_start, "tokens_done": tokens_done,
-                    "loop_seconds": seconds_before + time.perf_counter() - t_loop}, cfg.keep_checkpoints, model_sd)
-            if world > 1:
-                dist.barrier()
+            record_step(step_metrics(stats, grad_norm, step, epoch, lr, dt), metrics_path, tracker, bar)
+        if step + 1 == total_steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            save_checkpoint(cfg, out, step + 1, net, optimizer, tokenizer, made_from, {
+                "heldout_nll_start": nll_start, "tokens_done": tokens_done,
+                "loop_seconds": seconds_before + time.perf_counter() - t_loop}, rank, world)
     bar.close()
     tracker.close()
     loop_seconds = seconds_before + time.perf_counter() - t_loop
@@ -471,41 +568,28 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
     # 7. held-out NLL, the final HF folder and the summary
     net.eval()
     nll_end = heldout_nll(net, heldout, cfg, device, rank, world, autocast)
-    model_sd, _ = full_state(net, None, fsdp)
-    summary = {}
-    if rank == 0:
-        if cfg.lora_rank:  # the adapter, then the merged model: a plain HF folder for transformers and vLLM
-            net.lm.save_pretrained(out / "adapter")
-            net.lm = net.lm.merge_and_unload()
-        net.lm.save_pretrained(out, state_dict=model_sd)
-        tokenizer.save_pretrained(out)
-        steps = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-        last_epoch = [m for m in steps if math.ceil(m["epoch"]) == math.ceil(steps[-1]["epoch"])] if steps else []
-        epoch_tokens = sum(m["response_tokens"] for m in last_epoch)
-        summary = {
-            "weighting": cfg.weighting,
-            "weight_params": params.as_dict() if params else None,
-            "stored_weight_params": stored_weight_params(meta).as_dict(),
-            # absolute, so that evaluation finds them from any folder (held-out check, world provenance)
-            "model": str(Path(model_dir).resolve()), "scores": str(as_path(cfg.scores).resolve()),
-            "out": str(out.resolve()),
-            "world_size": world, "steps": total_steps, "steps_per_epoch": steps_per_epoch,
-            "resumed_from_step": start_step if state else None,
-            "final_loss": steps[-1]["loss"] if steps else None,
-            "final_weighted_loss": steps[-1]["weighted_loss"] if steps else None,
-            "last_epoch_loss": sum(m["loss"] * m["response_tokens"] for m in last_epoch) / epoch_tokens
-            if epoch_tokens else None,
-            "heldout_nll_start": nll_start, "heldout_nll": nll_end,
-            "mean_weight": sum(m["mean_weight"] * m["response_tokens"] for m in steps)
-            / max(1, sum(m["response_tokens"] for m in steps)),
-            "mean_ess_fraction": sum(m["ess_fraction"] for m in steps) / max(1, len(steps)),
-            "train_rows": len(rows), "heldout_rows": len(heldout), "heldout_ids": heldout.ids,
-            # training time over all segments of the run; `seconds`: this invocation's wall time
-            "loop_seconds": round(loop_seconds, 2), "seconds": round(time.perf_counter() - t_start, 2),
-            "tokens_per_second": round(tokens_done / loop_seconds, 1) if tokens_done else None,
-            "config": asdict(cfg),
-        }
-        write_json_atomic(summary, out / "train_summary.json")
+    model_sd, _ = full_state(net, None, cfg.fsdp and world > 1)  # every rank: FSDP gathers
+    if rank != 0:
+        return {}
+    save_model(net, tokenizer, out, bool(cfg.lora_rank), model_sd)
+    steps = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    summary = {
+        "weighting": cfg.weighting,
+        "weight_params": params.as_dict() if params else None,
+        "stored_weight_params": stored_weight_params(meta).as_dict(),
+        # absolute, so that evaluation finds them from any folder (held-out check, world provenance)
+        "model": str(Path(model_dir).resolve()), "scores": str(as_path(cfg.scores).resolve()),
+        "out": str(out.resolve()),
+        "world_size": world, "steps": total_steps, "steps_per_epoch": steps_per_epoch,
+        "resumed_from_step": start_step if state else None,
+        **learning_summary(steps, nll_start, nll_end),
+        "train_rows": len(rows), "heldout_rows": len(heldout), "heldout_ids": heldout.ids,
+        # training time over all segments of the run; `seconds`: this invocation's wall time
+        "loop_seconds": round(loop_seconds, 2), "seconds": round(time.perf_counter() - t_start, 2),
+        "tokens_per_second": round(tokens_done / loop_seconds, 1) if tokens_done else None,
+        "config": asdict(cfg),
+    }
+    write_json_atomic(summary, out / "train_summary.json")
     return summary
 
 
