@@ -345,3 +345,23 @@ def test_activation_checkpointing_changes_memory_not_the_training(scores, tmp_pa
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
     assert plain["steps"] == ckpt["steps"] == 3
+
+
+def test_build_model_starts_from_the_model_or_from_a_checkpoint(world, tmp_path):
+    """Fresh: the model folder's weights, every parameter trained at the configured lr. From a checkpoint:
+    its weights, its optimizer state and its RNG."""
+    cfg = SFTConfig(lr=3e-4, progress=False)
+    net, model, optimizer = sft.build_model(cfg, str(world / "target"), None, None, torch.device("cpu"), 1)
+    assert model is net and net.lm.config.use_cache is False
+    assert optimizer.param_groups[0]["lr"] == 3e-4
+    assert len(optimizer.param_groups[0]["params"]) == len(list(net.parameters()))
+    sum(p.float().square().sum() for p in net.parameters()).backward()  # one step: AdamW gets a state
+    optimizer.step()
+    net.lm.save_pretrained(tmp_path / "ckpt")
+    rng = torch.manual_seed(7).get_state()
+    state = {"optimizer": optimizer.state_dict(), "torch_rng": rng}
+    torch.manual_seed(8)
+    again, _, optimizer2 = sft.build_model(cfg, str(world / "target"), tmp_path / "ckpt", state, torch.device("cpu"), 1)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert_close(optimizer2.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
