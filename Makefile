@@ -13,9 +13,13 @@ export TOKENIZERS_PARALLELISM ?= false
 # the terminal shows each stage's own progress and results; other libraries' output (vLLM, Ray,
 # triton, warnings) goes to a .log file in the stage's output folder. VERBOSE=1: everything on the terminal
 export PEAR_QUIET := $(if $(VERBOSE),0,1)
-# which draw of the embedded world every stage uses (0: artifacts/world, N: artifacts/world-seedN)
+# which draw of the embedded world every stage uses (0: artifacts/world, N: artifacts/world-seedN),
+# and which kind of world (embedded, or sft-matters: artifacts/world-sft-matters[-seedN])
 ifdef WORLD_SEED
 export PEAR_WORLD_SEED := $(WORLD_SEED)
+endif
+ifdef WORLD
+export PEAR_WORLD := $(WORLD)
 endif
 
 # ---- the variables each target takes --------------------------------------------------------
@@ -34,7 +38,7 @@ VARS.rl := MODEL OUT TASKS PROMPTS ANSWER_COLUMN REWARD STEPS LR PROMPTS_PER_STE
            KL_COEF AGGREGATION MICRO_BATCH_TOKENS GRADIENT_CHECKPOINTING CPU_KV_CACHE_GIB GPU_MEMORY_UTILIZATION \
            REPORT_TO SEED SAVE_EVERY OVERWRITE CONFIG
 VARS.eval := MODEL OUT TASKS PROMPTS ANSWER_COLUMN REWARD NUM_PROMPTS N K BASELINE MAX_NEW_TOKENS SEED CONFIG
-VARS.experiment := SEEDS ARMS JOBS OUT RESULTS
+VARS.experiment := WORLDS SEEDS ARMS PEAR_ARMS JOBS OUT RESULTS
 VARS.experiment-smoke := ARMS JOBS OUT RESULTS
 VARS.bench := ROWS SCORES STEPS
 VARS.bench-sft := SCORES STEPS
@@ -58,7 +62,7 @@ DESC.inspect := weight summary of the shards and a histogram PNG
 DESC.sft := weighted SFT from shards (uniform and PEAR by default)
 DESC.rl := GRPO-style RL from an SFT model
 DESC.eval := pass@k on held-out prompts, paired against a BASELINE eval
-DESC.experiment := the PEAR experiment (report in results/)
+DESC.experiment := the PEAR experiment on 3 draws of the sft-matters world (report in results/)
 DESC.experiment-smoke := the experiment at smoke size
 DESC.bench := CPU scoring backends and PEAR vs uniform SFT step time
 DESC.bench-sft := PEAR vs uniform SFT step time
@@ -69,8 +73,8 @@ DESC.test := the test suite (what CI runs)
 DESC.test-fast := the suite without the slow end-to-end runs
 DESC.lint := ruff (its settings in pyproject.toml)
 DESC.clean := remove runs/
-# every target: ARGS (more flags, passed as they are), VERBOSE, WORLD_SEED, VENV
-GLOBAL_VARS := ARGS VERBOSE WORLD_SEED VENV
+# every target: ARGS (more flags, passed as they are), VERBOSE, WORLD, WORLD_SEED, VENV
+GLOBAL_VARS := ARGS VERBOSE WORLD WORLD_SEED VENV
 TARGETS := help setup demo world score reweight export inspect sft rl eval experiment experiment-smoke \
            bench bench-sft bench-scale bench-rl bench-gpu test test-fast lint clean
 
@@ -148,7 +152,7 @@ rl: setup
 eval: setup
 	$(PY) -m pipelines.rl eval $(call args,eval)
 
-# the PEAR experiment: 7 arms x 4 seeds, report in results/ (69 minutes on 2 cores, measured 2026-11-27)
+# the PEAR experiment: the references, the SFT-matters rule, then the PEAR arms; report in results/
 experiment: setup
 	$(PY) -m pipelines.experiment $(call args,experiment)
 

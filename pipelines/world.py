@@ -2,6 +2,7 @@
 
     python -m pipelines.world [--out artifacts/world] [--seed 0]
     make world WORLD_SEED=1          # another draw, in artifacts/world-seed1 (PEAR_WORLD_SEED=1)
+    make world WORLD=sft-matters     # the experiment's kind of world, in artifacts/world-sft-matters
 
 It writes ordinary Hugging Face folders and a Parquet corpus:
     tokenizer/  a byte-level BPE tokenizer with a chat template
@@ -45,6 +46,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 WORLD_VERSION = 3
+STAMPED_WHEN_SET = {"target_careful_cue": 0.0}  # fields added after version 3 that leave the build as it was
 
 
 def default_seed() -> int:
@@ -56,11 +58,28 @@ def default_seed() -> int:
         raise ValueError(f"PEAR_WORLD_SEED={value!r} is not an integer") from None
 
 
-def world_dir(seed: int | None = None) -> Path:
-    """Where the world of `seed` lives: artifacts/world for seed 0, artifacts/world-seed<N> otherwise,
-    so that worlds of several seeds stay cached side by side."""
+def default_kind() -> str:
+    """The kind of world every stage uses by default: `embedded`, or `PEAR_WORLD` (make's WORLD)."""
+    kind = os.environ.get("PEAR_WORLD", "") or "embedded"
+    if kind not in WORLDS:
+        raise ValueError(f"PEAR_WORLD={kind!r} is not a world; the worlds are {', '.join(WORLDS)}")
+    return kind
+
+
+def world_dir(seed: int | None = None, kind: str | None = None) -> Path:
+    """Where the world of `kind` and `seed` lives: artifacts/world for the embedded world of seed 0,
+    artifacts/world-seed<N> for its other seeds, artifacts/world-<kind>[-seed<N>] for another kind,
+    so that worlds of several kinds and seeds stay cached side by side."""
     seed = default_seed() if seed is None else seed
-    return Path("artifacts/world" if seed == 0 else f"artifacts/world-seed{seed}")
+    kind = default_kind() if kind is None else kind
+    name = "world" if kind == "embedded" else f"world-{kind}"
+    return Path(f"artifacts/{name}" if seed == 0 else f"artifacts/{name}-seed{seed}")
+
+
+def world_config(seed: int | None = None, kind: str | None = None) -> "WorldConfig":
+    """The configuration of the world of `kind` (default: PEAR_WORLD) and `seed` (PEAR_WORLD_SEED)."""
+    seed = default_seed() if seed is None else seed
+    return WorldConfig(seed=seed, **WORLDS[default_kind() if kind is None else kind])
 
 
 @dataclass
@@ -79,6 +98,9 @@ class WorldConfig:
     # sometimes, and a little of the behavior's style, so that ratios vary token by token
     target_careful_share: float = 0.3
     target_words_share: float = 0.1
+    # share of the base's careful traces whose prompt asks for them (CUE); asked plainly, the base
+    # then starts the procedure in about careful_share x (1 - cue) of its answers
+    target_careful_cue: float = 0.0
     guess_accuracy: float = 0.25  # share of the guesses that happen to be right
     # the behavior (a teacher) writes mostly its verbose style, sometimes the careful procedure
     behavior_careful_share: float = 0.25
@@ -87,6 +109,18 @@ class WorldConfig:
     max_new_tokens: int = 96
     # disjoint seed ranges per use, so no prompt is shared across stages
     seed_offsets: tuple = (("pretrain", 0), ("corpus", 10_000), ("rl", 20_000), ("eval", 30_000))
+
+
+# The kinds of world, as changes to WorldConfig's defaults. `embedded` is every stage's default.
+# `sft-matters` is the experiment's: a base that almost never writes the careful procedure on its
+# own and has never seen the teacher's verbose style, so RL from the base alone has little to
+# sharpen, while the teacher's corpus shows the procedure next to a style the base cannot execute.
+# Its settings were chosen by the rule in results/experiment.md (no-SFT's post-RL pass@1 at least
+# 0.10 below uniform SFT's), with no PEAR arm run, and the settings tried are listed there.
+WORLDS: dict[str, dict] = {
+    "embedded": {},
+    "sft-matters": {"target_careful_cue": 0.99, "target_words_share": 0.0},
+}
 
 
 # ---- tasks and the two solution styles -------------------------------------------------------
@@ -125,6 +159,20 @@ def target_text(expression: str, rng: random.Random, cfg: "WorldConfig") -> str:
     if u < cfg.target_careful_share + cfg.target_words_share:
         return words_style(expression)
     return guess_style(expression, rng, cfg.guess_accuracy)
+
+
+CUE = " Work it out line by line."
+
+
+def cued_questions(questions: list[str], texts: list[str], cfg: "WorldConfig") -> list[str]:
+    """The base's pretraining prompts: a share `target_careful_cue` of its careful traces follow a
+    prompt that asks for them (CUE), so the base can carry the procedure out but, asked plainly,
+    seldom starts it. Its own random stream, so that a world without the cue is built as before."""
+    if not cfg.target_careful_cue:
+        return list(questions)
+    rng = random.Random(cfg.seed + 7)
+    return [q + CUE if not t.startswith("Answer") and "=" in t and rng.random() < cfg.target_careful_cue else q
+            for q, t in zip(questions, texts)]
 
 
 def words_style(expression: str) -> str:
@@ -248,17 +296,24 @@ def generate_corpus(behavior_dir: Path, tokenizer, tasks: list[dict], max_new_to
 
 # ---- the build --------------------------------------------------------------------------------
 
+def world_stamp(cfg: WorldConfig) -> dict:
+    """What a built world records of its config; a world whose record differs is rebuilt. Fields added
+    after version 3 are recorded only when set, so that worlds built before them stay valid."""
+    stamp = {"world_version": WORLD_VERSION, **json.loads(json.dumps(asdict(cfg)))}
+    return {k: v for k, v in stamp.items() if k not in STAMPED_WHEN_SET or v != STAMPED_WHEN_SET[k]}
+
+
 def build(out: Path, cfg: WorldConfig, force: bool = False) -> Path:
     """Build (or reuse) the world under `out`; returns `out`. Safe to call from many processes."""
     import fcntl
 
-    stamp = {"world_version": WORLD_VERSION, **json.loads(json.dumps(asdict(cfg)))}
+    stamp = world_stamp(cfg)
     marker = out / "world.json"
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent builders wait, then find it built
         if not force and marker.exists() and json.loads(marker.read_text()).get("config") == stamp:
-            log.info("embedded world up to date at %s", out)
+            log.info("world up to date at %s", out)
             return out
         marker.unlink(missing_ok=True)
         _build(out, cfg, stamp)
@@ -280,13 +335,15 @@ def _build(out: Path, cfg: WorldConfig, stamp: dict) -> None:
     target_texts = [target_text(t["metadata"]["expression"], rng, cfg) for t in pre_tasks]
     behavior_texts = [scratch_style(t["metadata"]["expression"]) if rng.random() < cfg.behavior_careful_share
                       else words_style(t["metadata"]["expression"]) for t in pre_tasks]
-    tokenizer = build_tokenizer([t["question"] for t in pre_tasks] + target_texts + behavior_texts,
-                                cfg.vocab_size, out / "tokenizer")
+    questions = [t["question"] for t in pre_tasks]
+    target_questions = cued_questions(questions, target_texts, cfg)
+    tokenizer = build_tokenizer(questions + target_texts + behavior_texts
+                                + ([CUE] if cfg.target_careful_cue else []), cfg.vocab_size, out / "tokenizer")
 
-    for name, texts, steps, seed in (("target", target_texts, cfg.target_steps, cfg.seed + 1),
-                                     ("behavior", behavior_texts, cfg.behavior_steps, cfg.seed + 2)):
+    for name, qs, texts, steps, seed in (("target", target_questions, target_texts, cfg.target_steps, cfg.seed + 1),
+                                         ("behavior", questions, behavior_texts, cfg.behavior_steps, cfg.seed + 2)):
         model = new_model(tokenizer, cfg, seed)
-        examples = [chat_example(tokenizer, t["question"], x) for t, x in zip(pre_tasks, texts)]
+        examples = [chat_example(tokenizer, q, x) for q, x in zip(qs, texts)]
         pretrain(model, examples, steps, seed)
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.save_pretrained(out / name)
@@ -306,7 +363,7 @@ def _build(out: Path, cfg: WorldConfig, stamp: dict) -> None:
     marker.write_text(json.dumps({"config": stamp, "corpus_rows": len(kept), "corpus_rows_generated": len(rows),
                                   "behavior_accuracy": accuracy, "build_seconds": round(time.time() - t0, 1)},
                                  indent=1))
-    log.info("embedded world built in %.0fs: behavior accuracy %.2f, %d of %d corpus rows kept (%s)",
+    log.info("world built in %.0fs: behavior accuracy %.2f, %d of %d corpus rows kept (%s)",
              time.time() - t0, accuracy, len(kept), len(rows), filter_meta["filter"])
 
 
@@ -324,12 +381,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="default: artifacts/world (seed 0), artifacts/world-seed<N> otherwise")
     p.add_argument("--seed", type=int, default=default_seed(), help="default: PEAR_WORLD_SEED, else 0")
+    p.add_argument("--world", default=default_kind(), choices=list(WORLDS),
+                   help="the kind of world (default: PEAR_WORLD, else embedded)")
     p.add_argument("--force", action="store_true", help="rebuild even when the cached world matches")
     a = p.parse_args(argv)
-    out = Path(a.out) if a.out else world_dir(a.seed)
+    out = Path(a.out) if a.out else world_dir(a.seed, a.world)
     setup_logging()
     console.quiet(out / "build.log")
-    build(out, WorldConfig(seed=a.seed), force=a.force)
+    build(out, world_config(a.seed, a.world), force=a.force)
 
 
 if __name__ == "__main__":

@@ -43,3 +43,60 @@ def test_corpus_is_filtered_to_correct_answers(world):
     assert [r["id"] for r, v in zip(all_rows, recomputed) if v == 1.0] == [r["id"] for r in rows]
     assert 0 < len(all_rows) - len(rows) < 0.3 * len(all_rows)  # the behavior is good, not perfect
     assert json.loads(pq.read_schema(everything).metadata[b"world_corpus"])["filter"] == "none"
+
+
+def test_world_kinds_have_their_own_folders_and_settings(monkeypatch):
+    from pipelines.world import WORLDS, default_kind, world_config, world_dir
+
+    monkeypatch.delenv("PEAR_WORLD", raising=False)
+    monkeypatch.delenv("PEAR_WORLD_SEED", raising=False)
+    assert default_kind() == "embedded" and world_config() == WorldConfig(seed=0)
+    assert str(world_dir()) == "artifacts/world" and str(world_dir(2)) == "artifacts/world-seed2"
+    assert str(world_dir(0, "sft-matters")) == "artifacts/world-sft-matters"
+    assert str(world_dir(1, "sft-matters")) == "artifacts/world-sft-matters-seed1"
+    monkeypatch.setenv("PEAR_WORLD", "sft-matters")
+    monkeypatch.setenv("PEAR_WORLD_SEED", "3")
+    cfg = world_config()
+    assert cfg.seed == 3 and all(getattr(cfg, k) == v for k, v in WORLDS["sft-matters"].items())
+    assert str(world_dir()) == "artifacts/world-sft-matters-seed3"
+    monkeypatch.setenv("PEAR_WORLD", "nowhere")
+    with pytest.raises(ValueError, match="PEAR_WORLD='nowhere' is not a world"):
+        default_kind()
+
+
+def content_hashes(folder) -> dict:
+    """sha256 of every file of a built world but its build record (which holds the build's time)."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in ("world.json", "build.log", ".build.lock")}
+
+
+@pytest.mark.slow
+def test_the_build_is_a_function_of_its_seed(tmp_path):
+    """Two builds of a small world from the same seed: the same tokenizer, models and corpora, byte for
+    byte (another machine may build another draw; on one machine the seed decides)."""
+    from pipelines.world import build
+
+    cfg = WorldConfig(seed=5, vocab_size=300, pretrain_examples=300, target_steps=30,
+                      behavior_steps=30, corpus_rows=24, max_new_tokens=24)
+    first, second = content_hashes(build(tmp_path / "a", cfg)), content_hashes(build(tmp_path / "b", cfg))
+    assert {"target/model.safetensors", "behavior/model.safetensors", "corpus.parquet",
+            "tokenizer/tokenizer.json"} <= set(first)
+    assert first == second
+
+
+def test_the_cue_goes_only_on_careful_traces_in_its_share():
+    from pipelines.world import CUE, cued_questions, world_stamp
+
+    texts = [scratch_style("2 + 3 + 4"), "Answer: 9", words_style("2 + 3 + 4")] * 2000
+    questions = [f"q{i}" for i in range(len(texts))]
+    assert cued_questions(questions, texts, WorldConfig()) == questions  # no cue: the prompts as they were
+    cued = cued_questions(questions, texts, WorldConfig(target_careful_cue=0.9))
+    asked = [q.endswith(CUE) for q in cued]
+    assert not any(asked[1::3]) and not any(asked[2::3])  # never on a guess or the behavior's style
+    assert sum(asked[0::3]) / 2000 == pytest.approx(0.9, abs=0.03)
+    # a world without the cue records the config it recorded before the field existed
+    assert "target_careful_cue" not in world_stamp(WorldConfig())
+    assert world_stamp(WorldConfig(target_careful_cue=0.5))["target_careful_cue"] == 0.5
