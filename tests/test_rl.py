@@ -149,7 +149,7 @@ def test_rl_run_killed_then_resumed(world, tmp_path):
     cmd = [sys.executable, "-m", "train.rl", "--model", str(world / "target"), "--out", str(out),
            "--steps", str(steps), "--prompts-per-step", "4", "--samples-per-prompt", "4", "--num-prompts", "32",
            "--max-new-tokens", "24", "--save-every", "1", "--lr", "1e-3", "--reward", f"{reward}:score",
-           "--report-to", "tensorboard", "--progress", "false"]
+           "--snapshot-steps", "3,6", "--report-to", "tensorboard", "--progress", "false"]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "ERROR"}
 
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
@@ -206,6 +206,17 @@ def test_rl_run_killed_then_resumed(world, tmp_path):
     for name in start:
         assert not torch.equal(start[name], end[name]), f"{name} did not change"
     assert (out / "tokenizer.json").exists() and (out / "rl_prompts.jsonl").exists()
+
+    # the snapshots asked for are kept beside the checkpoints' rotation, each a model of its step
+    # that names its run, so an evaluation of it finds the run's prompts
+    from train.eval import seen_prompt_sets
+
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step-000003", "step-000006"]
+    snap = out / "snapshots" / "step-000006"
+    assert json.loads((snap / "snapshot.json").read_text()) == {"run": str(out.resolve()), "step": 6}
+    mid = AutoModelForCausalLM.from_pretrained(snap, dtype=torch.float32).state_dict()
+    assert any(not torch.equal(mid[name], end[name]) for name in end)  # two more steps moved it
+    assert [p.resolve() for p in seen_prompt_sets(snap)] == [(out / "rl_prompts.jsonl").resolve()]
 
 
 @pytest.mark.slow
@@ -307,7 +318,9 @@ def test_bad_memory_settings_are_one_line_and_exit_2_before_the_engine(world, tm
     base = ["--model", str(world / "target"), "--out", str(out), "--max-new-tokens", "24"]
     for flags, words in [(["--micro-batch-tokens", "30"], "micro_batch_tokens 30 is less than the longest sequence"),
                          (["--micro-batch-tokens", "-1"], "micro_batch_tokens must be >= 0"),
-                         (["--cpu-kv-cache-gib", "0"], "cpu_kv_cache_gib must be >= 1")]:
+                         (["--cpu-kv-cache-gib", "0"], "cpu_kv_cache_gib must be >= 1"),
+                         (["--steps", "10", "--snapshot-steps", "5,11"], "every step must be in 1..steps=10"),
+                         (["--snapshot-steps", "5;6"], "snapshot_steps: comma-separated step numbers")]:
         assert rl_train.main(base + flags) == 2
         err = capsys.readouterr().err.strip()
         assert words in err and "\n" not in err, err

@@ -46,6 +46,21 @@ def save(out: Path, step: int, lm, tokenizer, state: dict, keep: int, model_stat
     return folder
 
 
+def snapshot(out: Path, step: int, lm, tokenizer) -> Path:
+    """The model after `step`, weights and tokenizer only, in OUT/snapshots/step-NNNNNN (kept: these
+    are for evaluating a run's progress, not for resuming), with snapshot.json naming the run it
+    belongs to, so that an evaluation finds what the run trained on. Written under a temporary name first."""
+    folder = Path(out) / "snapshots" / f"step-{step:06d}"
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    lm.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "snapshot.json").write_text(json.dumps({"run": str(Path(out).resolve()), "step": step}) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
 def resume(out: Path, made_from: dict, overwrite: bool) -> tuple[Path | None, dict | None]:
     """(checkpoint, its state) to go on from, or (None, None) to start over.
 
@@ -67,8 +82,9 @@ def resume(out: Path, made_from: dict, overwrite: bool) -> tuple[Path | None, di
 
 
 def clear(out: Path) -> None:
-    """Forget every checkpoint (a run that starts over)."""
+    """Forget every checkpoint and snapshot (a run that starts over)."""
     shutil.rmtree(Path(out) / "checkpoints", ignore_errors=True)
+    shutil.rmtree(Path(out) / "snapshots", ignore_errors=True)
 
 
 def keep_lines_upto(path: Path, step: int) -> None:

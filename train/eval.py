@@ -142,12 +142,15 @@ def summarize(rewards: np.ndarray, passed: np.ndarray, ks: list[int], resamples:
 def seen_prompt_sets(model_dir: str | Path) -> list[Path]:
     """Prompt sets the model was trained on, found from its folder: RL prompts, then its SFT shards.
 
-    An RL folder has rl_prompts.jsonl and rl_summary.json (-> the starting model); an SFT folder
+    An RL folder has rl_prompts.jsonl and rl_summary.json (-> the starting model), a snapshot of
+    it snapshot.json (-> the RL folder); an SFT folder
     has train_summary.json (-> the scored shards, which keep the prompt text). A recorded folder that
     is not there is an error: the check would otherwise pass against fewer prompts (older summaries
     recorded paths relative to where the run started).
     """
     found, folder, hops = [], Path(model_dir), 0
+    if (folder / "snapshot.json").exists():  # a model saved mid-run: what its run trained on
+        folder = Path(json.loads((folder / "snapshot.json").read_text())["run"])
     while hops < 4:  # RL -> SFT -> scores; a short chain, bounded against loops
         hops += 1
         if (folder / "rl_prompts.jsonl").exists():

@@ -101,6 +101,8 @@ class RLConfig:
     seed: int = field(0, "seed of torch, of the prompt order and of the engine's sampler")
     save_every: int = field(10, "checkpoint every N steps (and at the end); 0: only at the end")
     keep_checkpoints: int = field(2, "checkpoints kept (the newest)")
+    snapshot_steps: str = field("", "comma-separated steps after which the model is also saved, weights only, "
+                                    "to OUT/snapshots/step-NNNNNN (kept, for evaluating RL's progress)")
     overwrite: bool = field(False, "start afresh instead of resuming from checkpoints made with other settings")
     threads: int = field(0, "CPU threads; 0: all cores")
     gpu_memory_utilization: float = field(0.3, "share of the GPU the engine may take (the trainer shares it)")
@@ -130,9 +132,9 @@ ALIASES = {"num_generations": "samples_per_prompt", "beta": "kl_coef", "epsilon"
 
 # settings a resumed run may change: they do not alter what a step computes
 # (the micro-batching neither: a run killed for memory resumes with a smaller budget)
-NOT_TRAJECTORY = ("out", "steps", "save_every", "keep_checkpoints", "overwrite", "threads", "progress",
-                  "reward_timeout", "max_reward_failures", "report_to", "micro_batch_tokens", "gradient_checkpointing",
-                  *ALIASES)  # always None: moved onto their fields
+NOT_TRAJECTORY = ("out", "steps", "save_every", "keep_checkpoints", "snapshot_steps", "overwrite", "threads",
+                  "progress", "reward_timeout", "max_reward_failures", "report_to", "micro_batch_tokens",
+                  "gradient_checkpointing", *ALIASES)  # always None: moved onto their fields
 
 
 # ---- pieces of a step ----------------------------------------------------------------------------
@@ -370,6 +372,7 @@ def check_inputs(cfg: RLConfig):
     if cfg.cpu_kv_cache_gib < 1 or not 0 < cfg.gpu_memory_utilization <= 1:
         raise ConfigError(f"cpu_kv_cache_gib must be >= 1 (GiB) and gpu_memory_utilization in (0, 1], got "
                           f"{cfg.cpu_kv_cache_gib} and {cfg.gpu_memory_utilization}")
+    snapshot_steps(cfg)  # checked here, before anything loads
     if cfg.temperature != 1.0:
         log.warning("temperature %.2f: the engine samples the tempered policy, the loss and the TIS ratio use "
                     "the untempered one, so the rollouts are slightly off-policy", cfg.temperature)
@@ -384,6 +387,17 @@ def check_inputs(cfg: RLConfig):
     for ex in examples:
         ex["prompt_ids"] = prompt_token_ids(tokenizer, ex)  # its `messages` when it has them
     return tokenizer, examples, reward_fn
+
+
+def snapshot_steps(cfg: RLConfig) -> set[int]:
+    """The steps of --snapshot-steps, each in 1..steps."""
+    try:
+        steps = {int(x) for x in cfg.snapshot_steps.split(",") if x.strip()}
+    except ValueError:
+        raise ConfigError(f"snapshot_steps: comma-separated step numbers, got {cfg.snapshot_steps!r}") from None
+    if any(not 1 <= x <= cfg.steps for x in steps):
+        raise ConfigError(f"snapshot_steps {cfg.snapshot_steps!r}: every step must be in 1..steps={cfg.steps}")
+    return steps
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -405,6 +419,7 @@ def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
 
     # 1. inputs, all checked before anything is written
     tokenizer, examples, reward_fn = check_inputs(cfg)
+    snapshots = snapshot_steps(cfg)
     max_model_len = max(len(ex["prompt_ids"]) for ex in examples) + cfg.max_new_tokens
     limit = getattr(AutoConfig.from_pretrained(cfg.model), "max_position_embeddings", None)
     if limit and max_model_len > limit:
@@ -512,7 +527,9 @@ def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
             bar.set_postfix(reward=f"{metrics['mean_reward']:.3f}", pass_=f"{metrics['pass_rate']:.2f}",
                             len=f"{metrics['response_length']:.0f}", tis=f"{metrics['tis_mean'] or 1:.3f}")
 
-            # 5f. checkpoint: HF folder, optimizer, step, RNG
+            # 5f. a snapshot (weights only) where asked; a checkpoint: HF folder, optimizer, step, RNG
+            if step + 1 in snapshots:
+                checkpoint.snapshot(out, step + 1, lm, tokenizer)
             if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 checkpoint.save(out, step + 1, lm, tokenizer, {"step": step + 1, "made_from": made_from,
                                                                "optimizer": optimizer.state_dict(),
