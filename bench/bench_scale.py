@@ -89,9 +89,9 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="10000,100000")
     p.add_argument("--out", default="runs/bench-scale")
     a = p.parse_args(argv)
-    from pipelines.world import WorldConfig, build
+    from pipelines.world import build, world_config
 
-    build(WORLD, WorldConfig())
+    build(WORLD, world_config())
     work = Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
     results = []

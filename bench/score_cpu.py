@@ -40,11 +40,11 @@ def main(argv=None):
     def say(line: str) -> None:
         print(line, file=console.out(), flush=True)
 
-    from pipelines.world import WorldConfig, build, world_dir
+    from pipelines.world import build, world_config, world_dir
     from scorer.corpus import encode_row
     from scorer.engines import TorchScorer, VllmScorer
 
-    world = build(ROOT / world_dir(), WorldConfig())
+    world = build(ROOT / world_dir(), world_config())
     corpus = pl.read_parquet(world / "corpus.parquet")
     reps = -(-a.rows // len(corpus))
     corpus = pl.concat([corpus.with_columns(pl.col("id") + f"-r{k}") for k in range(reps)]).head(a.rows)

@@ -26,7 +26,7 @@ from common import console
 from common.config import ConfigError, parse, setup_logging
 from common.models import resolve_model
 from pipelines.recipes import embedded_config, gave
-from pipelines.world import WorldConfig, build, world_dir
+from pipelines.world import build, world_config, world_dir
 from train import eval as evaluation
 from train import rl
 
@@ -91,7 +91,7 @@ def ensure_sft_model(model: str) -> str:
     """The starting model for RL: `model` when it exists; the default one is built when missing."""
     if (Path(model) / "config.json").exists() or Path(model) != Path(rl.RLConfig.model):
         return model
-    build(WORLD, WorldConfig())
+    build(WORLD, world_config())
     log.info("%s is missing: making the embedded scores and SFT checkpoints first (python -m pipelines.sft)", model)
     subprocess.run([sys.executable, "-m", "pipelines.sft"], check=True, timeout=SFT_TIMEOUT_S,
                    **console.child_streams())
@@ -104,7 +104,7 @@ def run_rl(argv) -> int:
     cfg = parse(rl.RLConfig, argv, description=rl.__doc__)
     console.quiet(Path(cfg.out) / "rl.log")
     if Path(cfg.model).resolve().is_relative_to(WORLD.resolve()):
-        build(WORLD, WorldConfig())
+        build(WORLD, world_config())
     try:
         model = ensure_sft_model(cfg.model)
     except (FileNotFoundError, subprocess.SubprocessError) as e:
@@ -135,7 +135,7 @@ def run_eval(argv) -> int:
     if not from_world(cfg.model) and not gave_prompts(argv):
         return refuse_world_prompts(cfg.model)
     if from_world(cfg.model):
-        build(WORLD, WorldConfig())  # the held-out check reads the world's unfiltered corpus
+        build(WORLD, world_config())  # the held-out check reads the world's unfiltered corpus
         recipe = embedded_config("eval", argv) + world_exclude()
     return evaluation.main(recipe + list(argv))
 

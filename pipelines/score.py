@@ -15,7 +15,7 @@ from pathlib import Path
 from common import console
 from common.config import parse, setup_logging
 from common.storage import local_file
-from pipelines.world import WorldConfig, build, world_dir
+from pipelines.world import build, world_config, world_dir
 from scorer import job
 from scorer.job import ScoreConfig
 
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     setup_logging()
     console.quiet(local_file(cfg.out, "score.log"))  # OUT may be a URI: the log stays on this machine
     if not cfg.data:
-        build(Path(WORLD), WorldConfig())
+        build(Path(WORLD), world_config())
         argv = embedded_defaults(argv)
     elif not cfg.target:
         print("error: TARGET= (--target) is required with DATA=: the model to be trained, a folder or hub id",

@@ -24,10 +24,10 @@ if WORKERS > 1:
 @pytest.fixture(scope="session")
 def world() -> Path:
     """The embedded world folder (tokenizer/, target/, behavior/, corpus.parquet)."""
-    from pipelines.world import WorldConfig, build, world_dir
+    from pipelines.world import build, world_config, world_dir
 
     logging.getLogger("pear").setLevel(logging.WARNING)
-    return build(ROOT / world_dir(), WorldConfig())
+    return build(ROOT / world_dir(), world_config())
 
 
 @pytest.fixture(scope="session")

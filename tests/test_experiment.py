@@ -22,17 +22,23 @@ def test_experiment_smoke_writes_a_complete_report(world, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "experiment.json").read_text())
     assert list(report["arms"]) == arms and report["meta"]["arms"] == arms
+    assert report["worlds"] == [0] and report["meta"]["world"] == "embedded"
+    assert set(report["sft_matters"]) >= {"diff", "lo", "hi", "holds"}
+    for arm in arms:  # pass@1 before RL, at the snapshot, after the last step
+        assert report["curve"][arm]["steps"] == [0, 2, 3] and len(report["curve"][arm]["pass@1"]) == 3
+        assert (out / "world0" / arm / "seed0" / "eval-step000002" / "eval.json").exists()
+    assert set(report["arms"]["pear-token"]["after_rl"]) == {"pass@1", "pass@16"}
     md = (out / "experiment.md").read_text()
     for arm in arms:
         assert f"| {arm} |" in md
-    assert "## What the numbers show" in md
+    assert md.index("## Decision rule") < md.index("## Result") < md.index("## What the numbers show")
     assert md.strip() in proc.stdout  # the report is what the terminal shows
-    for png in ("experiment_reward_curves.png", "experiment_offline_vs_rl.png"):
+    for png in ("experiment_curve.png", "experiment_reward_curves.png", "experiment_offline_vs_rl.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_two_level_bootstrap_counts_the_seed_spread():
-    from pipelines.experiment import Z_POWER, estimate, two_level_bootstrap
+    from pipelines.experiment_stats import Z_POWER, estimate, two_level_bootstrap
 
     flat = np.full((3, 50), 0.4)
     assert np.allclose(two_level_bootstrap(flat, 100, 0), 0.4)
@@ -40,9 +46,44 @@ def test_two_level_bootstrap_counts_the_seed_spread():
     split = np.array([[0.0] * 20, [1.0] * 20])
     means = two_level_bootstrap(split, 2000, 0)
     assert set(np.round(means, 6)) <= {0.0, 0.5, 1.0} and means.min() == 0.0 and means.max() == 1.0
-    e = estimate(split)
-    assert e["mean"] == 0.5 and e["per_seed"] == [0.0, 1.0]
+    e = estimate([split])
+    assert e["mean"] == 0.5 and e["per_seed"] == [[0.0, 1.0]] and e["per_world"] == [0.5]
     assert e["ci95"] == [0.0, 1.0] and e["mdd"] == pytest.approx(Z_POWER * e["se"])
+
+
+def test_three_level_bootstrap_counts_the_world_spread():
+    from pipelines.experiment_stats import estimate, three_level_bootstrap
+
+    # seeds and prompts agree within a world, worlds disagree: only resampling worlds shows it
+    worlds = [np.zeros((2, 30)), np.ones((2, 10))]  # prompt counts differ between draws
+    means = three_level_bootstrap(worlds, 2000, 0)
+    assert set(np.round(means, 6)) <= {0.0, 0.5, 1.0} and means.min() == 0.0 and means.max() == 1.0
+    e = estimate(worlds)
+    assert e["mean"] == 0.5 and e["per_world"] == [0.0, 1.0]  # each draw counts once, whatever its prompts
+    assert e["ci95"] == [0.0, 1.0]
+    same = estimate([np.full((2, 30), 0.3), np.full((2, 10), 0.3)])
+    assert same["ci95"] == pytest.approx([0.3, 0.3]) and same["se"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_area_under_the_curve_by_hand():
+    from pipelines.experiment_stats import area_under_curve
+
+    steps = [0, 10, 25, 50]
+    # a curve 0 -> 1 at step 10, then flat: (10 * 0.5 + 40 * 1) / 50
+    assert area_under_curve(np.array([0.0, 1.0, 1.0, 1.0]), steps) == pytest.approx(45 / 50)
+    per_prompt = np.array([[0.0, 1.0, 1.0, 1.0], [0.2, 0.2, 0.2, 0.2]])  # (prompts, steps)
+    assert area_under_curve(per_prompt, steps) == pytest.approx([0.9, 0.2])
+
+
+def test_sft_matters_rule_needs_the_margin_and_the_interval():
+    from pipelines.experiment_stats import sft_matters
+
+    e = lambda mean, lo, hi: {"mean": mean, "ci95": [lo, hi], "se": 0.01, "per_world": [mean]}  # noqa: E731
+    assert sft_matters(e(-0.15, -0.2, -0.1), 0.10)["holds"]
+    assert not sft_matters(e(-0.08, -0.1, -0.06), 0.10)["holds"]  # below 0, but by less than the margin
+    assert not sft_matters(e(-0.15, -0.35, 0.02), 0.10)["holds"]  # large, but the interval reaches 0
+    r = sft_matters(e(-0.15, -0.2, -0.1), 0.10)
+    assert (r["diff"], r["lo"], r["hi"]) == (-0.15, -0.2, -0.1)
 
 
 def test_lr_control_scales_the_recipe_learning_rate():
@@ -79,11 +120,12 @@ def test_arms_must_include_the_references():
 
 
 def test_incomplete_report_names_what_is_missing(tmp_path):
-    from pipelines.experiment import check_complete
+    from pipelines.experiment_report import check_complete
 
-    (tmp_path / "experiment.json").write_text(json.dumps({"arms": {}, "recipe_steps": 3}))
-    with pytest.raises(ValueError, match="arm uniform missing"):
-        check_complete(tmp_path, [0], [1])
+    (tmp_path / "experiment.json").write_text(json.dumps({"arms": {}, "recipe_steps": 3, "worlds": [0]}))
+    with pytest.raises(ValueError, match="arm uniform missing") as e:
+        check_complete(tmp_path, [0, 1], [0], [1])
+    assert "worlds [0] instead of [0, 1]" in str(e.value) and "sft_matters incomplete" in str(e.value)
 
 
 def test_stages_run_in_order_and_stop_at_the_first_failure(tmp_path, monkeypatch):
