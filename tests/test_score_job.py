@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from scorer.job import ConfigError, ScoreConfig, main, run
-from scorer.reweight import reweight
 from scorer.shards import CORE_NAMES, list_shards, read_meta
 from scorer.weights import WeightParams, ragged_weights
 
@@ -137,22 +136,6 @@ def test_torch_and_vllm_backends_agree(world):
     diff = max(np.abs(x - y).max() for x, y in zip(a, b))
     assert diff < 1e-3, diff
     assert [len(x) for x in a] == [len(r) for r in rows["response_ids"]]
-
-
-def test_reweight_rewrites_only_the_weights(world, mixed_corpus, tmp_path):
-    out = tmp_path / "scores"
-    run(cfg_for(world, mixed_corpus, out), progress=False)
-    before = read_rows_sorted(out)
-    params = WeightParams("block", 0.99, 2)
-    reweight(out, params)
-    after = read_rows_sorted(out)
-    assert after.drop("weights").equals(before.drop("weights"))
-    w, _ = ragged_weights([np.array(x) for x in after["target_logprobs"]],
-                          [np.array(x) for x in after["behavior_logprobs"]], params)
-    for stored, expected in zip(after["weights"], w):
-        assert stored.to_list() == pytest.approx(expected.tolist(), rel=1e-5, abs=1e-7)
-    assert read_meta(list_shards(out)[0])["variant"] == "block"
-    assert json.loads((out / "summary.json").read_text())["params"]["block_size"] == 2
 
 
 def test_bad_paths_and_tokenizers_exit_2_and_write_nothing(world, mixed_corpus, tmp_path, capsys):
