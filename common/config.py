@@ -117,21 +117,47 @@ def parse_given(cls, argv=None, description: str | None = None) -> tuple[typing.
         v = getattr(ns, name)
         if v is not None:
             values[name] = v
-    top, grouped, flag = {}, {}, None
     try:
-        for name, _, tp, group in flags:
-            if name in values:
-                flag = "--" + name.replace("_", "-")
-                (grouped.setdefault(group, {}) if group else top)[name] = _convert(values[name], tp)
-        flag = None
+        top, grouped = _typed(flags, values)
         for group, given in grouped.items():
             base = getattr(defaults, group) if defaults is not None else typing.get_type_hints(cls)[group]()
             top[group] = dataclasses.replace(base, **given)
         return cls(**top), set(values)
-    except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+    except (ConfigError, ValueError, TypeError) as e:
         # a value that does not convert: one line naming the flag, exit code 2 (not argparse's usage block)
-        print(f"error: {flag + ': ' if flag else ''}{e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def beneath(cfg, values: dict, given: set[str]):
+    """`cfg` with `values` for the fields not in `given` (a recipe's settings beneath the flags given,
+    as `parse_given` names them): field names, a group's fields flat or nested under its name, YAML
+    or flag values converted to the fields' types. ConfigError names an unknown field or a value
+    that does not convert."""
+    flags = _flags(type(cfg))
+    values = dict(values)
+    for g in {g for *_, g in flags if g} & set(values):
+        values.update(values.pop(g))
+    unknown = set(values) - {n for n, *_ in flags}
+    if unknown:
+        raise ConfigError(f"unknown fields {sorted(unknown)}")
+    top, grouped = _typed(flags, {k: v for k, v in values.items() if k not in given})
+    for group, settings in grouped.items():
+        top[group] = dataclasses.replace(getattr(cfg, group), **settings)
+    return dataclasses.replace(cfg, **top)
+
+
+def _typed(flags, values: dict) -> tuple[dict, dict[str, dict]]:
+    """The `values` given, each converted to its field's type: (top-level fields, {group: its fields});
+    ConfigError names the flag of a value that does not convert."""
+    top, grouped = {}, {}
+    for name, _, tp, group in flags:
+        if name in values:
+            try:
+                (grouped.setdefault(group, {}) if group else top)[name] = _convert(values[name], tp)
+            except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+                raise ConfigError(f"--{name.replace('_', '-')}: {e}") from None
+    return top, grouped
 
 
 def _negative_values(argv: list[str]) -> list[str]:

@@ -10,45 +10,43 @@ exit code 2 on bad input, with one line that says what is wrong.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from common import console
-from common.config import parse, setup_logging
-from common.storage import local_file
+from common.config import ConfigError, cli, setup_logging
 from pipelines.world import build, world_config, world_dir
 from scorer import job
 from scorer.job import ScoreConfig
+from scorer.shards import ShardError
 
 WORLD = str(world_dir())
 EMBEDDED = {"data": f"{WORLD}/corpus.parquet", "target": f"{WORLD}/target", "behavior": f"{WORLD}/behavior"}
 
 
-def embedded_defaults(argv: list[str]) -> list[str]:
+def embedded_defaults(cfg: ScoreConfig) -> ScoreConfig:
     """The embedded world's corpus and models for the fields not given (only when --data is not)."""
-    cfg = parse(ScoreConfig, argv)
-    extra = []
-    for name, value in EMBEDDED.items():
-        if not getattr(cfg, name):
-            extra += [f"--{name}", value]
-    return extra + argv
+    return replace(cfg, **{name: value for name, value in EMBEDDED.items() if not getattr(cfg, name)})
+
+
+def score(cfg: ScoreConfig) -> tuple[dict, str]:
+    """Score `cfg.data`, or the embedded world's corpus (the world built first, cached); returns the
+    summary and the output folder."""
+    if not cfg.data:
+        build(Path(WORLD), world_config())
+        cfg = embedded_defaults(cfg)
+    elif not cfg.target:
+        raise ConfigError("TARGET= (--target) is required with DATA=: the model to be trained, a folder or hub id")
+    return job.run(cfg), cfg.out
+
+
+def report(done: tuple[dict, str]) -> str:
+    summary, out = done
+    return f"{job.format_summary(summary)}\nshards in {out}/  (polars: pl.read_parquet('{out}/*.parquet'))"
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = parse(ScoreConfig, argv, description=__doc__)
     setup_logging()
-    console.quiet(local_file(cfg.out, "score.log"))  # OUT may be a URI: the log stays on this machine
-    if not cfg.data:
-        build(Path(WORLD), world_config())
-        argv = embedded_defaults(argv)
-    elif not cfg.target:
-        print("error: TARGET= (--target) is required with DATA=: the model to be trained, a folder or hub id",
-              file=console.err())
-        return 2
-    rc = job.main(argv)
-    if rc == 0:
-        print(f"shards in {cfg.out}/  (polars: pl.read_parquet('{cfg.out}/*.parquet'))", file=console.out())
-    return rc
+    return cli(ScoreConfig, argv, __doc__, score, report, errors=(ShardError,), log="score.log")
 
 
 if __name__ == "__main__":

@@ -4,22 +4,22 @@
 
 Default: plain SFT (uniform) then PEAR on the same tokens, the same batches and the same held-out
 rows, each into `out/<weighting>/`, then a table of final loss and held-out NLL side by side.
-With a single weighting the model folder is `out` itself. Any other flag goes to `train.sft`
+With a single weighting the model folder is `out` itself. Every other flag is train.sft's
 (e.g. --epochs 2 --lr 1e-4 --variant block --model path). Exit code 2 on bad input.
 """
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import logging
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from common import console
-from common.config import setup_logging
+from common.config import ConfigError, beneath, cli, field, setup_logging
 from common.storage import as_path
-from pipelines.recipes import embedded_config
+from pipelines.recipes import gave, recipe_settings
 from pipelines.world import world_dir
 from scorer.shards import ShardError, list_shards, read_meta
 from scorer.weights import WeightParams
@@ -28,6 +28,14 @@ from train import sft
 log = logging.getLogger("pear.pipelines")
 WORLD = world_dir()  # built by pipelines.score when needed
 DEFAULT_SCORES = "runs/score"
+
+
+@dataclass
+class SFTRunsConfig(sft.SFTConfig):
+    """Weighted SFT from scored shards, once per weighting."""
+
+    weighting: str = field("uniform,pear", "comma-separated, one run each: uniform (plain SFT), pear (stored "
+                                           "weights), pear-live (current-model delta)")
 
 
 def ensure_scores(scores: str) -> None:
@@ -61,13 +69,6 @@ def uses_world(meta: dict) -> bool:
     return bool(target) and Path(target).resolve().is_relative_to(WORLD.resolve())
 
 
-def uses_world_model(scores: str, rest: list[str]) -> bool:
-    """Is the model to train the embedded target (no --model, shards scored against it)?"""
-    if any(a == "--model" or a.startswith("--model=") for a in rest):
-        return False
-    return uses_world(read_meta(list_shards(scores)[0]))
-
-
 def format_table(summaries: list[dict]) -> str:
     f = lambda x: "-" if x is None else f"{x:.3f}"
     lines = [f"{'weighting':10} {'steps':>5} {'final loss':>10} {'last epoch':>10} {'held-out NLL':>17} "
@@ -81,32 +82,39 @@ def format_table(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scores", default=DEFAULT_SCORES, help="scoring output folder")
-    p.add_argument("--out", default="runs/sft", help="output folder (out/<weighting>/ for several weightings)")
-    p.add_argument("--weighting", default="uniform,pear", help="comma-separated: uniform, pear, pear-live")
-    args, rest = p.parse_known_args(argv)
-    setup_logging()
-    console.quiet(Path(args.out) / "sft.log")
+def train_arms(cfg: SFTRunsConfig, given: set[str], own_recipe: bool) -> list[dict]:
+    """One train.sft run per weighting of `cfg.weighting`; returns their summaries. The embedded
+    target (no --model, shards scored against it) gets recipes/embedded-sft.yaml beneath the flags
+    given, unless `own_recipe` (a --config of the user's replaces it)."""
+    arms = [w.strip() for w in cfg.weighting.split(",") if w.strip()]
+    if not arms or any(w not in sft.WEIGHTINGS for w in arms):
+        raise ConfigError(f"--weighting: comma-separated names of {sft.WEIGHTINGS}, got {cfg.weighting!r}")
     try:
-        ensure_scores(args.scores)
+        ensure_scores(cfg.scores)
     except (FileNotFoundError, ShardError, subprocess.CalledProcessError) as e:
-        print(f"error: {e}", file=console.err())
-        return 2
-    # the embedded target's recipe (recipes/embedded-sft.yaml) first, so that flags given here win
-    recipe = embedded_config("sft", rest) if uses_world_model(args.scores, rest) else []
-    arms = [w.strip() for w in args.weighting.split(",") if w.strip()]
+        raise ConfigError(str(e)) from None
+    if not own_recipe and "model" not in given and uses_world(read_meta(list_shards(cfg.scores)[0])):
+        cfg = beneath(cfg, recipe_settings("sft"), given)
     summaries = []
     for arm in arms:
-        out = Path(args.out) if len(arms) == 1 else Path(args.out) / arm
-        rc = sft.main(recipe + ["--scores", args.scores, "--out", str(out), "--weighting", arm] + rest)
-        if rc:
-            return rc
-        summaries.append(json.loads((out / "train_summary.json").read_text()))
-    print(format_table(summaries), file=console.out())
-    print(f"models in {', '.join(s['out'] for s in summaries)}", file=console.out())
-    return 0
+        out = Path(cfg.out) if len(arms) == 1 else Path(cfg.out) / arm
+        console.quiet(out / "sft.log")
+        run = sft.SFTConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(sft.SFTConfig)})
+        summary = sft.run(dataclasses.replace(run, out=str(out), weighting=arm))
+        print(sft.format_summary(summary), file=console.out())
+        summaries.append(summary)
+    return summaries
+
+
+def report(summaries: list[dict]) -> str:
+    return f"{format_table(summaries)}\nmodels in {', '.join(s['out'] for s in summaries)}"
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    setup_logging()
+    return cli(SFTRunsConfig, argv, __doc__, lambda cfg, given: train_arms(cfg, given, gave(argv, "--config")),
+               report, errors=(ShardError,), log="sft.log", given=True)
 
 
 if __name__ == "__main__":

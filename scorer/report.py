@@ -8,18 +8,27 @@ x-axis the range of the data; a log-weight clip bound within it is a dashed red 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 
-from common.storage import StorageError, as_path
+from common.config import cli, field
+from common.storage import as_path
 from scorer.shards import ShardError, list_shards, read_meta
 from scorer.stats import VariantStats, WeightStats
 from scorer.weights import VARIANTS, WeightParams
+
+
+@dataclass
+class InspectConfig:
+    """The weight summary and log-weight histogram of a scoring run."""
+
+    scores: str = field("runs/score", "scoring output folder")
+    png: str = field("", "output image; empty: SCORES/log_weights.png")
 
 
 def shard_params(path: Path) -> tuple[WeightParams, dict]:
@@ -71,44 +80,43 @@ def plot_log_weights(stats: dict[str, WeightStats], in_shards: str, title: str):
     return fig
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scores", default="runs/score")
-    p.add_argument("--png", default=None, help="output image (default: SCORES/log_weights.png)")
-    a = p.parse_args(argv)
-
+def inspect(cfg: InspectConfig) -> tuple[dict, str]:
+    """Write the histogram; returns the run's summary.json ({} without one) and the image's path.
+    ShardError, FileNotFoundError or StorageError (a ConfigError): the shards cannot be read."""
     # histograms of every variant's log-weights, shard by shard, under the shards' constants
-    try:
-        shards = list_shards(a.scores)  # a local folder or an object-storage URI
-        if not shards:
-            raise ShardError(f"no shards in {a.scores}")
-        params, meta = shard_params(shards[0])
-        stats = VariantStats(params, variants=tuple(v for v in VARIANTS if v != "none"))
-        for s in shards:
-            stats.add_shard(s)
-    except (ShardError, FileNotFoundError, StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    shards = list_shards(cfg.scores)  # a local folder or an object-storage URI
+    if not shards:
+        raise ShardError(f"no shards in {cfg.scores}")
+    params, meta = shard_params(shards[0])
+    stats = VariantStats(params, variants=tuple(v for v in VARIANTS if v != "none"))
+    for s in shards:
+        stats.add_shard(s)
 
-    # the figure, then the printed summary
-    fig = plot_log_weights(stats.stats, meta["variant"], f"PEAR log-weights, {a.scores}")
+    # the figure, then the summary to print
+    fig = plot_log_weights(stats.stats, meta["variant"], f"PEAR log-weights, {cfg.scores}")
     import matplotlib.pyplot as plt
 
-    from scorer.job import format_summary
-
-    png = as_path(a.png or as_path(a.scores) / "log_weights.png")
+    png = as_path(cfg.png or as_path(cfg.scores) / "log_weights.png")
     if isinstance(png, Path):
         fig.savefig(png, dpi=110)
     else:  # object storage: matplotlib writes to a stream
         with png.open("wb") as f:
             fig.savefig(f, dpi=110, format=png.suffix[1:] or "png")
     plt.close(fig)
-    summary = as_path(a.scores) / "summary.json"
-    summary = json.loads(summary.read_text()) if summary.exists() else {}
-    if "rows_in" in summary:  # a scoring run's; `reweight` alone writes only params and variants
-        print(format_summary(summary))
-    print(f"histogram: {png}")
-    return 0
+    summary = as_path(cfg.scores) / "summary.json"
+    return (json.loads(summary.read_text()) if summary.exists() else {}), str(png)
+
+
+def report(done: tuple[dict, str]) -> str:
+    from scorer.job import format_summary
+
+    summary, png = done
+    # a scoring run's summary; `reweight` alone writes only params and variants
+    return (format_summary(summary) + "\n" if "rows_in" in summary else "") + f"histogram: {png}"
+
+
+def main(argv=None) -> int:
+    return cli(InspectConfig, argv, __doc__, inspect, report, errors=(ShardError, FileNotFoundError))
 
 
 if __name__ == "__main__":

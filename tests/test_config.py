@@ -1,7 +1,7 @@
 """One weighting group for every stage: flags, YAML (flat or nested) and checks."""
 import pytest
 
-from common.config import parse
+from common.config import ConfigError, beneath, parse, parse_given
 from scorer.config import WeightConfig
 from scorer.job import ScoreConfig
 from scorer.reweight import ReweightConfig
@@ -46,3 +46,13 @@ def test_help_prints_every_flag(cls, flag, capsys):
     with pytest.raises(SystemExit) as e:
         parse(cls, ["--help"])  # a "%" in a help text once broke argparse's formatting
     assert e.value.code == 0 and flag in capsys.readouterr().out
+
+
+def test_a_recipe_goes_beneath_the_fields_given():
+    cfg, given = parse_given(ScoreConfig, ["--gamma", "0.5", "--out", "x"])
+    cfg = beneath(cfg, {"weights": {"variant": "block", "gamma": 0.9}, "out": "y", "max_len": "100"}, given)
+    assert (cfg.weights.variant, cfg.weights.gamma, cfg.out, cfg.max_len) == ("block", 0.5, "x", 100)
+    with pytest.raises(ConfigError, match="unknown fields"):
+        beneath(cfg, {"no_such": 1}, given)
+    with pytest.raises(ConfigError, match="--max-len"):
+        beneath(cfg, {"max_len": "many"}, given)

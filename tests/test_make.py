@@ -11,11 +11,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # the program(s) behind each target whose variables become flags: every flag make writes must be one
-# of theirs (pipelines.sft passes what it does not take itself to train.sft; pipelines.rl to train.rl/eval)
+# of theirs (pipelines.rl passes what follows its verb to train.rl or train.eval)
 PROGRAMS = {
     "demo": ["pipelines.demo"], "world": ["pipelines.world"], "score": ["pipelines.score"],
     "reweight": ["scorer.reweight"], "export": ["scorer.export"], "inspect": ["scorer.report"],
-    "sft": ["pipelines.sft", "train.sft"], "rl": ["train.rl"], "eval": ["train.eval"],
+    "sft": ["pipelines.sft"], "rl": ["train.rl"], "eval": ["train.eval"],
     "experiment": ["pipelines.experiment"], "experiment-smoke": ["pipelines.experiment"],
     "bench": ["bench.score_cpu", "bench.bench_sft"], "bench-sft": ["bench.bench_sft"],
     "bench-scale": ["bench.bench_scale"], "bench-rl": ["bench.bench_rl_memory"],
@@ -47,7 +47,7 @@ def test_help_and_the_readme_list_the_same_targets_and_variables():
     rows = re.findall(r"^\| `make ([a-z-]+)` \| [^|]+ \| ([^|]+) \|$", readme, re.M)
     in_readme = {t: re.findall(r"`([A-Z_]+)`", v) for t, v in rows}
     assert in_readme == table
-    assert "every target takes: ARGS VERBOSE WORLD_SEED VENV" in make("help").stdout
+    assert "every target takes: ARGS VERBOSE WORLD WORLD_SEED VENV" in make("help").stdout
 
 
 def test_a_variable_no_target_takes_stops_make_naming_it():

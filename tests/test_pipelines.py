@@ -48,8 +48,9 @@ def test_score_with_data_needs_a_target_and_never_touches_the_world(tmp_path, mo
     err = capsys.readouterr().err
     assert "BEHAVIOR=" in err and "behavior_logprobs column" in err and not (tmp_path / "o").exists()
     # no DATA: the embedded defaults fill in what is not given
-    assert score.embedded_defaults(["--out", "x", "--target", "t"]) == \
-        ["--data", score.EMBEDDED["data"], "--behavior", score.EMBEDDED["behavior"], "--out", "x", "--target", "t"]
+    cfg = score.embedded_defaults(score.ScoreConfig(out="x", target="t"))
+    assert (cfg.data, cfg.target, cfg.behavior, cfg.out) == \
+        (score.EMBEDDED["data"], "t", score.EMBEDDED["behavior"], "x")
 
 
 def test_eval_and_rl_of_a_users_model_never_touch_the_world(tmp_path, monkeypatch, capsys):
@@ -128,3 +129,44 @@ def test_rl_help_gives_the_learning_rate_the_recipe_uses(capsys):
     recipe_lr = float(recipe_settings("rl")["lr"])
     rates = {float(x) for x in re.findall(r"\d+(?:\.\d+)?e-\d+", lr_help)}
     assert rates <= {RLConfig.lr, recipe_lr}, lr_help
+
+
+def test_sft_lays_the_embedded_recipe_beneath_the_flags_given(tmp_path, monkeypatch, capsys):
+    """pipelines.sft parses once: one train.sft config per weighting, the embedded recipe under the
+    flags given; --model or a --config of the user's leaves the recipe out."""
+    from pipelines import sft
+    from pipelines.recipes import recipe_settings
+    from scorer.shards import core_table, write_atomic
+
+    scores = tmp_path / "s"
+    scores.mkdir()
+    meta = {"schema_version": 2, "variant": "token", "target_model": {"path": str(sft.WORLD.resolve() / "target")}}
+    write_atomic(core_table(["a"], [[1, 2, 3]], [[(1, 3)]], [[-1, -1]], [[-1, -1]], [[1, 1]]), scores / "c.parquet",
+                 meta)
+    runs = []
+
+    def run(cfg):
+        runs.append(cfg)
+        return {"weighting": cfg.weighting, "out": cfg.out, "steps": 1, "final_loss": 1.0, "last_epoch_loss": 1.0,
+                "heldout_nll_start": 2.0, "heldout_nll": 1.5, "mean_weight": 1.0, "mean_ess_fraction": 1.0,
+                "loop_seconds": 0.1}
+
+    monkeypatch.setattr(sft.sft, "run", run)
+    recipe = recipe_settings("sft")
+    assert sft.main(["--scores", str(scores), "--out", str(tmp_path / "o"), "--lr", "0.5"]) == 0
+    assert [(type(c).__name__, c.weighting, c.out) for c in runs] == \
+        [("SFTConfig", w, str(tmp_path / "o" / w)) for w in ("uniform", "pear")]
+    assert runs[0].lr == 0.5 and runs[0].epochs == recipe["epochs"] != sft.SFTRunsConfig.epochs
+    o = tmp_path / "o"
+    assert capsys.readouterr().out.splitlines()[-1] == f"models in {o / 'uniform'}, {o / 'pear'}"
+    own = tmp_path / "own.yaml"
+    own.write_text("lr: 0.25\n")
+    for flags in (["--model", "m"], ["--config", str(own)]):
+        runs.clear()
+        assert sft.main(["--scores", str(scores), "--out", str(tmp_path / "o"), "--weighting", "pear", *flags]) == 0
+        assert len(runs) == 1 and runs[0].out == str(tmp_path / "o") and runs[0].epochs == sft.SFTRunsConfig.epochs
+    assert runs[0].lr == 0.25
+    runs.clear()
+    assert sft.main(["--scores", str(scores), "--weighting", "pear,plain"]) == 2 and not runs
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--weighting" in err[0] and "'pear,plain'" in err[0]

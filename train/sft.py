@@ -600,17 +600,18 @@ def format_summary(s: dict) -> str:
             f"{s['loop_seconds']}s training; model in {s['out']}")
 
 
-def main(argv=None) -> int:
-    def work(cfg: SFTConfig) -> dict:
-        try:
-            with ExitStack() as held:
-                return train(cfg, held)
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+def run(cfg: SFTConfig) -> dict:
+    """`train`, with what it holds released and the process group (torchrun) ended afterwards."""
+    try:
+        with ExitStack() as held:
+            return train(cfg, held)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
-    return cli(SFTConfig, argv, __doc__, work, lambda s: s and format_summary(s), errors=(ShardError,),
-               log="sft.log")
+
+def main(argv=None) -> int:
+    return cli(SFTConfig, argv, __doc__, run, lambda s: s and format_summary(s), errors=(ShardError,), log="sft.log")
 
 
 if __name__ == "__main__":
