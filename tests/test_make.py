@@ -129,7 +129,7 @@ def test_the_stage_targets_run_as_documented(world, small_corpus, tmp_path):
             timeout=600), rf"^rl: 1 steps, mean reward .* model in {rl}$")
     ok(make("eval", f"MODEL={rl}", f"OUT={tmp_path / 'eval'}", "NUM_PROMPTS=8", "N=2", "K=1", timeout=600),
        rf"^report in {tmp_path / 'eval'}/eval.json")
-    ok(make("world", timeout=600), r"embedded world up to date at ")
+    ok(make("world", timeout=600), r"world up to date at ")
     ok(make("lint", timeout=300), r"^All checks passed!")
 
 
