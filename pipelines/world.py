@@ -119,7 +119,7 @@ class WorldConfig:
 # 0.10 below uniform SFT's), with no PEAR arm run, and the settings tried are listed there.
 WORLDS: dict[str, dict] = {
     "embedded": {},
-    "sft-matters": {"target_careful_cue": 0.99, "target_words_share": 0.0},
+    "sft-matters": {"target_careful_cue": 0.99, "target_words_share": 0.0, "behavior_careful_share": 0.7},
 }
 
 
