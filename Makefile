@@ -126,7 +126,7 @@ demo: setup
 	$(PY) -m pipelines.demo $(call args,demo)
 
 world: setup
-	$(PY) -m pipelines.world $(if $(FORCE),--force) $(if $(filter world,$(GOALS)),$(ARGS))
+	$(PY) -m pipelines.world $(call args,world)
 
 score: setup
 	$(PY) -m pipelines.score $(call args,score)

@@ -25,17 +25,18 @@ the project exists for (does PEAR-weighted SFT help that RL?) can be asked here 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from common import console
-from common.config import setup_logging
+from common.config import ConfigError, cli, setup_logging
+from common.config import field as cli_field
 from train.rollout import WORLD_TASK_KWARGS, reasoning_gym_examples
 
 log = logging.getLogger("pear.world")
@@ -377,19 +378,29 @@ def write_corpus(rows: list[dict], path: Path, meta: dict) -> None:
     pq.write_table(table, path, compression="zstd")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=None, help="default: artifacts/world (seed 0), artifacts/world-seed<N> otherwise")
-    p.add_argument("--seed", type=int, default=default_seed(), help="default: PEAR_WORLD_SEED, else 0")
-    p.add_argument("--world", default=default_kind(), choices=list(WORLDS),
-                   help="the kind of world (default: PEAR_WORLD, else embedded)")
-    p.add_argument("--force", action="store_true", help="rebuild even when the cached world matches")
-    a = p.parse_args(argv)
-    out = Path(a.out) if a.out else world_dir(a.seed, a.world)
-    setup_logging()
+@dataclass
+class BuildConfig:
+    """Build (or reuse) one draw of a kind of world."""
+
+    world: str = cli_field("", "the kind of world, one of WORLDS (default: PEAR_WORLD, else embedded)")
+    seed: int | None = cli_field(None, "the draw (default: PEAR_WORLD_SEED, else 0)")
+    out: str = cli_field("", "default: artifacts/world[-<kind>][-seed<N>] (world_dir)")
+    force: bool = cli_field(False, "rebuild even when the cached world matches")
+
+
+def run(cfg: BuildConfig) -> Path:
+    kind = cfg.world or default_kind()
+    if kind not in WORLDS:
+        raise ConfigError(f"--world {kind!r} is not a world; the worlds are {', '.join(WORLDS)}")
+    out = Path(cfg.out) if cfg.out else world_dir(cfg.seed, kind)
     console.quiet(out / "build.log")
-    build(out, world_config(a.seed, a.world), force=a.force)
+    return build(out, world_config(cfg.seed, kind), force=cfg.force)
+
+
+def main(argv=None) -> int:
+    setup_logging()
+    return cli(BuildConfig, argv, __doc__, run, lambda out: f"world in {out}", errors=(ValueError,))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
