@@ -126,7 +126,7 @@ demo: setup
 	$(PY) -m pipelines.demo $(call args,demo)
 
 world: setup
-	$(PY) -m pipelines.world $(call args,world)
+	$(PY) -m pipelines.world $(call flags,$(VARS.world)) $(if $(filter world,$(GOALS)),$(ARGS))
 
 score: setup
 	$(PY) -m pipelines.score $(call args,score)
