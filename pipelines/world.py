@@ -114,10 +114,11 @@ class WorldConfig:
 
 # The kinds of world, as changes to WorldConfig's defaults. `embedded` is every stage's default.
 # `sft-matters` is the experiment's: a base that almost never writes the careful procedure on its
-# own and has never seen the teacher's verbose style, so RL from the base alone has little to
-# sharpen, while the teacher's corpus shows the procedure next to a style the base cannot execute.
-# Its settings were chosen by the rule in results/experiment.md (no-SFT's post-RL pass@1 at least
-# 0.10 below uniform SFT's), with no PEAR arm run, and the settings tried are listed there.
+# own (99% of its careful traces follow a prompt that asks for them) and has never seen the
+# teacher's verbose style, so RL from the base alone has little to sharpen, while the teacher's
+# corpus shows the procedure (70%) next to a style the base cannot execute. Its settings were
+# chosen by the rule of pipelines/experiment.py (no-SFT's post-RL pass@1 at least 0.10 below
+# uniform SFT's) with no PEAR arm run; every setting tried is in results/world-selection.md.
 WORLDS: dict[str, dict] = {
     "embedded": {},
     "sft-matters": {"target_careful_cue": 0.99, "target_words_share": 0.0, "behavior_careful_share": 0.7},
