@@ -138,47 +138,44 @@ def plots(rep: dict, ks: list[int], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = rep["arms"]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for arm, c in rep["curve"].items():
-        ax.plot(c["steps"], c["pass@1"], marker="o", label=arm)
-        ax.fill_between(c["steps"], c["lo"], c["hi"], alpha=0.12)
-    ax.set_xlabel("RL step")
-    ax.set_ylabel("held-out pass@1")
-    ax.set_title("Held-out pass@1 over RL (mean over world draws; band: 95% interval)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "experiment_curve.png", dpi=110)
-    plt.close(fig)
+    def figure(name: str, xlabel: str, ylabel: str, title: str, draw, width: float = 8) -> None:
+        fig, ax = plt.subplots(figsize=(width, 4.5))
+        draw(ax)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for arm, r in arms.items():
-        curves = np.array([v["reward_curve"] for v in r["runs"].values()])  # (runs, steps)
-        x = np.arange(1, curves.shape[1] + 1)
-        w = max(1, curves.shape[1] // 15)  # moving average over w steps, for a readable line
-        smooth = np.array([np.convolve(c, np.ones(w) / w, mode="valid") for c in curves])
-        ax.plot(x[w - 1:], smooth.mean(0), label=arm)
-    ax.set_xlabel("RL step")
-    ax.set_ylabel("mean reward of the step's rollouts")
-    ax.set_title("RL reward per arm (mean over draws and seeds, moving average)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "experiment_reward_curves.png", dpi=110)
-    plt.close(fig)
+    def curve(ax) -> None:
+        for arm, c in rep["curve"].items():
+            ax.plot(c["steps"], c["pass@1"], marker="o", label=arm)
+            ax.fill_between(c["steps"], c["lo"], c["hi"], alpha=0.12)
+
+    def rewards(ax) -> None:
+        for arm, r in rep["arms"].items():
+            curves = np.array([v["reward_curve"] for v in r["runs"].values()])  # (runs, steps)
+            x = np.arange(1, curves.shape[1] + 1)
+            w = max(1, curves.shape[1] // 15)  # moving average over w steps, for a readable line
+            smooth = np.array([np.convolve(c, np.ones(w) / w, mode="valid") for c in curves])
+            ax.plot(x[w - 1:], smooth.mean(0), label=arm)
 
     top = f"pass@{max(ks)}"
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for arm, r in arms.items():
-        xs = [v["heldout_nll"] for v in r["runs"].values()]
-        ys = [y for world in r["after_rl"][top]["per_seed"] for y in world]  # the same order: draws, then seeds
-        ax.scatter(xs, ys, label=arm)
-    ax.set_xlabel("held-out NLL on behavior traces after SFT (lower: better SFT)")
-    ax.set_ylabel(f"{top} after RL")
-    ax.set_title("Offline SFT metric vs post-RL result (one point per draw and seed)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "experiment_offline_vs_rl.png", dpi=110)
-    plt.close(fig)
+
+    def offline(ax) -> None:
+        for arm, r in rep["arms"].items():
+            xs = [v["heldout_nll"] for v in r["runs"].values()]
+            ys = [y for world in r["after_rl"][top]["per_seed"] for y in world]  # the same order: draws, then seeds
+            ax.scatter(xs, ys, label=arm)
+
+    figure("experiment_curve.png", "RL step", "held-out pass@1",
+           "Held-out pass@1 over RL (mean over world draws; band: 95% interval)", curve)
+    figure("experiment_reward_curves.png", "RL step", "mean reward of the step's rollouts",
+           "RL reward per arm (mean over draws and seeds, moving average)", rewards)
+    figure("experiment_offline_vs_rl.png", "held-out NLL on behavior traces after SFT (lower: better SFT)",
+           f"{top} after RL", "Offline SFT metric vs post-RL result (one point per draw and seed)", offline, 6.5)
 
 
 PNGS = ("experiment_curve.png", "experiment_reward_curves.png", "experiment_offline_vs_rl.png")
