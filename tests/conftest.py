@@ -10,6 +10,10 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# the tests run make as a user types it at a shell: not as a sub-make of `make test`, whose
+# command-line variables (ARGS=... for pytest) would reach every make the tests start
+for name in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES"):
+    os.environ.pop(name, None)
 os.environ["PEAR_QUIET"] = "0"  # tests read the stages' output (test_console.py sets 1 for its children)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,6 +23,17 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
+
+
+def pytest_collection_modifyitems(items):
+    """The longest tests first: `make test` hands tests to its workers in this order as each gets
+    free (pytest-xdist --dist load), so the long ones start early and the workers end together. A
+    slow test's `seconds` is its rough cost on 2 cores (from `--durations`); the rest keep their order."""
+    def cost(item) -> float:
+        mark = item.get_closest_marker("slow")
+        return 0 if mark is None else mark.kwargs.get("seconds", 1)
+
+    items.sort(key=cost, reverse=True)
 
 
 @pytest.fixture(scope="session")

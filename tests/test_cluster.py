@@ -54,7 +54,8 @@ def job_env(**kw) -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **kw}
 
 
-@pytest.mark.slow
+@pytest.mark.xdist_group("ray-cluster")  # one worker: the module's cluster and reference once
+@pytest.mark.slow(seconds=70)
 @pytest.mark.timeout(400)
 def test_two_nodes_score_what_the_local_executor_scores(world, s3, local_run, cluster, tmp_path):
     corpus, _ = local_run
@@ -113,7 +114,8 @@ def reference(world, local_run, tmp_path_factory) -> tuple[Path, Path]:
     return data, ref
 
 
-@pytest.mark.slow
+@pytest.mark.xdist_group("ray-cluster")  # one worker: the module's cluster and reference once
+@pytest.mark.slow(seconds=50)
 @pytest.mark.timeout(400)
 def test_a_scoring_actor_killed_mid_job_is_replaced(world, reference, tmp_path):
     import psutil
@@ -149,7 +151,8 @@ def test_a_scoring_actor_killed_mid_job_is_replaced(world, reference, tmp_path):
     check_whole(out, ref, ROWS // 2)
 
 
-@pytest.mark.slow
+@pytest.mark.xdist_group("ray-cluster")  # one worker: the module's cluster and reference once
+@pytest.mark.slow(seconds=80)
 @pytest.mark.timeout(400)
 def test_a_node_lost_mid_job_is_survived(world, reference, cluster, tmp_path):
     data, ref = reference
@@ -175,7 +178,7 @@ def test_a_node_lost_mid_job_is_survived(world, reference, cluster, tmp_path):
 
 # ---- SFT on two nodes ------------------------------------------------------------------------
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=25)
 @pytest.mark.timeout(400)
 def test_two_torchrun_nodes_on_shards_in_a_bucket_match_one_process(scores, s3, tmp_path):
     import pyarrow.fs as pafs

@@ -230,7 +230,7 @@ def test_default_split_is_disjoint_by_seed(world):
     assert 0.5 * len(evals) < len(kept) < len(evals) and dropped == len(evals) - len(kept)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=12)
 def test_evaluate_end_to_end(world, tmp_path):
     """A real evaluation of a fake 'RL output' (the world target plus RL provenance files)."""
     model = tmp_path / "rl_model"

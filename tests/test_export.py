@@ -198,7 +198,7 @@ def test_a_real_trl_run_trains_with_the_weights(world, trl_data, tmp_path):
     assert logs["quarter"][0]["loss"] == pytest.approx(0.25 * logs["ones"][0]["loss"], abs=2e-4)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=12)
 def test_the_readme_trl_example_runs_on_a_cpu(world, scores, tmp_path):
     """The README's TRL recipe as it is written, on this export and the world's target, with no GPU
     (TRL's bf16 default once made it fail on a CPU)."""

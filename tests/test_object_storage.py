@@ -143,6 +143,7 @@ def test_scoring_from_and_to_a_bucket_is_the_local_run_and_resumes(world, s3, lo
             score(world, data, out)
 
 
+@pytest.mark.slow(seconds=25)
 def test_a_killed_driver_on_a_bucket_resumes_to_the_same_rows(world, s3, local_run, tmp_path):
     corpus, local = local_run
     bucket = s3()

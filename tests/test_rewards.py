@@ -136,7 +136,7 @@ def score(completion, example):
 '''
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=15)
 def test_rl_stopped_by_a_broken_reward_logs_its_rows(world, tmp_path, capsys):
     """A reward that fails on every call stops the run at its first step with exit 2, and
     reward_errors.jsonl holds the calls that failed (it once stayed empty)."""

@@ -173,7 +173,7 @@ def test_an_unreachable_ray_address_exits_2_naming_it(world, tmp_path):
     assert "scoring shards" not in proc.stderr  # no progress bar waits for it
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=30)
 @pytest.mark.timeout(420)
 def test_a_stale_cluster_record_does_not_stop_a_local_ray_run(world, tmp_path):
     """`ray start --head` records its address in Ray's temporary folder; once that cluster died (not
@@ -195,7 +195,7 @@ def test_a_stale_cluster_record_does_not_stop_a_local_ray_run(world, tmp_path):
     assert len(list_shards(tmp_path / "s")) == 1
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=45)
 @pytest.mark.timeout(400)
 def test_a_cluster_that_refuses_the_token_is_one_line_and_exit_2(world, tmp_path):
     data = tmp_path / "c.parquet"

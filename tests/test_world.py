@@ -73,7 +73,7 @@ def content_hashes(folder) -> dict:
             if p.is_file() and p.name not in ("world.json", "build.log", ".build.lock")}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=65)
 def test_the_build_is_a_function_of_its_seed(tmp_path):
     """Two builds of a small world from the same seed: the same tokenizer, models and corpora, byte for
     byte (another machine may build another draw; on one machine the seed decides)."""
