@@ -29,7 +29,7 @@ the machine's memory): that run is reported as over the cap, not as a number. Th
 its result to a JSON file, not to stdout; the parent prints one line per run and the ratios,
 and rewrites bench/results/bench_rl_memory.json after every run (`--out` elsewhere; `--smoke`
 writes only with --out). A whole bench takes an hour or more on 2 cores: `--reuse` keeps the runs
-of earlier JSON files made with the same settings.
+of earlier JSON files (comma-separated) made with the same settings.
 """
 from __future__ import annotations
 
@@ -43,7 +43,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from common.config import ConfigError, cli, field
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("budget", "checkpointing", "whole")
@@ -220,37 +223,55 @@ def write_result(out: str, settings: dict, params: int, cap: float, runs: list[d
     Path(out).write_text(json.dumps(result, indent=1) + "\n")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default=None, help="prompts per step, comma-separated (default 8,16,32; smoke 2,4)")
-    p.add_argument("--samples", type=int, default=8, help="samples per prompt")
-    p.add_argument("--response-tokens", type=int, default=64)
-    p.add_argument("--modes", default=",".join(MODES), help=f"some of {','.join(MODES)}")
-    p.add_argument("--micro-batch-tokens", type=int, default=None, help="the budget of `budget` and `checkpointing` "
-                                                                        "(default: train.rl's; smoke 256)")
-    p.add_argument("--engine", action="store_true", help="sample the rollouts from a vLLM engine in the child")
-    p.add_argument("--smoke", action="store_true", help="a tiny model and sizes 2,4: seconds")
-    p.add_argument("--threads", type=int, default=0, help="torch threads of each child; 0: all cores")
-    p.add_argument("--rss-cap-gib", type=float, default=None, help="stop a child past this RSS (default: 85%% of RAM)")
-    p.add_argument("--timeout-s", type=float, default=3600, help="stop a child that runs longer")
-    p.add_argument("--out", default=None, help="result JSON, rewritten after every run (default "
-                                               "bench/results/bench_rl_memory.json; --smoke: none unless given)")
-    p.add_argument("--reuse", nargs="*", default=[], help="JSON files of earlier runs: their runs made with the "
-                                                          "same settings are kept, not measured again")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
+@dataclass
+class MemoryBenchConfig:
+    """Peak memory of one RL training step against the batch size."""
 
+    sizes: str = field("", "prompts per step, comma-separated; empty: 8,16,32 (smoke 2,4)")
+    samples: int = field(8, "samples per prompt")
+    response_tokens: int = field(64, "tokens of each synthetic response")
+    modes: str = field(",".join(MODES), f"some of {','.join(MODES)}")
+    micro_batch_tokens: int | None = field(None, "the budget of `budget` and `checkpointing`; None: train.rl's "
+                                                 "(smoke 256)")
+    engine: bool = field(False, "sample the rollouts from a vLLM engine in the child")
+    smoke: bool = field(False, "a tiny model and sizes 2,4: seconds")
+    threads: int = field(0, "torch threads of each child; 0: all cores")
+    rss_cap_gib: float | None = field(None, "stop a child past this RSS; None: 85% of RAM")
+    timeout_s: float = field(3600.0, "stop a child that runs longer (seconds)")
+    out: str = field("", "result JSON, rewritten after every run; empty: bench/results/bench_rl_memory.json "
+                         "(--smoke: none)")
+    reuse: tuple[str, ...] = field((), "JSON files of earlier runs, comma-separated: their runs made with the "
+                                       "same settings are kept, not measured again")
+    # the parent starts each run as a child process with these two
+    child: str = field("", argparse.SUPPRESS)
+    result: str = field("", argparse.SUPPRESS)
+
+    def __post_init__(self):  # before any work: one line, exit code 2
+        try:
+            sizes = self.size_list()
+        except ValueError:
+            sizes = []
+        modes = self.mode_list()
+        if not sizes or min(sizes) < 1 or not modes or set(modes) - set(MODES):
+            raise ConfigError(f"--sizes takes positive integers, --modes some of {MODES}")
+
+    def size_list(self) -> list[int]:
+        return [int(x) for x in (self.sizes or ("2,4" if self.smoke else "8,16,32")).split(",")]
+
+    def mode_list(self) -> list[str]:
+        return [m for m in self.modes.split(",") if m]
+
+
+def run(a: MemoryBenchConfig) -> tuple[list[dict], dict, str | None]:
+    """Every size x mode in a child of its own, one line each as it ends; returns (the runs, the ratios,
+    the JSON written or None). In a child (`--child`): its one run, the result to `--result`."""
     if a.child:  # the result goes to a file: the console may be redirected
         Path(a.result).write_text(json.dumps(child(json.loads(a.child))))
-        return 0
+        return [], {}, None
 
     from train.rl import RLConfig
 
-    sizes = [int(x) for x in (a.sizes or ("2,4" if a.smoke else "8,16,32")).split(",")]
-    modes = [m for m in a.modes.split(",") if m]
-    if not sizes or min(sizes) < 1 or not modes or set(modes) - set(MODES):
-        p.error(f"--sizes takes positive integers, --modes some of {MODES}")
+    sizes, modes = a.size_list(), a.mode_list()
     budget = a.micro_batch_tokens if a.micro_batch_tokens is not None else \
         SMOKE_BUDGET if a.smoke else RLConfig.micro_batch_tokens
     cap = a.rss_cap_gib or 0.85 * mem_total_gib()
@@ -261,7 +282,7 @@ def main(argv=None) -> int:
     settings = {"bench": "bench_rl_memory", "model_shape": shape, "dtype": "float32", "rollouts": rollouts,
                 "samples_per_prompt": a.samples, "response_tokens": a.response_tokens, "micro_batch_tokens": budget}
     done = {}  # (mode, prompts) -> a measured run of an earlier file with the same settings
-    for path in a.reuse:
+    for path in filter(None, a.reuse):
         earlier = json.loads(Path(path).read_text())
         if all(earlier.get(k) == v for k, v in settings.items()):
             done.update({(r["mode"], r["prompts"]): r for r in earlier["runs"] if "peak_gib" in r})
@@ -287,12 +308,19 @@ def main(argv=None) -> int:
                     write_result(out, settings, params, cap, runs, ratios_of(runs, modes, sizes, a.samples))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    ratios = ratios_of(runs, modes, sizes, a.samples)
-    for name, v in ratios.items():
-        print(f"  ratio {name}: {v:.2f}")
-    if out:
-        print(f"  wrote {out}")
-    return 0 if all("peak_gib" in r for r in runs if r["mode"] != "whole") else 1
+    return runs, ratios_of(runs, modes, sizes, a.samples), out
+
+
+def report(result: tuple[list[dict], dict, str | None]) -> str:
+    _, ratios, out = result
+    lines = [f"  ratio {name}: {v:.2f}" for name, v in ratios.items()]
+    return "\n".join(lines + ([f"  wrote {out}"] if out else []))
+
+
+def main(argv=None) -> int:
+    # exit code 1 when a run other than the old behaviour's was stopped or failed
+    return cli(MemoryBenchConfig, argv, __doc__, run, report,
+               status=lambda result: 0 if all("peak_gib" in r for r in result[0] if r["mode"] != "whole") else 1)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ $OUT/bench_scale.json, else bench/results/.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -22,8 +21,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from common.config import cli, field
 from pipelines.world import world_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,11 +85,17 @@ def run(code: str, args: list[str]) -> tuple[float, float]:
     return r["rss_kib"] / 1024, r["seconds"]
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="10000,100000")
-    p.add_argument("--out", default="runs/bench-scale")
-    a = p.parse_args(argv)
+@dataclass
+class ScaleBenchConfig:
+    """Memory against corpus size: the scoring driver and the SFT data loader."""
+
+    sizes: str = field("10000,100000", "corpus rows of each measurement, comma-separated (the first and the last "
+                                       "make the ratio)")
+    out: str = field("runs/bench-scale", "work folder: the synthetic corpora and their scores")
+
+
+def bench(a: ScaleBenchConfig) -> str:
+    """One line per size as it is measured; returns the ratio line and the line naming the JSON."""
     from pipelines.world import build, world_config
 
     build(WORLD, world_config())
@@ -109,8 +116,8 @@ def main(argv=None) -> int:
     lo, hi = results[0], results[-1]
     ratios = {"driver": hi["driver_peak_rss_mib"] / lo["driver_peak_rss_mib"],
               "loader": hi["loader_peak_rss_mib"] / lo["loader_peak_rss_mib"]}
-    print(f"peak RSS ratio {hi['rows']} / {lo['rows']} rows: driver {ratios['driver']:.2f}x, "
-          f"loader {ratios['loader']:.2f}x (goal: at most 1.2)")
+    ratio_line = (f"peak RSS ratio {hi['rows']} / {lo['rows']} rows: driver {ratios['driver']:.2f}x, "
+                  f"loader {ratios['loader']:.2f}x (goal: at most 1.2)")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d"),
@@ -118,8 +125,11 @@ def main(argv=None) -> int:
     dest = Path(os.environ.get("OUT") or ROOT / "bench" / "results") / "bench_scale.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"written {dest}")
-    return 0
+    return f"{ratio_line}\nwritten {dest}"
+
+
+def main(argv=None) -> int:
+    return cli(ScaleBenchConfig, argv, __doc__, bench, lambda lines: lines)
 
 
 if __name__ == "__main__":

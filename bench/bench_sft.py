@@ -14,18 +14,18 @@ profiler's allocator events on CPU. JSON goes to $OUT/bench_sft.json, else bench
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from common import console
-from common.config import setup_logging
+from common.config import cli, field, setup_logging
 from scorer.shards import list_shards, read_meta
 from scorer.weights import WeightParams
 from train.data import collate, load_rows, plan_epoch, split_heldout, stored_weight_params
@@ -103,20 +103,24 @@ def say(*lines) -> None:
     print(*lines, file=console.out(), flush=True)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scores", default="runs/score")
-    p.add_argument("--model", default="", help="empty: the shards' target model")
-    p.add_argument("--steps", type=int, default=30, help="timed batches")
-    p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
-    p.add_argument("--repeats", type=int, default=3, help="steps per arm on each batch; the fastest counts")
-    p.add_argument("--token-budget", type=int, default=2048)
-    p.add_argument("--loss-chunk", type=int, default=2048)
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadier on a shared machine)")
-    args = p.parse_args(argv)
+@dataclass
+class SFTBenchConfig:
+    """PEAR against plain SFT: optimizer-step time on the same batches, and peak memory."""
+
+    scores: str = field("runs/score", "scored shards (runs/score: the embedded corpus, scored first when empty)")
+    model: str = field("", "empty: the shards' target model")
+    steps: int = field(30, "timed batches")
+    warmup: int = field(3, "untimed batches first")
+    repeats: int = field(3, "steps per arm on each batch; the fastest counts")
+    token_budget: int = field(2048, "padded tokens (rows x longest row) per micro-batch")
+    loss_chunk: int = field(2048, "tokens per chunk of the vocabulary projection")
+    threads: int = field(1, "CPU threads (1: steadier on a shared machine)")
+
+
+def run(args: SFTBenchConfig) -> None:
+    """The timing and the memory of every arm; the result lines on the terminal, the JSON written."""
     from pipelines.sft import ensure_scores
 
-    setup_logging()
     # the terminal: its own lines
     console.quiet(Path(os.environ.get("OUT") or ROOT / "runs" / "bench") / "bench_sft.log")
 
@@ -173,7 +177,12 @@ def main(argv=None) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "bench_sft.json").write_text(json.dumps(result, indent=1) + "\n")
     say(f"written {folder / 'bench_sft.json'}")
-    return 0
+
+
+def main(argv=None) -> int:
+    setup_logging()
+    # the result lines go out as run() writes them
+    return cli(SFTBenchConfig, argv, __doc__, run, lambda _: None)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from scorer.engines import TorchScorer, packed_attention  # noqa: E402
 from scorer.weights import WeightParams, pear_weights  # noqa: E402
 from train.loss import token_logprobs, weighted_nll  # noqa: E402
 
+# argparse, not common.config.cli: carried to a bare GPU machine, it imports only the files its docstring names
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--tiny", action="store_true", help="tiny Qwen2 on the CPU, budgets scaled down: a smoke run")
 p.add_argument("--nseq", type=int, default=None, help="number of sequences (192 full, 16 tiny)")

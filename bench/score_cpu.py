@@ -6,13 +6,13 @@ Each ratio is against a baseline measured in the same process on the same token 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,20 +20,25 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
+# after the path above: `python bench/score_cpu.py` runs too
+from common.config import cli, field, setup_logging  # noqa: E402
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--rows", type=int, default=2048, help="corpus rows (the world corpus repeated)")
-    p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
-    a = p.parse_args(argv)
 
+@dataclass
+class ScoreBenchConfig:
+    """CPU scoring benchmark on the embedded tiny world."""
+
+    rows: int = field(2048, "corpus rows (the world corpus repeated)")
+    out: str = field("", "folder of score_cpu.json; empty: $OUT, else bench/results")
+
+
+def run(cfg: ScoreBenchConfig) -> str:
+    """Every measurement, one line each as it ends; returns the line naming the JSON written."""
     import polars as pl
     from transformers import AutoTokenizer
 
     from common import console
-    from common.config import setup_logging
 
-    setup_logging()
     # the terminal: its own lines
     console.quiet(Path(os.environ.get("OUT") or ROOT / "runs" / "bench") / "score_cpu.log")
 
@@ -46,8 +51,8 @@ def main(argv=None):
 
     world = build(ROOT / world_dir(), world_config())
     corpus = pl.read_parquet(world / "corpus.parquet")
-    reps = -(-a.rows // len(corpus))
-    corpus = pl.concat([corpus.with_columns(pl.col("id") + f"-r{k}") for k in range(reps)]).head(a.rows)
+    reps = -(-cfg.rows // len(corpus))
+    corpus = pl.concat([corpus.with_columns(pl.col("id") + f"-r{k}") for k in range(reps)]).head(cfg.rows)
     tok = AutoTokenizer.from_pretrained(world / "target")
     examples = [encode_row(r, i, "bench", tok, max_len=512, truncate=False, append_eos=True, vocab_size=len(tok))
                 for i, r in enumerate(corpus.iter_rows(named=True))]
@@ -96,10 +101,16 @@ def main(argv=None):
                          if actors == 2 else "")
                 say(f"{name}: wall {wall:.1f}s for {len(ids)} rows "
                     f"({s['tokens_scored_now'] / wall:,.0f} tokens/s end to end){ratio}")
-    Path(a.out).mkdir(parents=True, exist_ok=True)
-    (Path(a.out) / "score_cpu.json").write_text(json.dumps(results, indent=1) + "\n")
-    say(f"written {Path(a.out) / 'score_cpu.json'}")
+    out = Path(cfg.out or os.environ.get("OUT") or ROOT / "bench" / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "score_cpu.json").write_text(json.dumps(results, indent=1) + "\n")
+    return f"written {out / 'score_cpu.json'}"
+
+
+def main(argv=None) -> int:
+    setup_logging()
+    return cli(ScoreBenchConfig, argv, __doc__, run, lambda written: written)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,9 +3,11 @@
 Each field carries its help text as `metadata={"help": ...}`. Precedence: defaults < YAML
 (`--config recipe.yaml`) < command-line flags. Field `foo_bar` is flag `--foo-bar`; tuples take
 comma-separated values (`--delta-clip -0.08,0.3` or `--delta-clip=-0.08,0.3`); booleans take
-true/false. A field whose type is itself such a dataclass is a group shared by several stages
-(the scorer's `WeightConfig`, train's `PromptConfig`): its fields are flags of their own
-(`--variant`, not `--weights-variant`), and YAML takes them flat or nested under the group's name.
+true/false, or stand bare for true (`--smoke`). A field whose type is itself such a dataclass is
+a group shared by several stages (the scorer's `WeightConfig`, train's `PromptConfig`): its fields
+are flags of their own (`--variant`, not `--weights-variant`), and YAML takes them flat or nested
+under the group's name. A field whose help is `argparse.SUPPRESS` is a flag left out of `--help`
+(one that a parent process passes to its child).
 """
 from __future__ import annotations
 
@@ -90,12 +92,14 @@ def parse_given(cls, argv=None, description: str | None = None) -> tuple[typing.
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=None, help="YAML file of field values (flags override it)")
     defaults = cls() if all(_default(f) != "required" for f in dataclasses.fields(cls)) else None
-    for name, f, _, group in flags:
+    for name, f, tp, group in flags:
         shown = getattr(getattr(defaults, group), name) if group and defaults is not None else _default(f)
         if group and getattr(cls, "GROUP_DEFAULTS", None):
             shown = cls.GROUP_DEFAULTS
-        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
-                       help=(f.metadata.get("help", "") + f" (default: {shown})").replace("%", "%%"))
+        text = f.metadata.get("help", "")
+        text = text if text == argparse.SUPPRESS else (text + f" (default: {shown})").replace("%", "%%")
+        bare = {"nargs": "?", "const": "true"} if tp is bool else {}  # `--smoke` alone: true
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=text, **bare)
     ns = p.parse_args(_negative_values(list(sys.argv[1:] if argv is None else argv)))
     values = {}
     if ns.config is not None:
@@ -190,12 +194,13 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def cli(cls, argv, description: str | None, work, report, errors: tuple[type[Exception], ...] = (),
-        log: str | None = None, given: bool = False) -> int:
+        log: str | None = None, given: bool = False, status=None) -> int:
     """An entry point: the config from `argv`, then `work(cfg)` (`work(cfg, names given)` with `given`);
     a ConfigError (or one of `errors`) is one line `error: ...` and exit code 2; otherwise
-    `report(result)` is printed, exit code 0. `log`: the file in the config's `out` folder that
-    other libraries' output goes to (common/console.py, with PEAR_QUIET=1); any other exception
-    then ends the stage with its one-line cause on the terminal and the traceback in that file."""
+    `report(result)` is printed (unless empty), exit code `status(result)` if given (a benchmark
+    some of whose runs failed), else 0. `log`: the file in the config's `out` folder that other
+    libraries' output goes to (common/console.py, with PEAR_QUIET=1); any other exception then ends
+    the stage with its one-line cause on the terminal and the traceback in that file."""
     from common import console
 
     cfg, names = parse_given(cls, argv, description=description)
@@ -211,4 +216,4 @@ def cli(cls, argv, description: str | None, work, report, errors: tuple[type[Exc
     text = report(result)
     if text:
         print(text, file=console.out())
-    return 0
+    return status(result) if status else 0

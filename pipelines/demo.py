@@ -12,15 +12,15 @@ run only prints the table.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from common import console
-from common.config import setup_logging
+from common.config import cli, field, setup_logging
 from pipelines import score
 
 ARMS = ("uniform", "pear")
@@ -46,15 +46,18 @@ SMOKE = {"score": ["--executor", "local", "--backend", "torch"],
          "eval": ["--num-prompts", "24", "--n", "8", "--k", "1,8"]}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs", help="root of the stages' output folders")
-    p.add_argument("--smoke", action="store_true", help="every stage at its smallest (checks the command only)")
-    a = p.parse_args(argv)
-    root = Path(a.out)
-    extra = SMOKE if a.smoke else {}
-    setup_logging()
-    console.quiet(root / "demo.log")
+@dataclass
+class DemoConfig:
+    """The whole pipeline on the embedded default."""
+
+    out: str = field("runs", "root of the stages' output folders")
+    smoke: bool = field(False, "every stage at its smallest (checks the command only)")
+
+
+def run(cfg: DemoConfig) -> int:
+    """Every stage, then the table; the exit code (the scoring's, when it fails)."""
+    root = Path(cfg.out)
+    extra = SMOKE if cfg.smoke else {}
     t0 = time.time()
     say(f"== score: {root / 'score'} (embedded corpus, target and behavior models)")
     rc = score.main(["--out", str(root / "score"), *extra.get("score", [])])
@@ -88,6 +91,12 @@ def main(argv=None) -> int:
         f"{root}/eval/*/eval.md; `make experiment` compares more arms over seeds)")
     say(f"== demo done in {time.time() - t0:.0f}s")
     return 0
+
+
+def main(argv=None) -> int:
+    setup_logging()
+    # the lines go out as each stage ends; the exit code is the run's
+    return cli(DemoConfig, argv, __doc__, run, lambda rc: None, log="demo.log", status=lambda rc: rc)
 
 
 if __name__ == "__main__":

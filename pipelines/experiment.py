@@ -28,7 +28,6 @@ resumes where it stopped. Writes experiment.json, experiment.md and three PNG pl
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -38,12 +37,13 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from common import console
-from common.config import setup_logging
+from common.config import ConfigError, cli, field, setup_logging
 from pipelines.experiment_stats import area_under_curve, estimate, sft_matters
 from pipelines.recipes import RECIPES, STAGES, embedded_config, recipe_file, recipe_settings
 from pipelines.world import WORLDS, build, world_config, world_dir
@@ -65,6 +65,7 @@ REFERENCES = ("no-sft", "uniform")
 # `make experiment` within two hours on 2 cores
 DEFAULT_ARMS = ("no-sft", "uniform", "lr-control", "pear-token")
 PRIMARY = "pear-token"  # the arm the decision rule is about (the paper's B = 1)
+PEAR_ARMS = ("if-sft-matters", "always")  # when the arms other than the references run
 SFT_MATTERS_MARGIN = 0.10
 CURVE_STEPS = "10,25,50,100"  # RL steps with a snapshot to evaluate, besides 0 and the last
 # The one recipe: the embedded recipes of `make sft`, `make rl`, `make eval` (their YAML files),
@@ -362,41 +363,64 @@ def run_chains(draws: list[Draw], arms: list[str], seeds: list[int], recipe: dic
             log.info("world %d arm %s seed %d complete (%.0f min so far)", d.seed, arm, seed, (time.time() - t0) / 60)
 
 
-def main(argv=None) -> int:
+@dataclass
+class ExperimentConfig:
+    """The PEAR experiment: the references, the SFT-matters rule, then the other arms."""
+
+    world: str = field("", f"the kind of world, one of {', '.join(WORLDS)}; empty: PEAR_WORLD (make's WORLD), "
+                           "else sft-matters (embedded with --smoke)")
+    worlds: str = field("", "world draws (seeds), comma-separated; empty: 0,1,2 (0 with --smoke)")
+    seeds: int = field(1, "SFT and RL seeds per world draw")
+    out: str = field("", "run folder; empty: runs/experiment/<world>, or runs/experiment-smoke with --smoke")
+    results: str = field("", "report folder; empty: results/ for sft-matters, results/<world>/ for another, "
+                             "the run folder for --smoke")
+    smoke: bool = field(False, "one draw, a few steps: checks that the outputs are complete")
+    jobs: int = field(2, "arm-seed chains run at once (each on one CPU thread)")
+    arms: str = field(",".join(DEFAULT_ARMS), f"comma-separated arms among {', '.join(ARMS)} "
+                                              "(no-sft and uniform, the references, among them)")
+    pear_arms: str = field("", "if-sft-matters: run the arms other than the references only where SFT matters; "
+                               "always: in any world; empty: if-sft-matters, always with --smoke (whose few "
+                               "steps decide nothing)")
+
+    def __post_init__(self):  # before any work: one line, exit code 2
+        if self.world and self.world not in WORLDS:
+            raise ConfigError(f"--world {self.world}: not a world; the worlds are {', '.join(WORLDS)}")
+        if self.pear_arms and self.pear_arms not in PEAR_ARMS:
+            raise ConfigError(f"--pear-arms {self.pear_arms}: one of {', '.join(PEAR_ARMS)}")
+        arms = self.arm_list()
+        if set(arms) - set(ARMS) or not set(REFERENCES) <= set(arms):
+            raise ConfigError(f"--arms {self.arms}: arms among {', '.join(ARMS)}, no-sft and uniform included")
+        try:
+            self.world_seeds()
+        except ValueError:
+            raise ConfigError(f"--worlds {self.worlds}: comma-separated integers") from None
+
+    def arm_list(self) -> list[str]:
+        return [x.strip() for x in self.arms.split(",") if x.strip()]
+
+    def world_seeds(self) -> list[int]:
+        return [int(x) for x in (self.worlds or ("0" if self.smoke else "0,1,2")).split(",") if x.strip()]
+
+    def kind(self) -> str:
+        """The kind of world: --world, else PEAR_WORLD (read when the experiment starts), else the default."""
+        kind = self.world or os.environ.get("PEAR_WORLD") or ("embedded" if self.smoke else "sft-matters")
+        if kind not in WORLDS:
+            raise ConfigError(f"PEAR_WORLD={kind} is not a world; the worlds are {', '.join(WORLDS)}")
+        return kind
+
+
+def run(cfg: ExperimentConfig) -> Path:
+    """Every stage (each cached), then the report; returns the report's folder."""
     from pipelines.experiment_report import check_complete, markdown, plots
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--world", default=os.environ.get("PEAR_WORLD") or None, choices=list(WORLDS),
-                   help="the kind of world (default: PEAR_WORLD (make's WORLD), else sft-matters; "
-                        "embedded with --smoke)")
-    p.add_argument("--worlds", default=None,
-                   help="world draws (seeds), comma-separated (default 0,1,2; 0 with --smoke)")
-    p.add_argument("--seeds", type=int, default=1, help="SFT and RL seeds per world draw")
-    p.add_argument("--out", default=None, help="run folder (default runs/experiment/<world>, or runs/experiment-smoke)")
-    p.add_argument("--results", default=None, help="report folder (default results/ for sft-matters, "
-                                                    "results/<world>/ for another, the run folder for --smoke)")
-    p.add_argument("--smoke", action="store_true", help="one draw, a few steps: checks that the outputs are complete")
-    p.add_argument("--jobs", type=int, default=2, help="arm-seed chains run at once (each on one CPU thread)")
-    p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated arms among {', '.join(ARMS)} "
-                                                                  "(no-sft and uniform, the references, among them)")
-    p.add_argument("--pear-arms", default=None, choices=["if-sft-matters", "always"],
-                   help="run the arms other than the references only where SFT matters (default), or always "
-                        "(the default with --smoke, whose few steps decide nothing)")
-    a = p.parse_args(argv)
-    arms = [x.strip() for x in a.arms.split(",") if x.strip()]
-    if set(arms) - set(ARMS) or not set(REFERENCES) <= set(arms):
-        p.error(f"--arms {a.arms}: arms among {', '.join(ARMS)}, no-sft and uniform included")
-    kind = a.world or ("embedded" if a.smoke else "sft-matters")
-    try:
-        worlds = [int(x) for x in (a.worlds or ("0" if a.smoke else "0,1,2")).split(",") if x.strip()]
-    except ValueError:
-        p.error(f"--worlds {a.worlds}: comma-separated integers")
-    setup_logging()
+    arms = cfg.arm_list()
+    kind = cfg.kind()
+    worlds = cfg.world_seeds()
     t0 = time.time()
-    seeds = list(range(a.seeds))
-    recipe = SMOKE if a.smoke else RECIPE
-    root = Path(a.out or ("runs/experiment-smoke" if a.smoke else f"runs/experiment/{kind}"))
-    results = Path(a.results or (root if a.smoke else "results" if kind == "sft-matters" else f"results/{kind}"))
+    seeds = list(range(cfg.seeds))
+    recipe = SMOKE if cfg.smoke else RECIPE
+    root = Path(cfg.out or ("runs/experiment-smoke" if cfg.smoke else f"runs/experiment/{kind}"))
+    results = Path(cfg.results or (root if cfg.smoke else "results" if kind == "sft-matters" else f"results/{kind}"))
     console.quiet(root / "experiment.log")
     ks = [int(k) for k in setting(recipe["eval"], "k").split(",")]
 
@@ -408,20 +432,20 @@ def main(argv=None) -> int:
         log.info("world %s seed %d: lr-control at the learning rate x %.4f", kind, d.seed, weights[d.seed])
 
     # 2. the references, then the rule, then the other arms where it holds
-    run_chains(draws, list(REFERENCES), seeds, recipe, weights, a.jobs, t0)
+    run_chains(draws, list(REFERENCES), seeds, recipe, weights, cfg.jobs, t0)
     check = reference_check(draws, seeds, recipe)
     log.info("SFT matters after RL: %s (no-sft minus uniform %.3f [%.3f, %.3f])", check["holds"], check["diff"],
              check["lo"], check["hi"])
-    if not check["holds"] and (a.pear_arms or ("always" if a.smoke else "if-sft-matters")) == "if-sft-matters":
+    if not check["holds"] and (cfg.pear_arms or ("always" if cfg.smoke else "if-sft-matters")) == "if-sft-matters":
         log.info("the other arms are not run: SFT does not matter after RL in this world")
         arms = list(REFERENCES)
-    run_chains(draws, [x for x in arms if x not in REFERENCES], seeds, recipe, weights, a.jobs, t0)
+    run_chains(draws, [x for x in arms if x not in REFERENCES], seeds, recipe, weights, cfg.jobs, t0)
     arms = [x for x in ARMS if x in arms]  # the report's order
 
     # 3. the report
     res = collect(draws, seeds, arms, recipe, ks)
     results.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "make experiment-smoke" if a.smoke else "make experiment", "world": kind,
+    meta = {"command": "make experiment-smoke" if cfg.smoke else "make experiment", "world": kind,
             "world_settings": WORLDS[kind], "seeds": len(seeds), "machine": machine(),
             "minutes": round(wall_minutes(draws), 1), "arms": arms, "date": time.strftime("%Y-%m-%d"),
             "commit": commit(), "samples_per_prompt": int(setting(recipe["eval"], "n")),
@@ -435,8 +459,13 @@ def main(argv=None) -> int:
     (results / "experiment.md").write_text(markdown(report, ks))
     plots(report, ks, results)
     check_complete(results, worlds, seeds, ks)
-    print((results / "experiment.md").read_text(), file=console.out())
-    return 0
+    return results
+
+
+def main(argv=None) -> int:
+    setup_logging()
+    # the report on the terminal is experiment.md itself
+    return cli(ExperimentConfig, argv, __doc__, run, lambda results: (results / "experiment.md").read_text())
 
 
 def world_facts(d: Draw) -> dict:

@@ -1,7 +1,11 @@
-"""One weighting group for every stage: flags, YAML (flat or nested) and checks."""
+"""One weighting group for every stage: flags, YAML (flat or nested) and checks; the flags every
+entry point shares (a bare boolean switch, a flag hidden from --help, an exit code from the result)."""
+import argparse
+from dataclasses import dataclass
+
 import pytest
 
-from common.config import ConfigError, beneath, parse, parse_given
+from common.config import ConfigError, beneath, cli, field, parse, parse_given
 from scorer.config import WeightConfig
 from scorer.job import ScoreConfig
 from scorer.reweight import ReweightConfig
@@ -56,3 +60,51 @@ def test_a_recipe_goes_beneath_the_fields_given():
         beneath(cfg, {"no_such": 1}, given)
     with pytest.raises(ConfigError, match="--max-len"):
         beneath(cfg, {"max_len": "many"}, given)
+
+
+@dataclass
+class Switches:
+    smoke: bool = field(False, "a switch")
+    steps: int = field(3, "a number")
+    child: str = field("", argparse.SUPPRESS)
+
+
+def test_a_boolean_flag_alone_means_true(capsys):
+    assert parse(Switches, []) == Switches(False, 3)
+    assert parse(Switches, ["--smoke"]) == Switches(True, 3)
+    assert parse(Switches, ["--smoke", "--steps", "4"]) == Switches(True, 4)
+    assert parse(Switches, ["--steps", "4", "--smoke"]) == Switches(True, 4)
+    assert parse(Switches, ["--smoke", "false"]).smoke is False and parse(Switches, ["--smoke=no"]).smoke is False
+    with pytest.raises(SystemExit) as e:
+        parse(Switches, ["--smoke", "maybe"])
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == "error: --smoke: expected true/false, got 'maybe'"
+
+
+def test_a_suppressed_flag_works_but_is_not_shown(capsys):
+    assert parse(Switches, ["--child", "{}"]).child == "{}"
+    with pytest.raises(SystemExit):
+        parse(Switches, ["--help"])
+    shown = capsys.readouterr().out
+    assert "--smoke" in shown and "--child" not in shown
+
+
+def test_cli_exit_code_from_the_result():
+    assert cli(Switches, ["--steps", "5"], None, lambda cfg: cfg.steps, lambda n: None) == 0
+    assert cli(Switches, ["--steps", "5"], None, lambda cfg: cfg.steps, lambda n: None, status=lambda n: n) == 5
+
+
+def test_entry_point_choices_are_one_line_errors(capsys):
+    from bench.bench_rl_memory import MemoryBenchConfig
+    from pipelines.experiment import ExperimentConfig
+
+    for cls, flags, words in [(ExperimentConfig, ["--world", "flat"], "--world flat: not a world"),
+                              (ExperimentConfig, ["--smoke", "--pear-arms", "sometimes"],
+                               "--pear-arms sometimes: one of if-sft-matters, always"),
+                              (ExperimentConfig, ["--worlds", "0,a"], "--worlds 0,a: comma-separated integers"),
+                              (MemoryBenchConfig, ["--smoke", "--modes", "all"], "--modes some of")]:
+        with pytest.raises(SystemExit) as e:
+            parse(cls, flags)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and words in err and len(err.strip().splitlines()) == 1
+    cfg = parse(ExperimentConfig, ["--smoke", "--pear-arms", "always", "--arms", "no-sft,uniform"])
+    assert cfg.smoke and cfg.pear_arms == "always" and cfg.arm_list() == ["no-sft", "uniform"]
