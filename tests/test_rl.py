@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from common.config import ConfigError
 from train import checkpoint
-from train.rl import (RLConfig, combine_stat, pack, response_logprobs, rollout_batch, step_prompts,
-                      update_policy)
+from train.rl import (RLConfig, combine_stat, learning_summary, longest_sequence, pack, record_step,
+                      response_logprobs, rollout_batch, start_outputs, step_prompts, update_policy)
 from train.rollout import WORLD_TASK_KWARGS, Sample, prompt_token_ids, reasoning_gym_examples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -246,6 +247,87 @@ def test_a_steps_ratio_max_is_the_largest_over_mini_batches():
         for v in vs:
             got = combine_stat(name, got, v, len(vs))
         assert got == pytest.approx({"ratio_max": 1.5, "ratio_min": 0.7, "loss": 2.0}[name])
+
+
+# ---- the run's steps, alone -----------------------------------------------------------------------
+
+def test_the_summary_reads_the_first_and_last_quarter_of_the_metric_lines():
+    rewards = [0.1, 0.3, 0.4, 0.4, 0.5, 0.6, 0.8, 1.0]
+    steps = [{"step": i + 1, "mean_reward": r, "pass_rate": r / 2, "reward_errors": i % 3}
+             for i, r in enumerate(rewards)]
+    s = learning_summary(steps)  # 8 steps: windows of 2
+    assert list(s) == ["mean_reward_first", "mean_reward_last", "pass_rate_first", "pass_rate_last", "window_steps",
+                       "reward_errors"]  # the order of rl_summary.json
+    assert s == {"mean_reward_first": pytest.approx(0.2), "mean_reward_last": pytest.approx(0.9),
+                 "pass_rate_first": pytest.approx(0.1), "pass_rate_last": pytest.approx(0.45), "window_steps": 2,
+                 "reward_errors": 0 + 1 + 2 + 0 + 1 + 2 + 0 + 1}
+    assert learning_summary(steps * 5)["window_steps"] == 5  # at most 5
+    short = learning_summary(steps[:3])  # under 8 steps: windows of 1
+    assert (short["window_steps"], short["mean_reward_first"], short["mean_reward_last"]) == (1, 0.1, 0.4)
+    assert learning_summary([]) == {"mean_reward_first": None, "mean_reward_last": None, "pass_rate_first": None,
+                                    "pass_rate_last": None, "window_steps": 1, "reward_errors": 0}
+
+
+def test_the_longest_sequence_is_checked_against_the_model_and_the_budget(world):
+    from dataclasses import replace
+
+    from transformers import AutoConfig
+
+    limit = AutoConfig.from_pretrained(world / "target").max_position_embeddings
+    examples = [{"prompt_ids": [3] * 5}, {"prompt_ids": [3] * 9}]
+    cfg = RLConfig(model=str(world / "target"), max_new_tokens=24, micro_batch_tokens=0)
+    assert longest_sequence(cfg, examples) == 9 + 24
+    assert longest_sequence(replace(cfg, micro_batch_tokens=33), examples) == 33  # a budget of just the longest row
+    with pytest.raises(ConfigError, match=r"^micro_batch_tokens 32 is less than the longest sequence \(longest "
+                                          r"prompt \+ max_new_tokens = 33 tokens\); give at least that, or 0"):
+        longest_sequence(replace(cfg, micro_batch_tokens=32), examples)
+    assert longest_sequence(replace(cfg, max_new_tokens=limit - 9), examples) == limit
+    with pytest.raises(ConfigError, match=rf"^longest prompt \+ max_new_tokens = {limit + 1} tokens, over the "
+                                          rf"model's {limit}$"):
+        longest_sequence(replace(cfg, max_new_tokens=limit - 8), examples)
+
+
+def test_step_lines_are_recorded_and_cut_back_on_resume(tmp_path, caplog):
+    """A step's metrics line and reward errors land in their files, the tracker and the bar; a resumed
+    run keeps the lines of the steps its checkpoint holds, a fresh one none."""
+
+    class Seen:  # a tracker and a progress bar that remember their calls
+        def __init__(self):
+            self.calls = []
+
+        def log(self, metrics, step):
+            self.calls.append(("log", step))
+
+        def update(self, n):
+            self.calls.append(("update", n))
+
+        def set_postfix(self, **kw):
+            self.calls.append(("postfix", kw["reward"]))
+
+    examples = [{"prompt": "1+1", "answer": "2", "task": "chain_sum"}, {"prompt": "q", "answer": "a"}]
+    out = tmp_path / "rl"
+    metrics_path, errors_path = start_outputs(out, examples, None)
+    assert metrics_path.read_text() == errors_path.read_text() == ""
+    assert [json.loads(x) for x in (out / "rl_prompts.jsonl").read_text().splitlines()] == [
+        {"prompt": "1+1", "answer": "2", "task": "chain_sum"}, {"prompt": "q", "answer": "a", "task": None}]
+    seen = Seen()
+    for step in (1, 2):
+        metrics = {"step": step, "mean_reward": 0.25 * step, "pass_rate": 0.5, "response_length": 7.0,
+                   "tis_mean": None}
+        errors = [{"prompt": "q", "error": "boom"}] * (step - 1)  # none at step 1, one at step 2
+        record_step(metrics, errors, metrics_path, errors_path, seen, seen)
+    assert seen.calls == [("log", 1), ("update", 1), ("postfix", "0.250"), ("log", 2), ("update", 1),
+                          ("postfix", "0.500")]
+    assert [json.loads(x)["step"] for x in metrics_path.read_text().splitlines()] == [1, 2]
+    rows = [json.loads(x) for x in errors_path.read_text().splitlines()]
+    assert rows == [{"step": 2, "prompt": "q", "error": "boom"}]
+    assert "step 2: 1 rewards raised and count as 0 (first: boom)" in caplog.text
+
+    start_outputs(out, examples, 1)  # resumed at step 1: step 2 runs again
+    assert [json.loads(x)["step"] for x in metrics_path.read_text().splitlines()] == [1]
+    assert errors_path.read_text() == ""
+    start_outputs(out, examples, None)  # afresh
+    assert metrics_path.read_text() == ""
 
 
 # ---- micro-batches: the same step in less memory --------------------------------------------------

@@ -49,7 +49,7 @@ from train.rewards import load_reward, safe_score
 from train.rl_math import (ADVANTAGE_SCALES, AGGREGATIONS, aggregation_normaliser, group_advantages, kl_k3,
                            masked_mean, micro_batches, rl_loss, tis_weights)
 from train.rollout import PromptConfig, RolloutEngine, Sample, prompt_token_ids, resolve_aliases
-from train.tracking import check_report_to, open_tracker
+from train.tracking import Tracker, check_report_to, open_tracker
 
 log = logging.getLogger("pear.rl")
 
@@ -400,26 +400,22 @@ def snapshot_steps(cfg: RLConfig) -> set[int]:
     return steps
 
 
-# ---- the run -----------------------------------------------------------------------------------
+# ---- the run's steps ---------------------------------------------------------------------------
 
-def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
-    """One RL run; returns the summary (also written to out/rl_summary.json).
-    `held`: where the output folder's lock is kept; None: no lock."""
-    from tqdm import tqdm
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    t_start = time.perf_counter()
-    model_ref = resolve_model(cfg.model)  # a folder or hub id; every load below reads its local folder
-    cfg = replace(cfg, model=model_ref.path)
+def trainer_device(cfg: RLConfig) -> torch.device:
+    """The GPU where there is one; on the CPU, `threads` threads and a fixed malloc threshold."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads or max(1, os.cpu_count() or 1))
         keep_malloc_threshold()
-    out = Path(cfg.out)
+    return device
 
-    # 1. inputs, all checked before anything is written
-    tokenizer, examples, reward_fn = check_inputs(cfg)
-    snapshots = snapshot_steps(cfg)
+
+def longest_sequence(cfg: RLConfig, examples: list[dict]) -> int:
+    """The longest prompt + max_new_tokens: the engine's max_model_len. ConfigError when it is over
+    the model's positions or the micro-batch budget (a row that fits no micro-batch)."""
+    from transformers import AutoConfig
+
     max_model_len = max(len(ex["prompt_ids"]) for ex in examples) + cfg.max_new_tokens
     limit = getattr(AutoConfig.from_pretrained(cfg.model), "max_position_embeddings", None)
     if limit and max_model_len > limit:
@@ -428,10 +424,12 @@ def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
         raise ConfigError(f"micro_batch_tokens {cfg.micro_batch_tokens} is less than the longest sequence (longest "
                           f"prompt + max_new_tokens = {max_model_len} tokens); give at least that, or 0 for the "
                           "whole batch in one pass")
-    if held is not None:
-        held.enter_context(locked(out))  # one run per output folder
+    return max_model_len
 
-    # 2. resume from the last checkpoint made with the same settings
+
+def resume_state(cfg: RLConfig, out: Path, examples: list[dict], model_ref) -> tuple[dict, Path | None, dict | None]:
+    """(made_from, the checkpoint to resume from, its state): the last checkpoint made with the same
+    settings; without one (made_from, None, None), the old checkpoints and snapshots cleared."""
     made_from = {k: v for k, v in asdict(cfg).items() if k not in NOT_TRAJECTORY}
     # what the run learns from, by content: the prompt pool and the starting model's weights
     made_from["inputs"] = hashlib.sha256(json.dumps([[ex["prompt"], str(ex.get("answer"))] for ex in examples]).encode()
@@ -439,21 +437,22 @@ def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
     ckpt, state = checkpoint.resume(out, made_from, cfg.overwrite)
     if state is None:
         checkpoint.clear(out)
-    start_step = state["step"] if state else 0
-    source = str(ckpt) if state else cfg.model
-    log.info("%s from %s: %d prompts in the pool, %d steps of %d prompts x %d samples",
-             f"resuming at step {start_step}" if state else "training", source, len(examples), cfg.steps,
-             cfg.prompts_per_step, cfg.samples_per_prompt)
+    return made_from, ckpt, state
 
-    # 3. models, optimizer, engine. The engine starts from the same weights as the trainer; its
-    # seed moves with the start step so that a resumed run does not replay the first samples.
+
+def build_models(cfg: RLConfig, source: str, state: dict | None, device, max_model_len: int, start_step: int):
+    """(policy, reference or None, AdamW, engine): the policy and the engine from `source` (the
+    starting model or the checkpoint), with the optimizer state and RNG of a resumed `state`. The
+    engine's seed moves with the start step so that a resumed run does not replay the first samples."""
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(cfg.seed)
     lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device)
     lm.config.use_cache = False
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref = None
-    if cfg.kl_coef > 0 or cfg.track_kl:
+    if cfg.kl_coef > 0 or cfg.track_kl:  # the reference is always the starting model
         ref = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).to(device).eval()
         ref.requires_grad_(False)
     optimizer = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -462,79 +461,148 @@ def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
     if state:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
-    bf16 = device.type == "cuda"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    return lm, ref, optimizer, engine
 
-    # 4. output files: the prompt pool, and the metric lines of the steps the checkpoint contains
+
+def start_outputs(out: Path, examples: list[dict], resumed_step: int | None) -> tuple[Path, Path]:
+    """(metrics.jsonl, reward_errors.jsonl), holding the lines of the steps a resumed checkpoint
+    contains (none afresh), and rl_prompts.jsonl: the prompt pool."""
     out.mkdir(parents=True, exist_ok=True)
     metrics_path, errors_path = out / "metrics.jsonl", out / "reward_errors.jsonl"
     for path in (metrics_path, errors_path):
-        if state:
-            checkpoint.keep_lines_upto(path, start_step)
+        if resumed_step is not None:
+            checkpoint.keep_lines_upto(path, resumed_step)
         else:
             path.write_text("")
     with open(out / "rl_prompts.jsonl", "w") as f:
         for ex in examples:
             f.write(json.dumps({"prompt": ex["prompt"], "answer": ex["answer"], "task": ex.get("task")}) + "\n")
+    return metrics_path, errors_path
+
+
+def rl_step(cfg: RLConfig, step: int, examples: list[dict], tokenizer, reward_fn, engine, lm, ref, optimizer,
+            device, autocast, errors_path: Path) -> tuple[dict, list[dict]]:
+    """Step `step` (from 0): rollouts, rewards, the policy update. Returns (its metrics line, the
+    rows whose reward raised)."""
+    t0 = time.perf_counter()
+    batch = [examples[i] for i in step_prompts(len(examples), cfg.prompts_per_step, cfg.seed, step)]
+    n = cfg.samples_per_prompt
+
+    # rollouts: n samples per prompt, token ids and the engine's logprobs
+    groups = engine.generate([ex["prompt_ids"] for ex in batch], n, cfg.temperature, cfg.max_new_tokens, cfg.top_p)
+    t_gen = time.perf_counter() - t0
+    samples = [s for g in groups for s in g]  # (B = P * n), grouped by prompt
+    texts = [[tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in g] for g in groups]
+
+    # rewards and group-normalised advantages
+    rewards, errors = score_groups(reward_fn, texts, batch, cfg.reward_timeout, cfg.max_reward_failures,
+                                   errors_path, step + 1)
+    advantages = group_advantages(rewards, cfg.advantage_scale).reshape(-1).to(device)  # (B,)
+
+    # the trainer's view of the same tokens (pi_old, the reference, TIS weights), then one optimizer
+    # step per mini-batch, each accumulated over micro-batches; after each, the engine gets the new weights
+    rb = rollout_batch([ex["prompt_ids"] for ex in batch for _ in range(n)], samples, device)
+    old_lp, ref_lp, tis, losses, grad_norms = update_policy(lm, ref, optimizer, rb, advantages, cfg, autocast,
+                                                            lambda: engine.push_weights(lm))
+    dt = time.perf_counter() - t0
+    metrics = {"step": step + 1,
+               **step_metrics(rewards, rb.response_mask, old_lp, rb.sampling_logprobs, ref_lp, tis, cfg.tis_cap,
+                              cfg.pass_threshold, [s.finished for s in samples], losses, grad_norms, len(errors)),
+               "tokens_per_s": round(int(rb.response_mask.sum()) / dt, 1), "gen_seconds": round(t_gen, 3),
+               "seconds": round(dt, 3)}
+    return metrics, errors
+
+
+def record_step(metrics: dict, errors: list[dict], metrics_path: Path, errors_path: Path, tracker: Tracker,
+                bar) -> None:
+    """A step's metrics line (to metrics.jsonl, the tracker, the progress bar) and the rows whose
+    reward raised (to reward_errors.jsonl, with a warning)."""
+    step = metrics["step"]
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    tracker.log(metrics, step)
+    if errors:
+        log.warning("step %d: %d rewards raised and count as 0 (first: %s); rows in %s", step, len(errors),
+                    errors[0]["error"], errors_path)
+        with open(errors_path, "a") as f:
+            for e in errors:
+                f.write(json.dumps({"step": step, **e}) + "\n")
+    bar.update(1)
+    bar.set_postfix(reward=f"{metrics['mean_reward']:.3f}", pass_=f"{metrics['pass_rate']:.2f}",
+                    len=f"{metrics['response_length']:.0f}", tis=f"{metrics['tis_mean'] or 1:.3f}")
+
+
+def save_step(cfg: RLConfig, out: Path, step: int, lm, optimizer, tokenizer, made_from: dict,
+              snapshots: set[int]) -> None:
+    """What is due after step `step` (from 1): a snapshot (weights only) where asked; a checkpoint
+    (HF folder, optimizer, step, RNG) every `save_every` steps and at the end."""
+    if step in snapshots:
+        checkpoint.snapshot(out, step, lm, tokenizer)
+    if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+        checkpoint.save(out, step, lm, tokenizer, {"step": step, "made_from": made_from,
+                                                   "optimizer": optimizer.state_dict(),
+                                                   "torch_rng": torch.get_rng_state()}, cfg.keep_checkpoints)
+
+
+def learning_summary(steps: list[dict]) -> dict:
+    """What the run's metrics lines say it learned: the mean reward and pass rate over the first and
+    the last few steps (a quarter of the run, 1 to 5 steps), and the rewards that raised."""
+    window = max(1, min(5, len(steps) // 4))
+    mean_of = lambda rows, key: float(np.mean([m[key] for m in rows])) if rows else None  # noqa: E731
+    return {
+        "mean_reward_first": mean_of(steps[:window], "mean_reward"),
+        "mean_reward_last": mean_of(steps[-window:], "mean_reward"),
+        "pass_rate_first": mean_of(steps[:window], "pass_rate"),
+        "pass_rate_last": mean_of(steps[-window:], "pass_rate"),
+        "window_steps": window, "reward_errors": sum(m["reward_errors"] for m in steps),
+    }
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
+    """One RL run; returns the summary (also written to out/rl_summary.json).
+    `held`: where the output folder's lock is kept; None: no lock."""
+    from tqdm import tqdm
+
+    t_start = time.perf_counter()
+    model_ref = resolve_model(cfg.model)  # a folder or hub id; every load below reads its local folder
+    cfg = replace(cfg, model=model_ref.path)
+    device = trainer_device(cfg)
+    out = Path(cfg.out)
+
+    # 1. inputs, all checked before anything is written
+    tokenizer, examples, reward_fn = check_inputs(cfg)
+    snapshots = snapshot_steps(cfg)
+    max_model_len = longest_sequence(cfg, examples)
+    if held is not None:
+        held.enter_context(locked(out))  # one run per output folder
+
+    # 2. resume from the last checkpoint made with the same settings
+    made_from, ckpt, state = resume_state(cfg, out, examples, model_ref)
+    start_step = state["step"] if state else 0
+    source = str(ckpt) if state else cfg.model
+    log.info("%s from %s: %d prompts in the pool, %d steps of %d prompts x %d samples",
+             f"resuming at step {start_step}" if state else "training", source, len(examples), cfg.steps,
+             cfg.prompts_per_step, cfg.samples_per_prompt)
+
+    # 3. models, optimizer, engine; the engine starts from the same weights as the trainer
+    lm, ref, optimizer, engine = build_models(cfg, source, state, device, max_model_len, start_step)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    # 4. outputs: the prompt pool, the metric lines the checkpoint holds, the progress bar, the tracker
+    metrics_path, errors_path = start_outputs(out, examples, start_step if state else None)
     bar = tqdm(total=cfg.steps, initial=start_step, desc="rl", unit="step", disable=not cfg.progress,
                file=console.err())
     tracker = open_tracker(cfg.report_to, out, f"rl {out.name}", asdict(cfg), start_step)
 
-    # 5. the loop
+    # 5. the loop: rollouts, rewards, update; a metrics line; a snapshot or checkpoint where due
     try:
         for step in range(start_step, cfg.steps):
-            t0 = time.perf_counter()
-            batch = [examples[i] for i in step_prompts(len(examples), cfg.prompts_per_step, cfg.seed, step)]
-            n = cfg.samples_per_prompt
-
-            # 5a. rollouts: n samples per prompt, token ids and the engine's logprobs
-            groups = engine.generate([ex["prompt_ids"] for ex in batch], n, cfg.temperature, cfg.max_new_tokens,
-                                     cfg.top_p)
-            t_gen = time.perf_counter() - t0
-            samples = [s for g in groups for s in g]  # (B = P * n), grouped by prompt
-            texts = [[tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in g] for g in groups]
-
-            # 5b. rewards and group-normalised advantages
-            rewards, errors = score_groups(reward_fn, texts, batch, cfg.reward_timeout, cfg.max_reward_failures,
-                                           errors_path, step + 1)
-            advantages = group_advantages(rewards, cfg.advantage_scale).reshape(-1).to(device)  # (B,)
-
-            # 5c-5d. the trainer's view of the same tokens (pi_old, the reference, TIS weights), then
-            # one optimizer step per mini-batch, each accumulated over micro-batches; after each, the
-            # engine gets the new weights
-            rb = rollout_batch([ex["prompt_ids"] for ex in batch for _ in range(n)], samples, device)
-            old_lp, ref_lp, tis, losses, grad_norms = update_policy(lm, ref, optimizer, rb, advantages, cfg, autocast,
-                                                                    lambda: engine.push_weights(lm))
-
-            # 5e. one metrics line
-            dt = time.perf_counter() - t0
-            metrics = {"step": step + 1,
-                       **step_metrics(rewards, rb.response_mask, old_lp, rb.sampling_logprobs, ref_lp, tis, cfg.tis_cap,
-                                      cfg.pass_threshold, [s.finished for s in samples], losses, grad_norms,
-                                      len(errors)),
-                       "tokens_per_s": round(int(rb.response_mask.sum()) / dt, 1), "gen_seconds": round(t_gen, 3),
-                       "seconds": round(dt, 3)}
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            tracker.log(metrics, step + 1)
-            if errors:
-                log.warning("step %d: %d rewards raised and count as 0 (first: %s); rows in %s", step + 1,
-                            len(errors), errors[0]["error"], errors_path)
-                with open(errors_path, "a") as f:
-                    for e in errors:
-                        f.write(json.dumps({"step": step + 1, **e}) + "\n")
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['mean_reward']:.3f}", pass_=f"{metrics['pass_rate']:.2f}",
-                            len=f"{metrics['response_length']:.0f}", tis=f"{metrics['tis_mean'] or 1:.3f}")
-
-            # 5f. a snapshot (weights only) where asked; a checkpoint: HF folder, optimizer, step, RNG
-            if step + 1 in snapshots:
-                checkpoint.snapshot(out, step + 1, lm, tokenizer)
-            if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-                checkpoint.save(out, step + 1, lm, tokenizer, {"step": step + 1, "made_from": made_from,
-                                                               "optimizer": optimizer.state_dict(),
-                                                               "torch_rng": torch.get_rng_state()},
-                                cfg.keep_checkpoints)
+            metrics, errors = rl_step(cfg, step, examples, tokenizer, reward_fn, engine, lm, ref, optimizer, device,
+                                      autocast, errors_path)
+            record_step(metrics, errors, metrics_path, errors_path, tracker, bar)
+            save_step(cfg, out, step + 1, lm, optimizer, tokenizer, made_from, snapshots)
     finally:
         bar.close()
         tracker.close()
@@ -544,16 +612,9 @@ def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
     lm.save_pretrained(out)
     tokenizer.save_pretrained(out)
     steps = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
-    window = max(1, min(5, len(steps) // 4))
-    mean_of = lambda rows, key: float(np.mean([m[key] for m in rows])) if rows else None  # noqa: E731
     summary = {
         "model": str(Path(cfg.model).resolve()), "model_ref": asdict(model_ref), "out": str(out), "steps": cfg.steps,
-        "resumed_from_step": start_step if state else None,
-        "mean_reward_first": mean_of(steps[:window], "mean_reward"),
-        "mean_reward_last": mean_of(steps[-window:], "mean_reward"),
-        "pass_rate_first": mean_of(steps[:window], "pass_rate"),
-        "pass_rate_last": mean_of(steps[-window:], "pass_rate"),
-        "window_steps": window, "reward_errors": sum(m["reward_errors"] for m in steps),
+        "resumed_from_step": start_step if state else None, **learning_summary(steps),
         "prompt_pool": len(examples), "prompt_source": cfg.prompt_set.source(),
         "seconds": round(time.perf_counter() - t_start, 2), "config": asdict(cfg),
     }
