@@ -21,7 +21,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 # after the path above: `python bench/score_cpu.py` runs too
-from common.config import cli, field, setup_logging  # noqa: E402
+from common.config import ConfigError, cli, field, setup_logging  # noqa: E402
 
 
 @dataclass
@@ -30,10 +30,14 @@ class ScoreBenchConfig:
 
     rows: int = field(2048, "corpus rows (the world corpus repeated)")
     out: str = field("", "folder of score_cpu.json; empty: $OUT, else bench/results")
+    ray_backends: tuple[str, ...] = field(("torch", "vllm"), "backends of the whole Ray jobs (one and two actors "
+                                          "each); torch alone halves the benchmark's time")
 
 
 def run(cfg: ScoreBenchConfig) -> str:
     """Every measurement, one line each as it ends; returns the line naming the JSON written."""
+    if not set(cfg.ray_backends) <= {"torch", "vllm"}:
+        raise ConfigError(f"ray_backends {','.join(cfg.ray_backends)}: each is torch or vllm")
     import polars as pl
     from transformers import AutoTokenizer
 
@@ -83,7 +87,7 @@ def run(cfg: ScoreBenchConfig) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "corpus.parquet"
         corpus.write_parquet(data)
-        for backend in ("torch", "vllm"):
+        for backend in cfg.ray_backends:
             for actors in (1, 2):
                 out = Path(tmp) / f"{backend}-{actors}"
                 cmd = [sys.executable, "-m", "scorer.job", "--data", str(data), "--out", str(out),

@@ -28,10 +28,18 @@ ARMS = ("uniform", "pear")
 
 def step(title: str, args: list[str], done: Path) -> None:
     """One stage as a child process (engines and threads start clean), skipped when done."""
-    if done.exists():
-        say(f"== {title}: cached ({done.parent})")
+    steps(title, [(args, done)])
+
+
+def steps(title: str, stages: list[tuple[list[str], Path]]) -> None:
+    """Stages (`module, *args`, the file each leaves when done) one after another in one child
+    process (pipelines.stages: one start-up of Python, torch and vLLM), skipping those done."""
+    todo = [args for args, done in stages if not done.exists()]
+    if not todo:
+        say(f"== {title}: cached ({', '.join(str(done.parent) for _, done in stages)})")
         return
     say(f"== {title}")
+    args = todo[0] if len(todo) == 1 else ["pipelines.stages", json.dumps(todo)]
     subprocess.run([sys.executable, "-m", *args], check=True, **console.child_streams())
 
 
@@ -66,17 +74,20 @@ def run(cfg: DemoConfig) -> int:
     step("sft: uniform and PEAR", ["pipelines.sft", "--scores", str(root / "score"), "--out", str(root / "sft"),
                                    *extra.get("sft", [])],
          root / "sft" / "pear" / "train_summary.json")
-    rows = []
+    sft, rl = ({arm: root / stage / arm for arm in ARMS} for stage in ("sft", "rl"))
+    before, after = ({arm: root / "eval" / f"{when}-{arm}" for arm in ARMS} for when in ("sft", "rl"))
+
+    def evaluate(model: Path, out: Path, *baseline: str) -> tuple[list[str], Path]:
+        return ["pipelines.rl", "eval", "--model", str(model), "--out", str(out), *baseline,
+                *extra.get("eval", [])], out / "eval.json"
+
+    steps("eval before RL: uniform and PEAR", [evaluate(sft[arm], before[arm]) for arm in ARMS])
     for arm in ARMS:
-        sft, rl = root / "sft" / arm, root / "rl" / arm
-        before, after = root / "eval" / f"sft-{arm}", root / "eval" / f"rl-{arm}"
-        step(f"eval {arm} before RL", ["pipelines.rl", "eval", "--model", str(sft), "--out", str(before),
-                                       *extra.get("eval", [])], before / "eval.json")
-        step(f"rl from {arm}", ["pipelines.rl", "rl", "--model", str(sft), "--out", str(rl), *extra.get("rl", [])],
-             rl / "rl_summary.json")
-        step(f"eval {arm} after RL", ["pipelines.rl", "eval", "--model", str(rl), "--out", str(after),
-                                      "--baseline", str(before), *extra.get("eval", [])], after / "eval.json")
-        rows.append((arm, json.loads((after / "eval.json").read_text())))
+        step(f"rl from {arm}", ["pipelines.rl", "rl", "--model", str(sft[arm]), "--out", str(rl[arm]),
+                                *extra.get("rl", [])], rl[arm] / "rl_summary.json")
+    steps("eval after RL: uniform and PEAR",
+          [evaluate(rl[arm], after[arm], "--baseline", str(before[arm])) for arm in ARMS])
+    rows = [(arm, json.loads((after[arm] / "eval.json").read_text())) for arm in ARMS]
 
     say("\n| SFT | prompts | pass@1 before RL | pass@1 after RL | difference [95% paired] | RL raised pass@1 | "
           "pass@8 before | pass@8 after |")

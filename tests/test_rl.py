@@ -138,7 +138,7 @@ def score(completion, example):
 '''
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=55)
 def test_rl_run_killed_then_resumed(world, tmp_path):
     """A real run: killed after its second checkpoint, rerun to the end; every parameter has moved."""
     from transformers import AutoModelForCausalLM
@@ -220,7 +220,7 @@ def test_rl_run_killed_then_resumed(world, tmp_path):
     assert [p.resolve() for p in seen_prompt_sets(snap)] == [(out / "rl_prompts.jsonl").resolve()]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=50)
 def test_embedded_recipe_raises_the_reward(world, tmp_path):
     """RL learns in the embedded world: `make rl`'s recipe from the world's base, a few steps, with the
     0/1 reward. The base mostly guesses and sometimes works the sum out; RL finds the careful way."""
@@ -415,7 +415,7 @@ def test_bad_memory_settings_are_one_line_and_exit_2_before_the_engine(world, tm
     assert e.value.code == 2 and err == "error: --micro-batch-tokens: invalid literal for int() with base 10: '4k'"
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=27)
 def test_the_memory_bench_runs_on_a_tiny_model(tmp_path):
     """`python -m bench.bench_rl_memory --smoke`: each run in its own process, the budget's run in
     several micro-batches, the old behaviour's in one, the peaks in the JSON."""
