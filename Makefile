@@ -181,14 +181,14 @@ bench-gpu: setup
 
 # the embedded world first (cached; built alone, since a test beside its build slows it more than
 # it gains), then the tests in TEST_WORKERS processes (pytest-xdist; 0: all in one process), each
-# with its share of the cores, handed out longest first as each worker gets free (tests/conftest.py);
-# an xdist_group's tests go to one worker. ARGS go to pytest (e.g. ARGS="-k sft").
+# with its share of the cores, a file at a time, the longest first as each worker gets free
+# (tests/conftest.py). ARGS go to pytest (e.g. ARGS="-k sft").
 TEST_WORKERS ?= 2
 test: setup world
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=15 $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 $(ARGS)
 
 test-fast: setup world
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow" $(ARGS)
 
 lint: setup
 	$(PY) -m ruff check scorer train pipelines tests bench

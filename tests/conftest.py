@@ -1,6 +1,8 @@
 """Shared fixtures: the embedded world (built once, cached under artifacts/) and quiet engines."""
 import logging
 import os
+import re
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -10,8 +12,11 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-# the tests run make as a user types it at a shell: not as a sub-make of `make test`, whose
-# command-line variables (ARGS=... for pytest) would reach every make the tests start
+# the tests run make as a user types it at a shell, not as a sub-make of `make test`: make hands its
+# command-line variables (ARGS=... for pytest) to every make below it, in MAKEFLAGS and as variables
+# of the environment
+for name in re.findall(r"(?:^|\s)([A-Za-z_]\w*)=", os.environ.get("MAKEFLAGS", "").partition(" -- ")[2]):
+    os.environ.pop(name, None)
 for name in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES"):
     os.environ.pop(name, None)
 os.environ["PEAR_QUIET"] = "0"  # tests read the stages' output (test_console.py sets 1 for its children)
@@ -26,14 +31,18 @@ if WORKERS > 1:
 
 
 def pytest_collection_modifyitems(items):
-    """The longest tests first: `make test` hands tests to its workers in this order as each gets
-    free (pytest-xdist --dist load), so the long ones start early and the workers end together. A
-    slow test's `seconds` is its rough cost on 2 cores (from `--durations`); the rest keep their order."""
+    """The longest files first: `make test` hands each test file to a worker as it gets free
+    (pytest-xdist --dist loadfile, in this order), so the long ones start early and the workers end
+    together, and a file's module fixtures (a Ray cluster, a scored corpus) are made once. A slow
+    test's `seconds` is its rough cost on 2 cores (from `--durations`); a file's cost, their sum."""
     def cost(item) -> float:
         mark = item.get_closest_marker("slow")
         return 0 if mark is None else mark.kwargs.get("seconds", 1)
 
-    items.sort(key=cost, reverse=True)
+    per_file = defaultdict(float)
+    for item in items:
+        per_file[item.path] += cost(item)
+    items.sort(key=lambda item: (-per_file[item.path], str(item.path)))  # stable: a file keeps its order
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,7 @@
-"""Beyond one machine: a Ray cluster of two nodes (started here), a scoring actor and a node killed
-mid-job, and SFT as two torchrun nodes reading shards from object storage (the S3 server of
-test_object_storage)."""
+"""Beyond one machine: a Ray cluster of two nodes (started here), and a node of it lost mid-job.
+(A scoring actor killed mid-job: test_lost_actor.py; SFT as two torchrun nodes: test_sft.py.)"""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +11,7 @@ import pytest
 
 from scorer.job import default_actors
 from scorer.shards import list_shards, read_meta
-from test_object_storage import ROWS, free_port, local_run, rows_of, s3, same_rows, upload  # noqa: F401 (fixtures)
+from test_object_storage import ROWS, local_run, rows_of, s3, same_rows, upload  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +52,6 @@ def job_env(**kw) -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **kw}
 
 
-@pytest.mark.xdist_group("ray-cluster")  # one worker: the module's cluster and reference once
 @pytest.mark.slow(seconds=70)
 @pytest.mark.timeout(400)
 def test_two_nodes_score_what_the_local_executor_scores(world, s3, local_run, cluster, tmp_path):
@@ -114,44 +111,6 @@ def reference(world, local_run, tmp_path_factory) -> tuple[Path, Path]:
     return data, ref
 
 
-@pytest.mark.xdist_group("ray-cluster")  # one worker: the module's cluster and reference once
-@pytest.mark.slow(seconds=50)
-@pytest.mark.timeout(400)
-def test_a_scoring_actor_killed_mid_job_is_replaced(world, reference, tmp_path):
-    import psutil
-
-    data, ref = reference
-    out = tmp_path / "out"
-    env = job_env()
-    env.pop("RAY_ADDRESS", None)  # a local Ray instance, started by the job
-    proc = subprocess.Popen(job_cmd(world, data, out, "--rows-per-shard", "2", "--cpus-per-actor", "0.5"),
-                            cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        def actor():
-            for p in psutil.Process(proc.pid).children(recursive=True):
-                try:
-                    if "ShardScorer" in " ".join(p.cmdline()):
-                        return p
-                except psutil.Error:
-                    pass
-            return None
-
-        wait_for(lambda: out.is_dir() and shard_count(out) >= 1, 240)
-        victim = wait_for(actor, 30)
-        killed_at = time.time()
-        victim.send_signal(signal.SIGKILL)
-        _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, err[-3000:]
-    # the job went on after the kill: shards were written later, by the actor that took its place
-    assert any(p.stat().st_mtime > killed_at for p in out.glob("*.parquet"))
-    check_whole(out, ref, ROWS // 2)
-
-
-@pytest.mark.xdist_group("ray-cluster")  # one worker: the module's cluster and reference once
 @pytest.mark.slow(seconds=80)
 @pytest.mark.timeout(400)
 def test_a_node_lost_mid_job_is_survived(world, reference, cluster, tmp_path):
@@ -174,44 +133,3 @@ def test_a_node_lost_mid_job_is_survived(world, reference, cluster, tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert any(p.stat().st_mtime > killed_at for p in out.glob("*.parquet"))
     check_whole(out, ref, ROWS // 2)
-
-
-# ---- SFT on two nodes ------------------------------------------------------------------------
-
-@pytest.mark.slow(seconds=25)
-@pytest.mark.timeout(400)
-def test_two_torchrun_nodes_on_shards_in_a_bucket_match_one_process(scores, s3, tmp_path):
-    import pyarrow.fs as pafs
-    from test_sft import cfg_for, metrics, params_of
-    from torch.testing import assert_close
-
-    from train.sft import train
-
-    bucket = s3()
-    uri = f"{bucket}/scores"
-    pafs.copy_files(str(scores), uri)
-    budget, per_step = 384, 5
-    common = dict(weighting="pear", micro_batches=per_step, epochs=2, token_budget=budget)
-    one = train(cfg_for(uri, tmp_path / "one", **common))
-
-    # two nodes of one process each: torchrun's static rendezvous, node ranks 0 and 1, over gloo
-    port = free_port()
-    base = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-            "--master-addr", "127.0.0.1", "--master-port", str(port)]
-    args = ["-m", "train.sft", "--scores", uri, "--out", str(tmp_path / "two"), "--lr", "2e-3", "--token-budget",
-            str(budget), "--heldout-fraction", "0.1", "--warmup-ratio", "0.1", "--progress", "false", "--threads", "1",
-            "--save-every", "0", "--weighting", "pear", "--micro-batches", str(per_step), "--epochs", "2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    nodes = [subprocess.Popen(base + ["--node-rank", str(r)] + args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
-    logs = [n.communicate(timeout=300)[0] for n in nodes]
-    assert [n.returncode for n in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
-    two = json.loads((tmp_path / "two" / "train_summary.json").read_text())
-    assert two["world_size"] == 2 and two["steps"] == one["steps"]
-    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
-        assert a["response_tokens"] == b["response_tokens"]
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    p1, p2 = params_of(tmp_path / "one"), params_of(tmp_path / "two")
-    for k in p1:
-        assert_close(p1[k], p2[k], rtol=1e-4, atol=1e-5)

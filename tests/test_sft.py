@@ -20,6 +20,8 @@ from train.data import collate, is_heldout, load_rows, plan_epoch, split_heldout
 from train.loss import token_weights
 from train.sft import SFTConfig, train
 
+from test_object_storage import free_port, s3  # noqa: F401 (the S3 server, a fixture)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -365,3 +367,40 @@ def test_build_model_starts_from_the_model_or_from_a_checkpoint(world, tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
     assert torch.equal(torch.get_rng_state(), rng)
     assert_close(optimizer2.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+
+
+# ---- SFT on two nodes ------------------------------------------------------------------------
+
+@pytest.mark.slow(seconds=25)
+@pytest.mark.timeout(400)
+def test_two_torchrun_nodes_on_shards_in_a_bucket_match_one_process(scores, s3, tmp_path):
+    import pyarrow.fs as pafs
+
+    bucket = s3()
+    uri = f"{bucket}/scores"
+    pafs.copy_files(str(scores), uri)
+    budget, per_step = 384, 5
+    common = dict(weighting="pear", micro_batches=per_step, epochs=2, token_budget=budget)
+    one = train(cfg_for(uri, tmp_path / "one", **common))
+
+    # two nodes of one process each: torchrun's static rendezvous, node ranks 0 and 1, over gloo
+    port = free_port()
+    base = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+            "--master-addr", "127.0.0.1", "--master-port", str(port)]
+    args = ["-m", "train.sft", "--scores", uri, "--out", str(tmp_path / "two"), "--lr", "2e-3", "--token-budget",
+            str(budget), "--heldout-fraction", "0.1", "--warmup-ratio", "0.1", "--progress", "false", "--threads", "1",
+            "--save-every", "0", "--weighting", "pear", "--micro-batches", str(per_step), "--epochs", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    nodes = [subprocess.Popen(base + ["--node-rank", str(r)] + args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    logs = [n.communicate(timeout=300)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    two = json.loads((tmp_path / "two" / "train_summary.json").read_text())
+    assert two["world_size"] == 2 and two["steps"] == one["steps"]
+    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
+        assert a["response_tokens"] == b["response_tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    p1, p2 = params_of(tmp_path / "one"), params_of(tmp_path / "two")
+    for k in p1:
+        assert_close(p1[k], p2[k], rtol=1e-4, atol=1e-5)
