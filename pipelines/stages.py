@@ -2,10 +2,10 @@
 
     python -m pipelines.stages '[["train.eval", "--model", "A", "--out", "a"], ["train.eval", ...]]'
 
-The experiment evaluates each arm's model before and after RL this way: one Python, torch and
-vLLM start-up instead of two. Each stage still builds its own engine from its own seed, so its
-samples are those it draws in a process of its own. Stops at the first stage that fails, with its
-exit code.
+The experiment evaluates each arm's models this way, and the demo both arms' models before RL,
+then after RL: one Python, torch and vLLM start-up instead of one each. Each stage still builds
+its own engine from its own seed, so its samples are those it draws in a process of its own.
+Stops at the first stage that fails, with its exit code.
 """
 from __future__ import annotations
 
