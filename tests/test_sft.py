@@ -222,6 +222,14 @@ def test_killed_run_resumes_to_the_same_final_loss(scores, tmp_path, train_kille
 
 # ---- two ranks -------------------------------------------------------------------------------
 
+def two_rank_sft(scores, out, budget: int, per_step: int) -> list[str]:
+    """`-m train.sft` and the flags of the one-process run the two-rank tests compare against
+    (cfg_for with `weighting=pear, micro_batches=per_step, epochs=2, token_budget=budget`)."""
+    return ["-m", "train.sft", "--scores", str(scores), "--out", str(out), "--lr", "2e-3", "--token-budget",
+            str(budget), "--heldout-fraction", "0.1", "--warmup-ratio", "0.1", "--progress", "false", "--threads",
+            "1", "--save-every", "0", "--weighting", "pear", "--micro-batches", str(per_step), "--epochs", "2"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_two_ranks_over_gloo_match_one_rank(scores, tmp_path, fsdp):
@@ -238,11 +246,8 @@ def test_two_ranks_over_gloo_match_one_rank(scores, tmp_path, fsdp):
     one = train(cfg_for(scores, tmp_path / "one", **common))
     assert one["steps"] == 2 * len(steps_of(n_micro, per_step))
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "train.sft",
-           "--scores", str(scores), "--out", str(tmp_path / "two"), "--lr", "2e-3", "--token-budget", str(budget),
-           "--heldout-fraction", "0.1", "--warmup-ratio", "0.1", "--progress", "false", "--threads", "1",
-           "--save-every", "0", "--weighting", "pear", "--micro-batches", str(per_step), "--epochs", "2",
-           "--fsdp", str(fsdp)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           *two_rank_sft(scores, tmp_path / "two", budget, per_step), "--fsdp", str(fsdp)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -387,9 +392,7 @@ def test_two_torchrun_nodes_on_shards_in_a_bucket_match_one_process(scores, s3, 
     port = free_port()
     base = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
             "--master-addr", "127.0.0.1", "--master-port", str(port)]
-    args = ["-m", "train.sft", "--scores", uri, "--out", str(tmp_path / "two"), "--lr", "2e-3", "--token-budget",
-            str(budget), "--heldout-fraction", "0.1", "--warmup-ratio", "0.1", "--progress", "false", "--threads", "1",
-            "--save-every", "0", "--weighting", "pear", "--micro-batches", str(per_step), "--epochs", "2"]
+    args = two_rank_sft(uri, tmp_path / "two", budget, per_step)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     nodes = [subprocess.Popen(base + ["--node-rank", str(r)] + args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
