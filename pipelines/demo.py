@@ -26,21 +26,21 @@ from pipelines import score
 ARMS = ("uniform", "pear")
 
 
-def step(title: str, args: list[str], done: Path) -> None:
-    """One stage as a child process (engines and threads start clean), skipped when done."""
-    steps(title, [(args, done)])
-
-
-def steps(title: str, stages: list[tuple[list[str], Path]]) -> None:
-    """Stages (`module, *args`, the file each leaves when done) one after another in one child
-    process (pipelines.stages: one start-up of Python, torch and vLLM), skipping those done."""
-    todo = [args for args, done in stages if not done.exists()]
-    if not todo:
-        say(f"== {title}: cached ({', '.join(str(done.parent) for _, done in stages)})")
-        return
-    say(f"== {title}")
-    args = todo[0] if len(todo) == 1 else ["pipelines.stages", json.dumps(todo)]
-    subprocess.run([sys.executable, "-m", *args], check=True, **console.child_streams())
+def stages(plan: list[tuple[str, list[tuple[list[str], Path]]]]) -> None:
+    """Each (title, stages) of the plan, the stages (`module, *args`, the file each leaves when done)
+    all in one child process (pipelines.stages: one start-up of Python, torch and vLLM, and engines
+    and threads that start clean), skipping those done."""
+    items: list = []
+    for title, group in plan:
+        todo = [args for args, done in group if not done.exists()]
+        items += [f"== {title}", *todo] if todo else \
+            [f"== {title}: cached ({', '.join(str(done.parent) for _, done in group)})"]
+    if any(isinstance(item, list) for item in items):
+        subprocess.run([sys.executable, "-m", "pipelines.stages", json.dumps(items)], check=True,
+                       **console.child_streams())
+    else:
+        for line in items:
+            say(line)
 
 
 def say(text: str = "") -> None:
@@ -71,9 +71,6 @@ def run(cfg: DemoConfig) -> int:
     rc = score.main(["--out", str(root / "score"), *extra.get("score", [])])
     if rc:
         return rc
-    step("sft: uniform and PEAR", ["pipelines.sft", "--scores", str(root / "score"), "--out", str(root / "sft"),
-                                   *extra.get("sft", [])],
-         root / "sft" / "pear" / "train_summary.json")
     sft, rl = ({arm: root / stage / arm for arm in ARMS} for stage in ("sft", "rl"))
     before, after = ({arm: root / "eval" / f"{when}-{arm}" for arm in ARMS} for when in ("sft", "rl"))
 
@@ -81,12 +78,15 @@ def run(cfg: DemoConfig) -> int:
         return ["pipelines.rl", "eval", "--model", str(model), "--out", str(out), *baseline,
                 *extra.get("eval", [])], out / "eval.json"
 
-    steps("eval before RL: uniform and PEAR", [evaluate(sft[arm], before[arm]) for arm in ARMS])
-    for arm in ARMS:
-        step(f"rl from {arm}", ["pipelines.rl", "rl", "--model", str(sft[arm]), "--out", str(rl[arm]),
-                                *extra.get("rl", [])], rl[arm] / "rl_summary.json")
-    steps("eval after RL: uniform and PEAR",
-          [evaluate(rl[arm], after[arm], "--baseline", str(before[arm])) for arm in ARMS])
+    stages([
+        ("sft: uniform and PEAR", [(["pipelines.sft", "--scores", str(root / "score"), "--out", str(root / "sft"),
+                                     *extra.get("sft", [])], root / "sft" / "pear" / "train_summary.json")]),
+        ("eval before RL: uniform and PEAR", [evaluate(sft[arm], before[arm]) for arm in ARMS]),
+        *((f"rl from {arm}", [(["pipelines.rl", "rl", "--model", str(sft[arm]), "--out", str(rl[arm]),
+                                *extra.get("rl", [])], rl[arm] / "rl_summary.json")]) for arm in ARMS),
+        ("eval after RL: uniform and PEAR",
+         [evaluate(rl[arm], after[arm], "--baseline", str(before[arm])) for arm in ARMS]),
+    ])
     rows = [(arm, json.loads((after[arm] / "eval.json").read_text())) for arm in ARMS]
 
     say("\n| SFT | prompts | pass@1 before RL | pass@1 after RL | difference [95% paired] | RL raised pass@1 | "
