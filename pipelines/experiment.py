@@ -129,19 +129,21 @@ def shown(args: list[str]) -> list[str]:
     return [str(Path(a).relative_to(RECIPES.parent)) if a.startswith(str(RECIPES)) else a for a in args]
 
 
-def stage(cmds: list[list[str]], done: Path, log_file: Path, env: dict) -> None:
-    """Run a stage's commands (`module, *args`; several share one process) unless `done` exists;
-    their output goes to a log file beside the result."""
-    if done.exists():
+def stages(todo: list[tuple[list[str], Path]], log_file: Path, env: dict) -> None:
+    """Run the stages (`module, *args`, the file each leaves when done) not yet done, all in one process
+    (pipelines.stages); their output goes to `log_file`."""
+    cmds = [cmd for cmd, done in todo if not done.exists()]
+    if not cmds:
         return
     log_file.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    args = ["-m", *cmds[0]] if len(cmds) == 1 else ["-m", "pipelines.stages", json.dumps(cmds)]
-    with open(log_file, "w") as f:
-        rc = subprocess.run([sys.executable, *args], stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-    if rc != 0 or not done.exists():
-        raise RuntimeError(f"stage failed (exit {rc}): {' ; '.join(map(' '.join, cmds))}; see {log_file}")
-    log.info("%s done in %.0fs", done.parent, time.time() - t0)
+    with open(log_file, "a") as f:
+        rc = subprocess.run([sys.executable, "-m", "pipelines.stages", json.dumps(cmds)], stdout=f,
+                            stderr=subprocess.STDOUT, env=env).returncode
+    missing = [cmd for cmd, done in todo if not done.exists()]
+    if rc != 0 or missing:
+        raise RuntimeError(f"stage failed (exit {rc}): {' '.join(missing[0] if missing else cmds[-1])}; see {log_file}")
+    log.info("%s done in %.0fs", log_file.parent, time.time() - t0)
 
 
 def sft_flags(arm: str, recipe: list[str], matched_weight: float) -> list[str]:
@@ -171,26 +173,25 @@ class Draw:
 
     def run_arm(self, arm: str, seed: int, recipe: dict, matched_weight: float, env: dict) -> None:
         """SFT (unless no-sft) -> RL with snapshots -> evaluation of the SFT model, each snapshot and the
-        RL model, on the same held-out prompts, in one process."""
+        RL model, on the same held-out prompts, in one process (run.log beside them)."""
         d = self.root / arm / f"seed{seed}"
         s, env = ["--seed", str(seed)], {**env, **self.env}
         start = str(self.world / "target") if ARMS[arm] is None else str(d / "sft")
-        if ARMS[arm] is not None:
-            stage([["train.sft", "--scores", str(self.scores), "--out", start, "--progress", "false",
-                    *sft_flags(arm, recipe["sft"], matched_weight), *s]], d / "sft" / "train_summary.json",
-                  d / "sft.log", env)
-        stage([["train.rl", "--model", start, "--out", str(d / "rl"), "--progress", "false", *recipe["rl"], *s]],
-              d / "rl" / "rl_summary.json", d / "rl.log", env)
+        todo = [] if ARMS[arm] is None else [
+            (["train.sft", "--scores", str(self.scores), "--out", start, "--progress", "false",
+              *sft_flags(arm, recipe["sft"], matched_weight), *s], d / "sft" / "train_summary.json")]
+        todo.append((["train.rl", "--model", start, "--out", str(d / "rl"), "--progress", "false", *recipe["rl"], *s],
+                     d / "rl" / "rl_summary.json"))
         steps = curve_steps(recipe)
         ev = recipe["eval"] + ["--exclude", str(self.world / "corpus-unfiltered.parquet"), *s]
         models = {0: start, steps[-1]: str(d / "rl")}
-        cmds = []
         for step in steps:
             model = models.get(step, str(d / "rl" / "snapshots" / f"step-{step:06d}"))
             extra = (["--baseline", str(eval_dir(d, 0, steps[-1]))] if step == steps[-1]
                      else recipe["curve_eval"] if step else [])
-            cmds.append(["train.eval", "--model", model, "--out", str(eval_dir(d, step, steps[-1])), *ev, *extra])
-        stage(cmds, eval_dir(d, steps[-1], steps[-1]) / "eval.json", d / "eval.log", env)
+            out = eval_dir(d, step, steps[-1])
+            todo.append((["train.eval", "--model", model, "--out", str(out), *ev, *extra], out / "eval.json"))
+        stages(todo, d / "run.log", env)
 
 
 def mean_stored_weight(scores: Path, variant: str = "token") -> float:

@@ -128,18 +128,29 @@ def test_incomplete_report_names_what_is_missing(tmp_path):
     assert "worlds [0] instead of [0, 1]" in str(e.value) and "sft_matters incomplete" in str(e.value)
 
 
-def test_stages_run_in_order_and_stop_at_the_first_failure(tmp_path, monkeypatch):
+def test_stages_run_in_order_and_stop_at_the_first_failure(tmp_path, monkeypatch, capsys):
+    import torch
+
     from pipelines.stages import main
 
     (tmp_path / "fake_stage.py").write_text(
+        "import torch\n"
         "def main(argv):\n"
         "    with open(__file__ + '.calls', 'a') as f:\n"
-        "        f.write(argv[1] + '\\n')\n"
+        "        f.write(f'{argv[1]}:{torch.get_num_threads()}\\n')\n"
+        "    torch.set_num_threads(1)  # as a stage with --threads 1 does\n"
         "    return int(argv[0])\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     calls = tmp_path / "fake_stage.py.calls"
-    assert main([json.dumps([["fake_stage", "0", "a"], ["fake_stage", "0", "b"]])]) == 0
-    assert calls.read_text().split() == ["a", "b"]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main([json.dumps(["== first", ["fake_stage", "0", "a"], "== second", ["fake_stage", "0", "b"]])]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    # each stage starts with the threads the process started with, as in a process of its own
+    assert calls.read_text().split() == ["a:2", "b:2"]
+    assert capsys.readouterr().out.splitlines() == ["== first", "== second"]
     calls.unlink()
     assert main([json.dumps([["fake_stage", "0", "a"], ["fake_stage", "3", "b"], ["fake_stage", "0", "c"]])]) == 3
-    assert calls.read_text().split() == ["a", "b"]
+    assert [c.split(":")[0] for c in calls.read_text().split()] == ["a", "b"]
