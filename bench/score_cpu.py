@@ -30,14 +30,18 @@ class ScoreBenchConfig:
 
     rows: int = field(2048, "corpus rows (the world corpus repeated)")
     out: str = field("", "folder of score_cpu.json; empty: $OUT, else bench/results")
-    ray_backends: tuple[str, ...] = field(("torch", "vllm"), "backends of the whole Ray jobs (one and two actors "
-                                          "each); torch alone halves the benchmark's time")
+    ray_backends: tuple[str, ...] = field(("torch", "vllm"), "backends of the whole Ray jobs; torch alone halves "
+                                          "the benchmark's time")
+    ray_actors: tuple[int, ...] = field((1, 2), "actor counts of the whole Ray jobs, each backend (the speed-up line "
+                                        "needs 1 and 2)")
 
 
 def run(cfg: ScoreBenchConfig) -> str:
     """Every measurement, one line each as it ends; returns the line naming the JSON written."""
     if not set(cfg.ray_backends) <= {"torch", "vllm"}:
         raise ConfigError(f"ray_backends {','.join(cfg.ray_backends)}: each is torch or vllm")
+    if not cfg.ray_actors or min(cfg.ray_actors) < 1:
+        raise ConfigError(f"ray_actors {','.join(map(str, cfg.ray_actors))}: one or more counts of at least 1")
     import polars as pl
     from transformers import AutoTokenizer
 
@@ -88,7 +92,7 @@ def run(cfg: ScoreBenchConfig) -> str:
         data = Path(tmp) / "corpus.parquet"
         corpus.write_parquet(data)
         for backend in cfg.ray_backends:
-            for actors in (1, 2):
+            for actors in cfg.ray_actors:
                 out = Path(tmp) / f"{backend}-{actors}"
                 cmd = [sys.executable, "-m", "scorer.job", "--data", str(data), "--out", str(out),
                        "--target", str(world / "target"), "--behavior", str(world / "behavior"),
@@ -102,7 +106,7 @@ def run(cfg: ScoreBenchConfig) -> str:
                                  "wall_tokens_per_s": round(s["tokens_scored_now"] / wall)}
                 base = f"ray_{backend}_1_actor"
                 ratio = (f"  wall ratio 2 actors / 1 actor: {results[base]['wall_s'] / wall:.2f}x faster"
-                         if actors == 2 else "")
+                         if actors == 2 and base in results else "")
                 say(f"{name}: wall {wall:.1f}s for {len(ids)} rows "
                     f"({s['tokens_scored_now'] / wall:,.0f} tokens/s end to end){ratio}")
     out = Path(cfg.out or os.environ.get("OUT") or ROOT / "bench" / "results")

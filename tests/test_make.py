@@ -150,8 +150,9 @@ def test_the_benchmarks_run_at_their_smallest(world, small_corpus, tmp_path):
     run(ScoreConfig(data=str(small_corpus), out=str(s), target=str(world / "target"), backend="torch",
                     executor="local"), progress=False)
     env = {"OUT": str(tmp_path / "results")}
-    # the whole Ray jobs of the torch backend only: the vLLM ones are the same code path, twice as long
-    out = ok(make("bench", "ROWS=64", f"SCORES={s}", "STEPS=2", "ARGS=--ray-backends torch", env=env, timeout=1200),
+    # one whole Ray job, of the torch backend with two actors: the others are the same code path
+    out = ok(make("bench", "ROWS=64", f"SCORES={s}", "STEPS=2", "ARGS=--ray-backends torch --ray-actors 2", env=env,
+                  timeout=1200),
              r"^PEAR/uniform step time: \d")
     assert re.search(r"^vllm: [\d,]+ tokens/s .* ratio vs torch: \d", out, re.M)
     assert re.search(r"^ray_torch_2_actor: wall", out, re.M)
