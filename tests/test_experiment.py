@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow(seconds=150)
+@pytest.mark.slow(seconds=100)
 def test_experiment_smoke_writes_a_complete_report(world, tmp_path):
     """Three arms: the two references and the stored PEAR weights; the other arms differ only in SFT
     flags (test_lr_control_scales_the_recipe_learning_rate; pear-live in test_sft.py)."""

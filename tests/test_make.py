@@ -115,7 +115,7 @@ def ok(r: subprocess.CompletedProcess, line: str) -> str:
     return r.stdout + r.stderr  # what the terminal shows
 
 
-@pytest.mark.slow(seconds=90)
+@pytest.mark.slow(seconds=70)
 def test_the_stage_targets_run_as_documented(world, small_corpus, tmp_path):
     s, sft, rl = tmp_path / "scores", tmp_path / "sft", tmp_path / "rl"
     ok(make("score", f"DATA={small_corpus}", f"TARGET={world / 'target'}", f"OUT={s}", "EXECUTOR=local",
@@ -133,14 +133,14 @@ def test_the_stage_targets_run_as_documented(world, small_corpus, tmp_path):
     ok(make("lint", timeout=300), r"^All checks passed!")
 
 
-@pytest.mark.slow(seconds=120)
+@pytest.mark.slow(seconds=50)
 def test_demo_runs_at_smoke_size(world, tmp_path):
     out = ok(make("demo", f"OUT={tmp_path}", "ARGS=--smoke", timeout=1200), r"^== demo done in \d+s")
     assert re.search(r"^\| uniform \| \d+ \| [01]\.\d{3} \| [01]\.\d{3} \|", out, re.M)
     assert re.search(r"^\| pear \| \d+ \|", out, re.M)
 
 
-@pytest.mark.slow(seconds=115)
+@pytest.mark.slow(seconds=100)
 def test_the_benchmarks_run_at_their_smallest(world, small_corpus, tmp_path):
     """Their result lines reach the terminal through the quiet console, and nothing else of theirs
     does; the JSON goes to $OUT (not bench/results/)."""

@@ -29,7 +29,7 @@ def readme_run() -> tuple[dict[str, str], list[str]]:
     return files, commands
 
 
-@pytest.mark.slow(seconds=140)
+@pytest.mark.slow(seconds=95)
 def test_the_readme_own_data_run_works_as_written(world, tmp_path):
     files, commands = readme_run()
     assert [c.split()[1] for c in commands] == ["score", "inspect", "sft", "eval", "rl", "eval"]

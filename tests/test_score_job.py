@@ -169,7 +169,7 @@ def test_bad_paths_and_tokenizers_exit_2_and_write_nothing(world, mixed_corpus, 
     assert not out.exists()
 
 
-@pytest.mark.slow(seconds=120)
+@pytest.mark.slow(seconds=90)
 def test_killed_ray_run_resumes_to_the_same_rows(world, tmp_path):
     data = tmp_path / "corpus.parquet"
     world_rows(world, 256).write_parquet(data)
