@@ -60,8 +60,11 @@ def test_two_nodes_score_what_the_local_executor_scores(world, s3, local_run, cl
     data, out = f"{bucket}/c.parquet", f"{bucket}/scores"
     upload(corpus, data)
     # unchanged but for RAY_ADDRESS; --actors not given: one per node (no GPU here)
+    # the pool starts scoring once both actors are up (Ray Data's default starts with the first ready
+    # one, which on a busy machine can score every unit before the other is ready)
     proc = subprocess.run(job_cmd(world, data, out, "--rows-per-shard", "4"), cwd=tmp_path, timeout=300,
-                          env=job_env(RAY_ADDRESS=cluster.address), capture_output=True, text=True)
+                          env=job_env(RAY_ADDRESS=cluster.address, RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S="240"),
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "actors=2" in proc.stderr and "tok_s=" in proc.stderr  # the progress line
     nodes = {read_meta(p)["made_on"]["ray_node"] for p in list_shards(out)}
