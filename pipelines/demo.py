@@ -22,6 +22,7 @@ from pathlib import Path
 from common import console
 from common.config import cli, field, setup_logging
 from pipelines import score
+from pipelines.stages import command as stages_command
 
 ARMS = ("uniform", "pear")
 
@@ -36,8 +37,7 @@ def stages(plan: list[tuple[str, list[tuple[list[str], Path]]]]) -> None:
         items += [f"== {title}", *todo] if todo else \
             [f"== {title}: cached ({', '.join(str(done.parent) for _, done in group)})"]
     if any(isinstance(item, list) for item in items):
-        subprocess.run([sys.executable, "-m", "pipelines.stages", json.dumps(items)], check=True,
-                       **console.child_streams())
+        subprocess.run(stages_command(items), check=True, **console.child_streams())
     else:
         for line in items:
             say(line)

@@ -46,6 +46,7 @@ from common import console
 from common.config import ConfigError, cli, field, setup_logging
 from pipelines.experiment_stats import area_under_curve, estimate, sft_matters
 from pipelines.recipes import RECIPES, STAGES, embedded_config, recipe_file, recipe_settings
+from pipelines.stages import command as stages_command
 from pipelines.world import WORLDS, build, world_config, world_dir
 from train.eval import per_prompt_metrics, read_eval
 
@@ -138,8 +139,7 @@ def stages(todo: list[tuple[list[str], Path]], log_file: Path, env: dict) -> Non
     log_file.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(log_file, "a") as f:
-        rc = subprocess.run([sys.executable, "-m", "pipelines.stages", json.dumps(cmds)], stdout=f,
-                            stderr=subprocess.STDOUT, env=env).returncode
+        rc = subprocess.run(stages_command(cmds), stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     missing = [cmd for cmd, done in todo if not done.exists()]
     if rc != 0 or missing:
         raise RuntimeError(f"stage failed (exit {rc}): {' '.join(missing[0] if missing else cmds[-1])}; see {log_file}")

@@ -19,6 +19,11 @@ from common import console
 from common.config import setup_logging
 
 
+def command(items: list) -> list[str]:
+    """The command line of a child process that runs `items` (titles and stages) one after another."""
+    return [sys.executable, "-m", "pipelines.stages", json.dumps(items)]
+
+
 def main(argv=None) -> int:
     import torch
 
