@@ -230,6 +230,24 @@ def two_rank_sft(scores, out, budget: int, per_step: int) -> list[str]:
             "1", "--save-every", "0", "--weighting", "pear", "--micro-batches", str(per_step), "--epochs", "2"]
 
 
+def assert_two_ranks_match_one(tmp_path, one: dict, also: tuple[str, ...] = ()) -> dict:
+    """The two-rank run in tmp_path/two took the one-process run's steps (tmp_path/one, summary `one`):
+    the same tokens, loss, gradient norm (and the metrics `also`) per step and the same weights.
+    Returns the two-rank summary."""
+    two = json.loads((tmp_path / "two" / "train_summary.json").read_text())
+    assert two["world_size"] == 2 and two["steps"] == one["steps"]
+    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
+        assert a["response_tokens"] == b["response_tokens"]
+        for name in ("loss", *also):
+            assert a[name] == pytest.approx(b[name], rel=1e-5), name
+        # the summed (not averaged) gradient: Adam hides a gradient scale, the norm does not
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    p1, p2 = params_of(tmp_path / "one"), params_of(tmp_path / "two")
+    for k in p1:
+        assert_close(p1[k], p2[k], rtol=1e-4, atol=1e-5)
+    return two
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_two_ranks_over_gloo_match_one_rank(scores, tmp_path, fsdp):
@@ -251,19 +269,8 @@ def test_two_ranks_over_gloo_match_one_rank(scores, tmp_path, fsdp):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    two = json.loads((tmp_path / "two" / "train_summary.json").read_text())
-    assert two["world_size"] == 2 and two["steps"] == one["steps"]
-    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
-        assert a["response_tokens"] == b["response_tokens"]
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-        assert a["weighted_loss"] == pytest.approx(b["weighted_loss"], rel=1e-5)
-        assert a["ess"] == pytest.approx(b["ess"], rel=1e-5)
-        # the summed (not averaged) gradient: Adam hides a gradient scale, the norm does not
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    two = assert_two_ranks_match_one(tmp_path, one, also=("weighted_loss", "ess"))
     assert two["heldout_nll"] == pytest.approx(one["heldout_nll"], rel=1e-5)
-    p1, p2 = params_of(tmp_path / "one"), params_of(tmp_path / "two")
-    for k in p1:
-        assert_close(p1[k], p2[k], rtol=1e-4, atol=1e-5)
 
 
 # ---- bad input ---------------------------------------------------------------------------------
@@ -398,12 +405,4 @@ def test_two_torchrun_nodes_on_shards_in_a_bucket_match_one_process(scores, s3, 
                               stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     logs = [n.communicate(timeout=300)[0] for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
-    two = json.loads((tmp_path / "two" / "train_summary.json").read_text())
-    assert two["world_size"] == 2 and two["steps"] == one["steps"]
-    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
-        assert a["response_tokens"] == b["response_tokens"]
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    p1, p2 = params_of(tmp_path / "one"), params_of(tmp_path / "two")
-    for k in p1:
-        assert_close(p1[k], p2[k], rtol=1e-4, atol=1e-5)
+    assert_two_ranks_match_one(tmp_path, one)
