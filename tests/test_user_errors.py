@@ -195,7 +195,7 @@ def test_a_stale_cluster_record_does_not_stop_a_local_ray_run(world, tmp_path):
     assert len(list_shards(tmp_path / "s")) == 1
 
 
-@pytest.mark.slow(seconds=45)
+@pytest.mark.slow(seconds=20)
 @pytest.mark.timeout(400)
 def test_a_cluster_that_refuses_the_token_is_one_line_and_exit_2(world, tmp_path):
     data = tmp_path / "c.parquet"
@@ -219,7 +219,9 @@ def test_a_cluster_that_refuses_the_token_is_one_line_and_exit_2(world, tmp_path
                                *score_args(world, data, tmp_path / "s", executor="ray")],
                               cwd=ROOT, capture_output=True, text=True, timeout=300,
                               env={**env, "PEAR_QUIET": "1", "RAY_ADDRESS": f"127.0.0.1:{port}",
-                                   "RAY_AUTH_TOKEN": "b" * 32})
+                                   "RAY_AUTH_TOKEN": "b" * 32,
+                                   # Ray asks the cluster 20 times, a second apart, before it gives up
+                                   "RAY_NUM_REDIS_GET_RETRIES": "2"})
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # the head and the daemons it started (its own process group)
         try:
