@@ -265,10 +265,9 @@ def pretrain(model, examples: list[tuple[list[int], int]], steps: int, seed: int
 
 def generate_corpus(behavior_dir: Path, tokenizer, tasks: list[dict], max_new_tokens: int, seed: int) -> list[dict]:
     """The behavior model answers every task once with vLLM at temperature 1; logprobs recorded."""
-    from common.vllm_engine import make_vllm_engine, shutdown_vllm
+    from common.vllm_engine import generate, make_vllm_engine, shutdown_vllm
     from train.rewards import score
     from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
 
     llm = make_vllm_engine(str(behavior_dir), max_model_len=512, skip_tokenizer_init=False, seed=seed)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t["question"]}],
@@ -276,7 +275,7 @@ def generate_corpus(behavior_dir: Path, tokenizer, tasks: list[dict], max_new_to
                for t in tasks]
     # engine-level seed: per-request seeds fail on CPU
     sp = SamplingParams(n=1, temperature=1.0, max_tokens=max_new_tokens, logprobs=0)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sp, use_tqdm=False)
+    outs = generate(llm, prompts, sp)
     rows = []
     for task, out in zip(tasks, outs):
         c = out.outputs[0]

@@ -20,19 +20,18 @@ from typing import Callable, Protocol
 import numpy as np
 
 from common.batching import length_sorted_batches, packed_batches
-from common.vllm_engine import make_vllm_engine, shutdown_vllm, vllm_available
+from common.vllm_engine import generate, make_vllm_engine, shutdown_vllm, vllm_available
 
 
 def prompt_logprobs(llm, input_ids: list[list[int]], prompt_lens: list[int]) -> list[np.ndarray]:
     """Teacher-forced logprobs of `input_ids[prompt_len:]` under a vLLM engine's current weights
     (its prompt logprobs); any engine, the scorer's or the RL stage's rollout engine."""
     from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
 
     if not input_ids:
         return []
     sp = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, temperature=0.0)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=list(x)) for x in input_ids], sp, use_tqdm=False)
+    outs = generate(llm, input_ids, sp)
     result = []
     for ids, p, out in zip(input_ids, prompt_lens, outs):
         plp = out.prompt_logprobs  # one dict per position; position 0 has none

@@ -55,12 +55,15 @@ def test_step_prompts_cover_the_pool_each_pass():
 
 def test_an_engine_of_the_same_seed_samples_the_same_with_or_without_logprobs(world, tokenizer):
     """What the evaluation relies on: without sampling logprobs the samples are those drawn with
-    them, and a second engine in the same process samples as a first one of its seed did."""
+    them, and a second engine in the same process samples as a first one of its seed did. On the
+    CPU no sampling compiles anything (common.vllm_engine.generate)."""
+    from torch._dynamo.utils import counters
+
     from train.rollout import RolloutEngine
 
     prompts = [prompt_token_ids(tokenizer, e["prompt"])
                for e in reasoning_gym_examples(["chain_sum"], 6, 30_000, WORLD_TASK_KWARGS)]
-    drawn = []
+    drawn, compiled = [], dict(counters["frames"])  # what this process compiled so far
     for logprobs in (True, False):
         engine = RolloutEngine(str(world / "target"), max_model_len=256, seed=3)
         try:
@@ -71,6 +74,7 @@ def test_an_engine_of_the_same_seed_samples_the_same_with_or_without_logprobs(wo
             engine.close()
     assert drawn[0] == drawn[1]
     assert len({tuple(ids) for g in drawn[0] for ids in g}) > len(prompts)  # temperature 1: not one answer each
+    assert dict(counters["frames"]) == compiled  # no frame went through torch.compile
 
 
 def test_weights_reach_the_running_engine(world, tokenizer):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from common.config import ConfigError, field
-from common.vllm_engine import make_vllm_engine, shutdown_vllm
+from common.vllm_engine import generate, make_vllm_engine, shutdown_vllm
 
 log = logging.getLogger("pear.rollout")
 
@@ -47,13 +47,12 @@ class RolloutEngine:
     def generate(self, prompts: list[list[int]], n: int, temperature: float, max_tokens: int,
                  top_p: float = 1.0, logprobs: bool = True) -> list[list[Sample]]:
         """For each prompt, n samples (in the engine's order). Without `logprobs` the samples are the
-        same and the engine skips gathering them (on the CPU that gather is compiled on first use)."""
+        same and the engine skips gathering them."""
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         sp = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                             logprobs=0 if logprobs else None, detokenize=False)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sp, use_tqdm=False)
+        outs = generate(self.llm, prompts, sp)
         result = []
         for out in outs:
             group = []
