@@ -54,11 +54,17 @@ def test_the_readme_own_data_run_works_as_written(world, tmp_path):
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     # the smallest run of each command: the README's sizes are for a real model
     smaller = {"rl": ["STEPS=2", "PROMPTS_PER_STEP=2", "SAMPLES_PER_PROMPT=2"], "eval": ["ARGS=--n 4 --k 1,4"]}
+    # the result line each stage prints on the terminal (the quiet console: the rest goes to its log)
+    runs = re.escape(f"{work}/runs")
+    result_line = {"score": rf"^shards in {runs}/mine/", "inspect": rf"^histogram: {runs}/mine/log_weights\.png",
+                   "sft": rf"^models in {runs}/mine-sft$", "eval": rf"^report in {runs}/mine-e[01]/eval\.json",
+                   "rl": rf"^rl: 2 steps, mean reward .* model in {runs}/mine-rl$"}
     for line in commands:
         argv = shlex.split(local(line))
         r = subprocess.run([*argv[:1], "--no-print-directory", *argv[1:], *smaller.get(argv[1], [])], cwd=ROOT,
                            env=env, capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, (line, r.stdout[-3000:], r.stderr[-3000:])
+        assert re.search(result_line[argv[1]], r.stdout + r.stderr, re.M), (line, r.stdout[-3000:], r.stderr[-3000:])
 
     # what each stage left: chat shards scored on every assistant turn, a PEAR SFT folder, an RL
     # run on the README's prompts and reward, and the paired evaluation on the held-out prompts
