@@ -5,6 +5,7 @@ an environment without either still imports this.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -73,9 +74,7 @@ def generate(llm, prompts: list[list[int]], params) -> list:
     from vllm.inputs import TokensPrompt
 
     requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
-    if on_gpu():
-        return llm.generate(requests, params, use_tqdm=False)
-    with torch.compiler.set_stance("force_eager"):
+    with contextlib.nullcontext() if on_gpu() else torch.compiler.set_stance("force_eager"):
         return llm.generate(requests, params, use_tqdm=False)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from hub_cache import add_model
+from test_make import ok
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Your own model, data, prompts and reward, end to end"
@@ -63,8 +64,7 @@ def test_the_readme_own_data_run_works_as_written(world, tmp_path):
         argv = shlex.split(local(line))
         r = subprocess.run([*argv[:1], "--no-print-directory", *argv[1:], *smaller.get(argv[1], [])], cwd=ROOT,
                            env=env, capture_output=True, text=True, timeout=900)
-        assert r.returncode == 0, (line, r.stdout[-3000:], r.stderr[-3000:])
-        assert re.search(result_line[argv[1]], r.stdout + r.stderr, re.M), (line, r.stdout[-3000:], r.stderr[-3000:])
+        ok(r, result_line[argv[1]])
 
     # what each stage left: chat shards scored on every assistant turn, a PEAR SFT folder, an RL
     # run on the README's prompts and reward, and the paired evaluation on the held-out prompts
