@@ -102,20 +102,6 @@ def test_every_variable_is_a_flag_of_its_program():
 # runs score, inspect, sft, eval and rl as the README writes them; experiment-smoke runs in
 # test_experiment.py)
 
-@pytest.fixture(scope="module")
-def scores(world, tmp_path_factory) -> Path:
-    """24 corpus rows scored in this process (the input of reweight, export and bench-sft)."""
-    import polars as pl
-
-    from scorer.job import ScoreConfig, run
-
-    folder = tmp_path_factory.mktemp("make_scores")
-    pl.read_parquet(world / "corpus.parquet").head(24).write_parquet(folder / "corpus.parquet")
-    run(ScoreConfig(data=str(folder / "corpus.parquet"), out=str(folder / "scores"), target=str(world / "target"),
-                    backend="torch", executor="local"), progress=False)
-    return folder / "scores"
-
-
 def ok(r: subprocess.CompletedProcess, line: str) -> str:
     """The target exited 0 and printed `line` (a regular expression) on the terminal."""
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -126,10 +112,10 @@ def ok(r: subprocess.CompletedProcess, line: str) -> str:
 @pytest.mark.slow(seconds=10)
 def test_reweight_and_export_run_as_documented(scores, tmp_path):
     s = tmp_path / "scores"
-    shutil.copytree(scores, s)  # reweight rewrites the shards in place
+    shutil.copytree(scores, s)  # the session's scored corpus (conftest): reweight rewrites shards in place
     ok(make("reweight", f"SCORES={s}", "VARIANT=block", timeout=300), rf"^reweighted {s} with .*'variant': 'block'")
     ok(make("export", f"SCORES={s}", f"OUT={tmp_path / 'export'}", "CONVENTION=trl", timeout=300),
-       rf"^exported 24 rows in 1 shards to {tmp_path / 'export'} \(trl\)")
+       rf"^exported 96 rows in 2 shards to {tmp_path / 'export'} \(trl\)")
 
 
 @pytest.mark.slow(seconds=50)
