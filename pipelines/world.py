@@ -16,7 +16,12 @@ It writes ordinary Hugging Face folders and a Parquet corpus:
                     correct answers (rejection sampling; the Parquet metadata `world_corpus`
                     records the filter and its counts)
     corpus-unfiltered.parquet  every sample, right or wrong (`make score DATA=...` takes it)
-Everything is a function of the seed; the build is skipped when `world.json` matches the config.
+Everything is a function of the seed, on one machine: torch picks its CPU kernels by the processor
+(`ATEN_CPU_CAPABILITY=default|avx2|avx512` chooses another path), and the kernel path and the thread
+count change the pretraining's floating-point sums, so another machine builds another draw of the
+same seed. The build fixes its thread count (`--threads`, 2 by default) rather than taking the
+machine's, and `world.json` records both under `built_with`. The build is skipped when
+`world.json` matches the config.
 
 Why a guess beside a careful procedure: RL with verifiable rewards mostly sharpens what a model
 already samples now and then. A base that guesses most of the time but sometimes works the sum
@@ -70,7 +75,11 @@ def default_kind() -> str:
 def world_dir(seed: int | None = None, kind: str | None = None) -> Path:
     """Where the world of `kind` and `seed` lives: artifacts/world for the embedded world of seed 0,
     artifacts/world-seed<N> for its other seeds, artifacts/world-<kind>[-seed<N>] for another kind,
-    so that worlds of several kinds and seeds stay cached side by side."""
+    so that worlds of several kinds and seeds stay cached side by side. `PEAR_WORLD_DIR` moves the
+    default world (no seed or kind given) elsewhere: `make test-worlds` points the tests at draws
+    built with other kernels and thread counts that way."""
+    if seed is None and kind is None and os.environ.get("PEAR_WORLD_DIR"):
+        return Path(os.environ["PEAR_WORLD_DIR"])
     seed = default_seed() if seed is None else seed
     kind = default_kind() if kind is None else kind
     name = "world" if kind == "embedded" else f"world-{kind}"
@@ -304,8 +313,22 @@ def world_stamp(cfg: WorldConfig) -> dict:
     return {k: v for k, v in stamp.items() if k not in STAMPED_WHEN_SET or v != STAMPED_WHEN_SET[k]}
 
 
-def build(out: Path, cfg: WorldConfig, force: bool = False) -> Path:
-    """Build (or reuse) the world under `out`; returns `out`. Safe to call from many processes."""
+BUILD_THREADS = 2  # torch threads of the build, whatever the machine has: the draw depends on it
+
+
+def built_with(threads: int = BUILD_THREADS) -> dict:
+    """What, beside the config, decides the draw a build makes on this machine: torch's CPU kernel
+    path (AVX512, AVX2, DEFAULT, ...), the thread count and torch's version. `world.json` records it
+    as `built_with`; compare two worlds' records to know whether they are the same draw."""
+    import torch
+
+    return {"kernel": torch.backends.cpu.get_cpu_capability(), "threads": threads, "torch": torch.__version__}
+
+
+def build(out: Path, cfg: WorldConfig, force: bool = False, threads: int = BUILD_THREADS) -> Path:
+    """Build (or reuse) the world under `out` with `threads` torch threads; returns `out`. Safe to
+    call from many processes. A cached world is reused whatever machine built it (`built_with`
+    says which)."""
     import fcntl
 
     stamp = world_stamp(cfg)
@@ -317,16 +340,20 @@ def build(out: Path, cfg: WorldConfig, force: bool = False) -> Path:
             log.info("world up to date at %s", out)
             return out
         marker.unlink(missing_ok=True)
-        _build(out, cfg, stamp)
+        import torch
+
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            _build(out, cfg, stamp, threads)
+        finally:
+            torch.set_num_threads(previous_threads)
     return out
 
 
-def _build(out: Path, cfg: WorldConfig, stamp: dict) -> None:
-    import torch
-
+def _build(out: Path, cfg: WorldConfig, stamp: dict, threads: int) -> None:
     marker = out / "world.json"
     t0 = time.time()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     offsets = dict(cfg.seed_offsets)
 
     # the tasks as RL and evaluation generate them (train.rollout), with the world's settings
@@ -361,8 +388,9 @@ def _build(out: Path, cfg: WorldConfig, stamp: dict) -> None:
     write_corpus(rows, out / "corpus-unfiltered.parquet", {**filter_meta, "filter": "none", "rows_kept": len(rows)})
     write_corpus(kept, out / "corpus.parquet", filter_meta)
     accuracy = sum(r["correct"] for r in rows) / len(rows)
-    marker.write_text(json.dumps({"config": stamp, "corpus_rows": len(kept), "corpus_rows_generated": len(rows),
-                                  "behavior_accuracy": accuracy, "build_seconds": round(time.time() - t0, 1)},
+    marker.write_text(json.dumps({"config": stamp, "built_with": built_with(threads), "corpus_rows": len(kept),
+                                  "corpus_rows_generated": len(rows), "behavior_accuracy": accuracy,
+                                  "build_seconds": round(time.time() - t0, 1)},
                                  indent=1))
     log.info("world built in %.0fs: behavior accuracy %.2f, %d of %d corpus rows kept (%s)",
              time.time() - t0, accuracy, len(kept), len(rows), filter_meta["filter"])
@@ -386,6 +414,7 @@ class BuildConfig:
     seed: int | None = cli_field(None, "the draw (default: PEAR_WORLD_SEED, else 0)")
     out: str = cli_field("", "default: artifacts/world[-<kind>][-seed<N>] (world_dir)")
     force: bool = cli_field(False, "rebuild even when the cached world matches")
+    threads: int = cli_field(BUILD_THREADS, "torch threads of the build (the draw depends on them)")
 
 
 def run(cfg: BuildConfig) -> Path:
@@ -394,7 +423,9 @@ def run(cfg: BuildConfig) -> Path:
         raise ConfigError(f"--world {kind!r} is not a world; the worlds are {', '.join(WORLDS)}")
     out = Path(cfg.out) if cfg.out else world_dir(cfg.seed, kind)
     console.quiet(out / "build.log")
-    return build(out, world_config(cfg.seed, kind), force=cfg.force)
+    if cfg.threads < 1:
+        raise ConfigError(f"--threads {cfg.threads}: must be at least 1")
+    return build(out, world_config(cfg.seed, kind), force=cfg.force, threads=cfg.threads)
 
 
 def main(argv=None) -> int:
