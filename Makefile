@@ -32,6 +32,7 @@ VARS.score := DATA DATA_CONFIG SPLIT OUT TARGET BEHAVIOR BACKEND $(WEIGHT_VARS) 
 VARS.reweight := SCORES $(WEIGHT_VARS) CONFIG
 VARS.export := SCORES OUT CONVENTION LABELS CONFIG
 VARS.inspect := SCORES PNG
+VARS.view := SCORES HTML TOKENIZER N SEED IDS WHERE COMPARE $(WEIGHT_VARS) CONFIG
 VARS.sft := SCORES OUT MODEL WEIGHTING $(WEIGHT_VARS) EPOCHS MAX_STEPS LR TOKEN_BUDGET PRECISION \
             GRADIENT_CHECKPOINTING LORA_RANK LORA_ALPHA LORA_TARGETS REPORT_TO SEED SAVE_EVERY OVERWRITE CONFIG
 VARS.rl := MODEL OUT TASKS PROMPTS ANSWER_COLUMN REWARD STEPS LR PROMPTS_PER_STEP SAMPLES_PER_PROMPT MAX_NEW_TOKENS \
@@ -59,6 +60,7 @@ DESC.score := score a corpus (DATA=, TARGET=) or the embedded one into shards
 DESC.reweight := new weights from the logprobs stored in the shards
 DESC.export := whole-sequence Parquet for TRL, verl, OpenRLHF
 DESC.inspect := weight summary of the shards and a histogram PNG
+DESC.view := one HTML page: rows token by token, coloured by weight (SCORES/weights.html)
 DESC.sft := weighted SFT from shards (uniform and PEAR by default)
 DESC.rl := GRPO-style RL from an SFT model
 DESC.eval := pass@k on held-out prompts, paired against a BASELINE eval
@@ -75,15 +77,16 @@ DESC.lint := ruff (its settings in pyproject.toml)
 DESC.clean := remove runs/
 # every target: ARGS (more flags, passed as they are), VERBOSE, WORLD, WORLD_SEED, VENV
 GLOBAL_VARS := ARGS VERBOSE WORLD WORLD_SEED VENV
-TARGETS := help setup demo world score reweight export inspect sft rl eval experiment experiment-smoke \
+TARGETS := help setup demo world score reweight export inspect view sft rl eval experiment experiment-smoke \
            bench bench-sft bench-scale bench-rl bench-gpu test test-fast lint clean
 
 # the flag of a variable: lower case, _ -> - (SPLIT is --data-split)
 lc = $(subst A,a,$(subst B,b,$(subst C,c,$(subst D,d,$(subst E,e,$(subst F,f,$(subst G,g,$(subst H,h,$(subst I,i,$(subst J,j,$(subst K,k,$(subst L,l,$(subst M,m,$(subst N,n,$(subst O,o,$(subst P,p,$(subst Q,q,$(subst R,r,$(subst S,s,$(subst T,t,$(subst U,u,$(subst V,v,$(subst W,w,$(subst X,x,$(subst Y,y,$(subst Z,z,$(1)))))))))))))))))))))))))))
 flag.SPLIT := data-split
 flag = --$(or $(flag.$(1)),$(subst _,-,$(call lc,$(1))))
-# the flags of the listed variables that are set; quoted, so globs and spaces reach the program as they are
-flags = $(strip $(foreach v,$(1),$(if $($(v)),$(call flag,$(v))='$($(v))')))
+# the flags of the listed variables that are set; quoted (a ' inside too), so globs, spaces and quotes reach the
+# program as they are (WHERE="task = 'x'")
+flags = $(strip $(foreach v,$(1),$(if $($(v)),$(call flag,$(v))='$(subst ','\'',$($(v)))')))
 # a target's own variables as flags, then ARGS
 args = $(strip $(call flags,$(filter-out $(2),$(VARS.$(1)))) $(ARGS))
 
@@ -148,6 +151,10 @@ export: setup
 
 inspect: setup
 	$(PY) -m scorer.report --scores '$(or $(SCORES),runs/score)' $(call args,inspect,SCORES)
+
+# the weights page: N lowest, N highest and N random rows (IDS=, WHERE= add and narrow), token by token
+view: setup
+	$(PY) -m scorer.view --scores '$(or $(SCORES),runs/score)' $(call args,view,SCORES)
 
 sft: setup
 	$(PY) -m pipelines.sft --scores '$(or $(SCORES),runs/score)' --out '$(or $(OUT),runs/sft)' \
