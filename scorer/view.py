@@ -290,7 +290,7 @@ def histogram_png(stats: VariantStats, in_shards: str, title: str) -> str:
     from scorer.report import plot_log_weights
 
     fig = plot_log_weights({v: st for v, st in stats.stats.items() if v != "none"}, in_shards, title)
-    fig.set_size_inches(2.6 * len(fig.axes), 2.6)  # beside the table, not above it
+    fig.set_size_inches(2.4 * len(fig.axes), 2.5)  # beside the table, not above it
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, dpi=80, format="png")
@@ -429,7 +429,7 @@ def view(cfg: ViewConfig, given: set[str]) -> dict:
             "made": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": records}
     title = f"PEAR weights, {cfg.scores}"
     page = render(data, summary_html(stats, params, summary), legend_html(scale),
-                  histogram_png(stats, stored["variant"], f"log-weights, {cfg.scores} (all rows)"), title)
+                  histogram_png(stats, stored["variant"], "log G, every response token of the shards"), title)
     out = as_path(cfg.html or scores / "weights.html")
     tmp = out.with_name(f"{TMP_PREFIX}{out.name}.tmp")
     tmp.write_text(page, encoding="utf-8")

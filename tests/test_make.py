@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # of theirs (pipelines.rl passes what follows its verb to train.rl or train.eval)
 PROGRAMS = {
     "demo": ["pipelines.demo"], "world": ["pipelines.world"], "score": ["pipelines.score"],
-    "reweight": ["scorer.reweight"], "export": ["scorer.export"], "inspect": ["scorer.report"],
+    "reweight": ["scorer.reweight"], "export": ["scorer.export"], "inspect": ["scorer.report"], "view": ["scorer.view"],
     "sft": ["pipelines.sft"], "rl": ["train.rl"], "eval": ["train.eval"],
     "experiment": ["pipelines.experiment"], "experiment-smoke": ["pipelines.experiment"],
     "bench": ["bench.score_cpu", "bench.bench_sft"], "bench-sft": ["bench.bench_sft"],
@@ -41,7 +41,7 @@ def help_table() -> dict[str, list[str]]:
 
 def test_help_and_the_readme_list_the_same_targets_and_variables():
     table = help_table()
-    documented = {"setup", "demo", "world", "score", "reweight", "export", "inspect", "sft", "rl", "eval",
+    documented = {"setup", "demo", "world", "score", "reweight", "export", "inspect", "view", "sft", "rl", "eval",
                   "experiment-smoke", "bench", "bench-sft", "bench-scale", "lint", "test"}
     assert documented <= set(table)
     readme = (ROOT / "README.md").read_text()
