@@ -136,17 +136,16 @@ def pear_weights(target_logprobs, behavior_logprobs, response_mask, params: Weig
 def pad_left_aligned(rows: list, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Ragged per-row sequences -> (values (B, T), mask (B, T)), each row starting at column 0;
     values in `dtype` (default float32)."""
+    import numpy as np
     import torch
 
     dtype = dtype or torch.float32
-    T = max((len(r) for r in rows), default=0)
+    lengths = np.array([len(r) for r in rows], dtype=np.int64)
+    T = int(lengths.max()) if len(rows) else 0
+    mask = torch.from_numpy(np.arange(T) < lengths[:, None])  # (B, T)
     values = torch.zeros(len(rows), T, dtype=dtype)
-    mask = torch.zeros(len(rows), T, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        n = len(r)
-        if n:
-            values[i, :n] = torch.as_tensor(r, dtype=dtype)
-            mask[i, :n] = True
+    if lengths.sum():  # one copy of all rows: the mask's true cells, row by row, are the rows in order
+        values[mask] = torch.as_tensor(np.concatenate([np.asarray(r) for r in rows if len(r)]), dtype=dtype)
     return values, mask
 
 
@@ -160,8 +159,12 @@ def ragged_weights(target_rows: list, behavior_rows: list, params: WeightParams)
     tgt, mask = pad_left_aligned(target_rows, torch.float64)
     beh, _ = pad_left_aligned(behavior_rows, torch.float64)
     log_g = pear_log_weights(tgt, beh, mask, params)
+    import numpy as np
+
+    if not target_rows:
+        return [], []
     w = log_g.exp()
-    lengths = mask.sum(-1).tolist()
-    weights = [w[i, :n].float().numpy() for i, n in enumerate(lengths)]
-    logs = [log_g[i, :n].float().numpy() for i, n in enumerate(lengths)]
+    ends = np.cumsum(mask.sum(-1).numpy())[:-1]  # each row's values, cut from the mask's true cells in order
+    weights = np.split(w.float().numpy()[mask.numpy()], ends)
+    logs = np.split(log_g.float().numpy()[mask.numpy()], ends)
     return weights, logs
