@@ -139,6 +139,18 @@ def one_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
+def row_stats(weights: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: mean weight, ESS (sum w)^2 / sum w^2, and token count (an empty row: 0, 0, 0)."""
+    lengths = np.array([len(x) for x in weights], dtype=np.int64)
+    flat = np.concatenate(weights).astype(np.float64) if lengths.sum() else np.zeros(0)
+    row = np.repeat(np.arange(len(weights)), lengths)
+    s1 = np.bincount(row, weights=flat, minlength=len(weights))
+    s2 = np.bincount(row, weights=flat * flat, minlength=len(weights))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (np.where(lengths > 0, s1 / np.maximum(lengths, 1), 0.0),
+                np.where(s2 > 0, s1 * s1 / s2, 0.0), lengths)
+
+
 @dataclass
 class Choice:
     """The rows a page shows: per row its shard, its row number there and why it was chosen."""
@@ -180,10 +192,10 @@ def choose_rows(shards: list, params: WeightParams, n: int, seed: int, ids: tupl
                 except ValueError as e:
                     raise ShardError(f"{path}: rows from {first}: {e}") from None
                 m = batch.num_rows
+                mean, row_ess, lengths = row_stats(w)
                 frame = pl.DataFrame({
                     "shard": np.full(m, s), "row": np.arange(first, first + m), "id": batch.column("id").to_pylist(),
-                    "mean_weight": [float(x.mean()) if len(x) else 0.0 for x in w],
-                    "ess": [ess(x) for x in w], "response_tokens": [len(x) for x in w], "key": rng.random(m)})
+                    "mean_weight": mean, "ess": row_ess, "response_tokens": lengths, "key": rng.random(m)})
                 if "length" in where_names:
                     offsets = batch.column("input_ids").offsets.to_numpy()
                     frame = frame.with_columns(length=pl.Series(np.diff(offsets)))
