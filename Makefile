@@ -44,6 +44,7 @@ VARS.experiment-smoke := ARMS JOBS OUT RESULTS
 VARS.bench := ROWS SCORES STEPS
 VARS.bench-sft := SCORES STEPS
 VARS.bench-scale := SIZES
+VARS.bench-view := SIZES SCORES
 VARS.bench-rl := SIZES MODES
 VARS.bench-gpu :=
 VARS.test := TEST_WORKERS
@@ -69,6 +70,7 @@ DESC.experiment-smoke := the experiment at smoke size
 DESC.bench := CPU scoring backends and PEAR vs uniform SFT step time
 DESC.bench-sft := PEAR vs uniform SFT step time
 DESC.bench-scale := driver and SFT-loader peak memory against corpus size
+DESC.bench-view := the weights page: time and peak memory of choosing its rows against corpus size
 DESC.bench-rl := peak memory of an RL step against the batch (135M shape; an hour on 2 cores)
 DESC.bench-gpu := every GPU figure
 DESC.test := the test suite (what CI runs)
@@ -78,7 +80,7 @@ DESC.clean := remove runs/
 # every target: ARGS (more flags, passed as they are), VERBOSE, WORLD, WORLD_SEED, VENV
 GLOBAL_VARS := ARGS VERBOSE WORLD WORLD_SEED VENV
 TARGETS := help setup demo world score reweight export inspect view sft rl eval experiment experiment-smoke \
-           bench bench-sft bench-scale bench-rl bench-gpu test test-fast lint clean
+           bench bench-sft bench-scale bench-view bench-rl bench-gpu test test-fast lint clean
 
 # the flag of a variable: lower case, _ -> - (SPLIT is --data-split)
 lc = $(subst A,a,$(subst B,b,$(subst C,c,$(subst D,d,$(subst E,e,$(subst F,f,$(subst G,g,$(subst H,h,$(subst I,i,$(subst J,j,$(subst K,k,$(subst L,l,$(subst M,m,$(subst N,n,$(subst O,o,$(subst P,p,$(subst Q,q,$(subst R,r,$(subst S,s,$(subst T,t,$(subst U,u,$(subst V,v,$(subst W,w,$(subst X,x,$(subst Y,y,$(subst Z,z,$(1)))))))))))))))))))))))))))
@@ -184,6 +186,10 @@ bench-sft: setup
 # driver and SFT-loader peak memory for a 10k- and a 100k-row corpus (minutes on 2 cores)
 bench-scale: setup
 	$(PY) -m bench.bench_scale $(call args,bench-scale)
+
+# the weights page on a 10k- and a 100k-row corpus (rows cycled from SCORES, the embedded corpus scored by default)
+bench-view: setup
+	$(PY) -m bench.bench_view $(call args,bench-view)
 
 # peak RSS of one RL step at 8, 16, 32 prompts x 8 samples, with and without the token budget
 bench-rl: setup

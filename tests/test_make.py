@@ -19,7 +19,7 @@ PROGRAMS = {
     "sft": ["pipelines.sft"], "rl": ["train.rl"], "eval": ["train.eval"],
     "experiment": ["pipelines.experiment"], "experiment-smoke": ["pipelines.experiment"],
     "bench": ["bench.score_cpu", "bench.bench_sft"], "bench-sft": ["bench.bench_sft"],
-    "bench-scale": ["bench.bench_scale"], "bench-rl": ["bench.bench_rl_memory"],
+    "bench-scale": ["bench.bench_scale"], "bench-view": ["bench.bench_view"], "bench-rl": ["bench.bench_rl_memory"],
 }
 
 
@@ -70,6 +70,11 @@ def test_variables_reach_their_programs_as_flags():
     cmd = make("score", "-n", "ACTORS=3", "MAX_LEN=100", "SPLIT=test", "DELTA_CLIP=-0.08,0.3").stdout
     assert "--actors='3'" in cmd and "--max-len='100'" in cmd and "--data-split='test'" in cmd
     assert "--delta-clip='-0.08,0.3'" in cmd
+    # a single quote inside a value reaches the program as it is (a SQL string in WHERE)
+    cmd = make("view", "-n", "WHERE=task = 'a b' AND mean_weight < 1").stdout.splitlines()[-1]
+    assert "--where='task = '\\''a b'\\'' AND mean_weight < 1'" in cmd, cmd
+    assert subprocess.run(["bash", "-c", f"printf '%s\\n' {cmd.split(' --where=')[1]}"], capture_output=True,
+                          text=True).stdout == "task = 'a b' AND mean_weight < 1\n"
     cmd = make("sft", "-n", "LORA_RANK=4", "REPORT_TO=tensorboard").stdout
     assert "--lora-rank='4'" in cmd and "--report-to='tensorboard'" in cmd
     # ARGS of `make test` go to pytest, not to the world build it depends on

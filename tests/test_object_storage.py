@@ -2,6 +2,7 @@
 started here as a process), reached through pyarrow and polars as a user's bucket would be."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from scorer.job import ScoreConfig, run
 from scorer.report import main as inspect_main
 from scorer.reweight import main as reweight_main
 from scorer.shards import list_shards, read_meta
+from scorer.view import main as view_main
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = 48
@@ -205,6 +207,12 @@ def test_reweight_inspect_export_and_sft_read_and_write_the_bucket(world, s3, lo
 
     # inspect: the histogram is written beside the shards
     assert inspect_main(["--scores", out]) == 0 and as_path(f"{out}/log_weights.png").read_bytes()[:4] == b"\x89PNG"
+    # view: the page too, with the rows a local page shows
+    assert view_main(["--scores", out, "--n", "2"]) == 0
+    assert view_main(["--scores", str(local), "--n", "2"]) == 0
+    there, here = [[r["ids"] for r in json.loads(re.search(r'id="data">(.*?)</script>', as_path(f"{f}/weights.html")
+                                                           .read_text(), re.S).group(1))["rows"]] for f in (out, local)]
+    assert there == here and len(there) >= 2
 
     # export from the bucket to the bucket: the files a local export writes
     r = export(ExportConfig(scores=out, out=f"{bucket}/export", convention="trl", progress=False))

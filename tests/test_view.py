@@ -441,3 +441,15 @@ def test_two_variants_side_by_side(scores, browser, tmp_path):
     assert float(tip["lw"]) == pytest.approx(data["rows"][0]["lw"][0], abs=1e-4)
     assert len({browser.execute_script("return getComputedStyle(arguments[0]).backgroundColor", s)
                 for s in browser.find_elements("css selector", "#row-0 .tokens[data-v='0'] .sc")}) == 1
+
+
+@pytest.mark.slow(seconds=45)  # five fresh processes, each importing torch and transformers
+def test_the_benchmark_runs_at_its_smallest(scores, tmp_path, monkeypatch):
+    from bench import bench_view
+
+    monkeypatch.setenv("OUT", str(tmp_path / "results"))
+    assert bench_view.main(["--sizes", "100,200", "--scores", str(scores), "--page-rows", "12",
+                            "--out", str(tmp_path / "work")]) == 0
+    report = json.loads((tmp_path / "results" / "bench_view.json").read_text())
+    assert [r["rows"] for r in report["results"]] == [100, 200] and report["page"]["rows"] >= 12
+    assert all(r["choose_seconds"] > 0 and r["peak_rss_mib"] > 0 for r in report["results"])
