@@ -389,22 +389,33 @@ def test_the_list_sorts_and_filters(scores, browser, tmp_path, monkeypatch):
 
 @pytest.mark.slow(seconds=10)
 def test_the_page_escapes_text_and_shows_split_characters_as_bytes(scores, tokenizer, browser, tmp_path):
-    """A row whose tokens and corpus column hold markup: it shows as text and runs nothing."""
+    """A conversation of two assistant turns whose tokens and corpus column hold markup: it shows as
+    text and runs nothing; both turns are scored, the user turn between them is context."""
     folder = tmp_path / "scores"
     folder.mkdir()
     meta = read_meta(list_shards(scores)[0])
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "</script><script>window.pwned=1</script>"}],
-                                           tokenize=False, add_generation_prompt=True)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer = "<img src=x onerror=\"window.pwned=2\"> &lt;b&gt; \u2713 \U0001F600</body>"
-    response = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    n = len(response)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    turns = ["</script><script>window.pwned=1</script>", "<img src=x onerror=\"window.pwned=2\"> \u2713",
+             "and <b>then</b>?", "&lt;b&gt; \U0001F600</body>"]
+    parts, spans = [], []  # (text, scored)
+    for role, content in zip(["user", "assistant"] * 2, turns):
+        head = tokenizer.apply_chat_template([{"role": role, "content": content}], tokenize=False)
+        if role == "user":
+            parts.append((head + "<|assistant|>", False))
+        else:  # the assistant's text and its end token are scored, its role tag (in the user part) is not
+            parts.append((head[len("<|assistant|>"):], True))
+    ids, text = [], ""
+    for part, scored in parts:
+        start = len(ids)
+        ids += encode(part)
+        text += part
+        if scored:
+            spans.append((start, len(ids)))
+    n = sum(b - a for a, b in spans)
     rng = np.random.default_rng(0)
     t, b = rng.uniform(-3, 0, n).astype(np.float32), rng.uniform(-3, 0, n).astype(np.float32)
-    params = WeightParams.from_dict(meta)
-    w = ragged_weights([t], [b], params)[0][0]
-    span = (len(prompt_ids), len(prompt_ids) + n)
-    table = core_table(["<b>id</b>"], [prompt_ids + response], [[span]], [t], [b], [w])
+    w = ragged_weights([t], [b], WeightParams.from_dict(meta))[0][0]
+    table = core_table(["<b>id</b>"], [ids], [spans], [t], [b], [w])
     table = table.append_column("note", pa.array(["</script><i>not italic</i>"]))
     write_atomic(table, folder / "x.parquet", {**meta, "passthrough_columns": ["note"]})
     path = tmp_path / "weights.html"
@@ -418,11 +429,19 @@ def test_the_page_escapes_text_and_shows_split_characters_as_bytes(scores, token
     note = browser.execute_script("return document.querySelector('dl.pass').textContent")
     assert "</script><i>not italic</i>" in note
     tokens = browser.execute_script(TOKENS_OF, 0, 0)
-    text = "".join(s for _, cls, _, _, s in tokens if "bytes" not in cls)
-    assert text == prompt + answer + tokenizer.eos_token
+    shown = "".join(s for _, cls, _, _, s in tokens if "bytes" not in cls)
+    assert shown == text == tokenizer.decode(ids, skip_special_tokens=False)
     split = [(t, s) for t, cls, _, _, s in tokens if "bytes" in cls]
     assert split and all(s == "".join(f"\\x{h}" for h in data["rows"][0]["bytes"][str(t)].split()) for t, s in split)
-    assert text.count("\U0001F600") == 1 and text.count("\u2713") == 1
+    assert shown.count("\U0001F600") == 1 and shown.count("\u2713") == 1
+    # both assistant turns scored, in order; the user turn between them is context
+    scored = [t for t, cls, *_ in tokens if "sc" in cls.split()]
+    assert scored == [t for a, b in spans for t in range(a, b)]
+    assert all("ctx" in cls for t, cls, *_ in tokens if spans[0][1] <= t < spans[1][0])
+    tip = hover(browser, browser.find_elements("css selector", "#row-0 .tokens .tok")[spans[1][0]])
+    assert tip["id"] == str(ids[spans[1][0]])
+    assert float(tip["t"]) == pytest.approx(float(t[spans[0][1] - spans[0][0]]), abs=6e-5)
+    assert "2 assistant spans" in browser.execute_script("return document.querySelector('#row-0 .stats').textContent")
 
 
 @pytest.mark.slow(seconds=5)
