@@ -114,13 +114,15 @@ def ok(r: subprocess.CompletedProcess, line: str) -> str:
     return r.stdout + r.stderr  # what the terminal shows
 
 
-@pytest.mark.slow(seconds=10)
-def test_reweight_and_export_run_as_documented(scores, tmp_path):
+@pytest.mark.slow(seconds=20)
+def test_reweight_export_and_view_run_as_documented(scores, tmp_path):
     s = tmp_path / "scores"
     shutil.copytree(scores, s)  # the session's scored corpus (conftest): reweight rewrites shards in place
     ok(make("reweight", f"SCORES={s}", "VARIANT=block", timeout=300), rf"^reweighted {s} with .*'variant': 'block'")
     ok(make("export", f"SCORES={s}", f"OUT={tmp_path / 'export'}", "CONVENTION=trl", timeout=300),
        rf"^exported 96 rows in 2 shards to {tmp_path / 'export'} \(trl\)")
+    ok(make("view", f"SCORES={s}", "N=2", "WHERE=task = 'chain_sum'", timeout=300),
+       rf"^page: {s}/weights.html \(\d+ rows of 96, ")
 
 
 @pytest.mark.slow(seconds=50)
