@@ -145,9 +145,10 @@ def test_where_narrows_the_rows_chosen_but_not_the_named(scores, tmp_path):
     assert any(r["id"] == outside and r["kinds"] == ["named"] for r in data["rows"])
 
 
-def test_weights_are_recomputed_for_other_constants_and_a_second_variant(scores, tmp_path):
+def test_weights_are_recomputed_for_other_constants_and_a_second_variant(scores, world, tmp_path):
     rows = shard_rows(scores)
-    data = make_page(scores, tmp_path / "a.html", "--n", "2", "--variant", "sequence", "--compare", "token")
+    data = make_page(scores, tmp_path / "a.html", "--n", "2", "--variant", "sequence", "--compare", "token",
+                     "--tokenizer", str(world / "tokenizer"))  # another folder with the same tokenizer
     assert data["params"]["variant"] == "sequence" and data["compare"] == "token"
     stored = WeightParams.from_dict(read_meta(list_shards(scores)[0]))
     for r in data["rows"]:
@@ -462,13 +463,13 @@ def test_two_variants_side_by_side(scores, browser, tmp_path):
                 for s in browser.find_elements("css selector", "#row-0 .tokens[data-v='0'] .sc")}) == 1
 
 
-@pytest.mark.slow(seconds=45)  # five fresh processes, each importing torch and transformers
+@pytest.mark.slow(seconds=30)  # three fresh processes, each importing torch and transformers
 def test_the_benchmark_runs_at_its_smallest(scores, tmp_path, monkeypatch):
     from bench import bench_view
 
     monkeypatch.setenv("OUT", str(tmp_path / "results"))
-    assert bench_view.main(["--sizes", "100,200", "--scores", str(scores), "--page-rows", "12",
+    assert bench_view.main(["--sizes", "100,200", "--scores", str(scores), "--page-rows", "2",
                             "--out", str(tmp_path / "work")]) == 0
     report = json.loads((tmp_path / "results" / "bench_view.json").read_text())
-    assert [r["rows"] for r in report["results"]] == [100, 200] and report["page"]["rows"] >= 12
+    assert [r["rows"] for r in report["results"]] == [100, 200] and report["page"]["rows"] >= 2
     assert all(r["choose_seconds"] > 0 and r["peak_rss_mib"] > 0 for r in report["results"])
