@@ -470,8 +470,8 @@ def check_where_types(where, text: str, shard, names: list[str]) -> None:
 
 
 def report(done: dict) -> str:
-    return (f"page: {done['html']} ({done['rows']} rows of {done['corpus_rows']}, {done['bytes'] / 1e6:.2f} MB, "
-            f"{done['seconds']}s)")
+    rows = f"{done['rows']} row{'' if done['rows'] == 1 else 's'}"
+    return f"page: {done['html']} ({rows} of {done['corpus_rows']}, {done['bytes'] / 1e6:.2f} MB, {done['seconds']}s)"
 
 
 def main(argv=None) -> int:
