@@ -15,6 +15,7 @@ import polars as pl
 import pyarrow.fs as pafs
 import pytest
 
+from jobs import Job
 from common.lock import locked
 from common.storage import as_path
 from scorer import job
@@ -153,12 +154,9 @@ def test_a_killed_driver_on_a_bucket_resumes_to_the_same_rows(world, s3, local_r
            "--behavior", "none", "--backend", "torch", "--executor", "local", "--rows-per-shard", "2"]
     # as `make score` runs it: quiet, its log on this machine (not in a folder named "s3:")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PEAR_QUIET": "1"}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list_shards(out) if as_path(out).is_dir() else []) < 2 and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    with Job(cmd, tmp_path / "job.log", cwd=tmp_path, env=env) as job:
+        job.wait_until(lambda: len(list_shards(out) if as_path(out).is_dir() else []) >= 2, "two shards were written")
+        job.kill()
     done = len(list_shards(out))
     assert 2 <= done < ROWS // 2, f"the kill did not land part-way: {done} of {ROWS // 2} shards"
     assert not as_path(f"{out}/summary.json").exists()

@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
+from jobs import Job
 from scorer.job import ConfigError, ScoreConfig, main, run
 from scorer.shards import CORE_NAMES, list_shards, read_meta
 from scorer.weights import WeightParams, ragged_weights
@@ -179,13 +179,9 @@ def test_killed_ray_run_resumes_to_the_same_rows(world, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cmd + args + ["--out", str(killed)], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list(killed.glob("*.parquet"))) < 3 and proc.poll() is None:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    with Job(cmd + args + ["--out", str(killed)], tmp_path / "job.log", cwd=ROOT, env=env) as job:
+        job.wait_until(lambda: len(list(killed.glob("*.parquet"))) >= 3, "three shards were written", every=0.05)
+        job.kill()
     # an actor may still finish the unit in hand before Ray notices its driver is gone
     done, stable_since = -1, time.time()
     while time.time() - stable_since < 3:
