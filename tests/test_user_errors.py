@@ -276,6 +276,14 @@ def test_inspect_after_reweight_says_the_timing_is_the_scoring_runs(scored, tmp_
     assert "reweighted since: variant sequence gamma 0.999" in printed
 
 
+def test_inspect_to_a_file_that_is_no_image_is_one_line_and_exit_2(scored, tmp_path, capsys):
+    # matplotlib refused out.txt at the end, with a 25-line traceback and exit code 1
+    assert inspect_cli.main(["--scores", str(scored / "s"), "--png", str(tmp_path / "out.txt")]) == 2
+    err = one_line_error(capsys.readouterr().err)
+    assert err.startswith(f"error: --png {tmp_path / 'out.txt'}: an image file ends in .png") and "not .txt" in err
+    assert not (tmp_path / "out.txt").exists()
+
+
 def test_the_histogram_spans_the_data_not_the_clip_range():
     params = WeightParams("token", log_weight_clip=(-10.0, 5.0))
     st = WeightStats(params)
