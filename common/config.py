@@ -225,7 +225,8 @@ def setup_logging(level: int = logging.INFO) -> None:
 def cli(cls, argv, description: str | None, work, report, errors: tuple[type[Exception], ...] = (),
         log: str | None = None, given: bool = False, status=None) -> int:
     """An entry point: the config from `argv`, then `work(cfg)` (`work(cfg, names given)` with `given`);
-    a ConfigError (or one of `errors`) is one line `error: ...` and exit code 2; otherwise
+    a ConfigError (or one of `errors`) is one line `error: ...` and exit code 2, and the log and
+    folders made for it are removed again (console.discard_log); otherwise
     `report(result)` is printed (unless empty), exit code `status(result)` if given (a benchmark
     some of whose runs failed), else 0. `log`: the file in the config's `out` folder that other
     libraries' output goes to (common/console.py, with PEAR_QUIET=1); any other exception then ends
@@ -241,6 +242,7 @@ def cli(cls, argv, description: str | None, work, report, errors: tuple[type[Exc
         result = work(cfg, names) if given else work(cfg)
     except (ConfigError, *errors) as e:
         print(f"error: {e}", file=console.err())
+        console.discard_log()  # a refused run leaves no output folder and no log behind
         return 2
     text = report(result)
     if text:
