@@ -297,6 +297,24 @@ def test_the_longest_sequence_is_checked_against_the_model_and_the_budget(world)
         longest_sequence(replace(cfg, max_new_tokens=limit - 8), examples)
 
 
+def test_the_bar_names_each_metric_as_the_metrics_do(tmp_path):
+    # the bar showed `pass_=` (a keyword argument's spelling) for the pass rate
+    import io
+
+    from tqdm import tqdm
+
+    from train.tracking import Tracker
+
+    metrics_path, errors_path = start_outputs(tmp_path / "rl", [{"prompt": "q", "answer": "a"}], None)
+    shown = io.StringIO()
+    bar = tqdm(total=2, file=shown, desc="rl")
+    record_step({"step": 1, "mean_reward": 0.25, "pass_rate": 0.5, "response_length": 7.0, "tis_mean": None}, [],
+                metrics_path, errors_path, Tracker(), bar)
+    bar.close()
+    line = shown.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    assert "pass_rate=0.50" in line and "reward=0.250" in line and "pass_=" not in line
+
+
 def test_step_lines_are_recorded_and_cut_back_on_resume(tmp_path, caplog):
     """A step's metrics line and reward errors land in their files, the tracker and the bar; a resumed
     run keeps the lines of the steps its checkpoint holds, a fresh one none."""

@@ -108,7 +108,7 @@ def test_job_writes_shards_rejects_and_summary(world, mixed_corpus, tmp_path):
 
     # rerun: nothing to do, same rows
     again = run(cfg_for(world, mixed_corpus, out, backend="vllm"), progress=False)
-    assert again["shards_scored_now"] == 0 and again["rows_written"] == 42
+    assert again["this_run"]["shards_scored"] == 0 and again["rows_written"] == 42
     # other settings on the same folder are refused, not mixed in
     with pytest.raises(ConfigError, match="other settings"):
         run(cfg_for(world, mixed_corpus, out, target=str(world / "behavior")), progress=False)
@@ -196,8 +196,8 @@ def test_killed_ray_run_resumes_to_the_same_rows(world, tmp_path):
     resumed = subprocess.run(cmd + args + ["--out", str(killed)], cwd=ROOT, env={**env, "PEAR_QUIET": "1"},
                              timeout=300, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    summary = json.loads((killed / "summary.json").read_text())
-    assert summary["shards_scored_now"] == 32 - done
+    rerun = json.loads((killed / "history.jsonl").read_text().splitlines()[-1])
+    assert rerun["shards_scored"] == 32 - done
     assert_quiet(resumed, killed / "score.log")
 
     whole = tmp_path / "whole"

@@ -202,6 +202,20 @@ def test_killed_run_resumes_to_the_same_final_loss(scores, tmp_path, train_kille
                      "--progress", "false"]) == 2
 
 
+def test_a_rerun_that_trains_nothing_keeps_the_record_of_the_run_that_did(scores, tmp_path):
+    # a rerun of `make sft` (its last checkpoint is the end) wrote its own wall time and resume step over
+    # train_summary.json: the record of the run that trained the model was lost
+    cfg = cfg_for(scores, tmp_path / "sft", max_steps=2)
+    first = train(cfg)
+    again = train(cfg)
+    kept = ("seconds", "resumed_from_step", "loop_seconds", "tokens_per_second", "steps", "final_loss")
+    assert {k: again[k] for k in kept} == {k: first[k] for k in kept} and first["resumed_from_step"] is None
+    assert json.loads((tmp_path / "sft" / "train_summary.json").read_text())["seconds"] == first["seconds"]
+    runs = [json.loads(x) for x in (tmp_path / "sft" / "history.jsonl").read_text().splitlines()]
+    assert [(r["from_step"], r["to_step"]) for r in runs] == [(0, 2), (2, 2)]
+    assert runs[0]["tokens"] > 0 and runs[1]["tokens"] == 0 and runs[0]["seconds"] <= first["seconds"]
+
+
 # ---- two ranks -------------------------------------------------------------------------------
 
 def two_rank_sft(scores, out, budget: int, per_step: int) -> list[str]:
