@@ -265,7 +265,11 @@ def test_reweight_rewrites_weights_and_keeps_other_columns_and_metadata(folder_w
         target += t
         behavior += b
     assert read_meta(paths[0])["variant"] == "block"
-    assert sorted(x.name for x in folder.iterdir()) == [p.name for p in paths] + ["summary.json"]  # no temporaries
+    # no temporaries; the reweight's line in the history
+    expected = [p.name for p in paths] + ["summary.json", "history.jsonl"]
+    assert sorted(x.name for x in folder.iterdir()) == sorted(expected)
+    history = [json.loads(x) for x in (folder / "history.jsonl").read_text().splitlines()]
+    assert [h["reweighted"]["params"] for h in history] == [params.as_dict()]
     on_disk = json.loads((folder / "summary.json").read_text())
     assert on_disk["rows_in"] == 90 and on_disk["params"] == params.as_dict()
     assert_same_stats(summary["variants"], all_variant_stats(target, behavior, params))
