@@ -40,6 +40,21 @@ def statement(rep: dict, ks: list[int]) -> list[str]:
     return lines
 
 
+def per_draw(e: dict) -> str:
+    """The per-draw values behind an interval, in the order of the draws."""
+    return ", ".join(f"{v:+.3f}" for v in e["per_world"])
+
+
+def method(rep: dict) -> str:
+    """How the report's intervals were made (the same for every interval of one report)."""
+    e = next(iter(rep["arms"].values()))["after_rl"]["pass@1"]
+    n = e.get("n", len(e["per_world"]))
+    if n >= 2:
+        return (f"{e['method']}: a t-interval on the per-draw means, each draw one unit, its prompts' and seeds' "
+                f"noise inside its mean; minimum detectable difference (t(0.975, {n - 1}) + z(0.8)) x SE")
+    return e["method"]
+
+
 def decision(rep: dict) -> str:
     """The primary comparison, read by the rule written before the run."""
     from pipelines.experiment import PRIMARY
@@ -51,8 +66,9 @@ def decision(rep: dict) -> str:
         return f"{PRIMARY} was not among the arms run (no decision)."
     e = r["vs_uniform_after_rl"]["pass@1"]
     outcome = verdict(e, "PEAR helped", "PEAR hurt", "neither: PEAR and uniform SFT are not distinguishable")
-    return (f"{PRIMARY} minus uniform, held-out pass@1 after the last RL step: {interval(e, True)}. By the rule: "
-            f"**{outcome}** (minimum detectable difference {e['mdd']:.3f}).")
+    return (f"{PRIMARY} minus uniform, held-out pass@1 after the last RL step: {interval(e, True)} "
+            f"({e.get('method', '')}; per draw {per_draw(e)}). By the rule: **{outcome}** (minimum detectable "
+            f"difference {e['mdd']:.3f}).")
 
 
 SELECTION = Path(__file__).resolve().parents[1] / "results" / "world-selection.md"
@@ -84,8 +100,8 @@ def markdown(rep: dict, ks: list[int]) -> str:
         *chosen(meta["world"]),
         "## Result", "", decision(rep), "",
         f"The paper's claim, beside it: {PAPER}", "",
-        "Numbers: mean over world draws (each the mean over its seeds and prompts); brackets: 95% interval of a "
-        "bootstrap that resamples world draws, then seeds, then prompts.", "",
+        f"Numbers: mean over world draws (each the mean over its seeds and prompts); brackets: 95% interval, "
+        f"{method(rep)}.", "",
         f"| arm | held-out NLL after SFT | pass@1 after SFT | pass@1 after RL | RL gain, pass@1 | {top} after RL | "
         f"pass@1 after RL vs uniform | {top} after RL vs uniform | pass@1 area vs uniform |",
         "|---|---|---|---|---|---|---|---|---|"]
