@@ -23,7 +23,7 @@ def test_t_interval_by_hand():
     assert se == pytest.approx(0.029242, abs=1e-6)
     assert e["mean"] == pytest.approx(0.022333, abs=1e-6)
     assert e["ci95"] == pytest.approx([0.022333 - 4.302653 * se, 0.022333 + 4.302653 * se], abs=1e-6)
-    assert e["ci95"] == pytest.approx([-0.1035, 0.1482], abs=1e-4)  # the earlier report said [-0.028, +0.077]
+    assert e["ci95"] == pytest.approx([-0.1035, 0.1482], abs=1e-4)  # rounded per-draw values; reported [-0.028, +0.077]
     assert e["mdd"] == pytest.approx((4.302653 + 0.841621) * se, abs=1e-6)  # 0.150; the report said 0.075
     assert e["per_world"] == pytest.approx([0.013, -0.023, 0.077]) and e["df"] == 2
     assert e["method"] == "t-interval over 3 world draws (2 df)"
