@@ -186,6 +186,9 @@ def sft_flags(arm: str, recipe: list[str], matched_weight: float) -> list[str]:
 
 # ---- one world draw ------------------------------------------------------------------------------
 
+PREPARING = threading.Lock()
+
+
 class FingerprintError(RuntimeError):
     """A draw's world was, or would be, built with another fingerprint than the one its record holds."""
 
@@ -202,6 +205,7 @@ class Draw:
         self.record_path = records / f"{kind}-{seed}.json"
         self.env = {**os.environ, "PEAR_WORLD": kind, "PEAR_WORLD_SEED": str(seed)}
         self.lock = threading.Lock()  # two chains of one draw may finish at once
+        self.prepared: tuple[frozenset, float | None] | None = None  # (arms prepared for, matched weight)
 
     def record(self) -> dict:
         return json.loads(self.record_path.read_text()) if self.record_path.exists() else {}
@@ -253,6 +257,14 @@ class Draw:
             rec.setdefault("arms", {})
             write_record(self.record_path, rec)
         return weight
+
+    def ready(self, arms: list[str], seeds: list[int]) -> float | None:
+        """`prepare`, once per set of arms, one draw at a time in this process (a build sets torch's
+        process-wide thread count); returns the control's matched weight."""
+        with PREPARING:
+            if self.prepared is None or not set(arms) <= self.prepared[0]:
+                self.prepared = (frozenset(arms), self.prepare(arms, seeds))
+            return self.prepared[1]
 
     def run_arm(self, arm: str, seed: int, recipe: dict, matched_weight: float, env: dict) -> None:
         """SFT (unless no-sft) -> RL with snapshots -> evaluation of the SFT model, each snapshot and the
@@ -552,10 +564,11 @@ def commit() -> str:
 
 # ---- the run ---------------------------------------------------------------------------------------
 
-def run_chains(draws: list[Draw], arms: list[str], seeds: list[int], recipe: dict, weights: dict, jobs: int,
-               t0: float) -> None:
+def run_chains(draws: list[Draw], arms: list[str], seeds: list[int], recipe: dict, jobs: int, t0: float) -> None:
     """Every (draw, arm, seed) chain not yet recorded, `jobs` at once, each on its own core and one
-    thread (tiny models gain nothing from a second thread, and two chains keep both cores busy)."""
+    thread (tiny models gain nothing from a second thread, and two chains keep both cores busy). Draw
+    by draw: a chain's draw is built and scored when its first chain starts, so a stopped run leaves
+    whole draws rather than built worlds with nothing run on them."""
     cores = queue.Queue()
     for i in range(jobs):
         cores.put(i % (os.cpu_count() or 1))
@@ -565,7 +578,7 @@ def run_chains(draws: list[Draw], arms: list[str], seeds: list[int], recipe: dic
         try:
             env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                    "VLLM_CPU_OMP_THREADS_BIND": str(core)}
-            d.run_arm(arm, seed, recipe, weights[d.seed], env)
+            d.run_arm(arm, seed, recipe, d.ready(arms, seeds), env)
         finally:
             cores.put(core)
 
@@ -654,11 +667,8 @@ def run(cfg: ExperimentConfig) -> Path:
     for d in draws:  # before anything runs: no draw of another machine's build is mixed in
         d.check_fingerprint()
 
-    # 1. the gate arms on every draw (each world built and scored first, cached), then the gate
-    weights = {}
-    for d in draws:
-        weights[d.seed] = d.prepare(list(GATE_ARMS), seeds)
-    run_chains(draws, list(GATE_ARMS), seeds, recipe, weights, cfg.jobs, t0)
+    # 1. the gate arms on every draw (each world built and scored as its first chain starts), then the gate
+    run_chains(draws, list(GATE_ARMS), seeds, recipe, cfg.jobs, t0)
     gate, reference = gate_check({d.seed: d.record() for d in draws}, seeds, recipe)
     log.info("gate: %s (oracle minus uniform %.3f [%.3f, %.3f])", gate["holds"], gate["diff"], gate["lo"], gate["hi"])
 
@@ -667,11 +677,8 @@ def run(cfg: ExperimentConfig) -> Path:
         log.info("the PEAR arms are not run: the oracle does not beat uniform SFT after RL in this world")
         arms = list(GATE_ARMS)
     others = [x for x in arms if x not in GATE_ARMS]
-    if others:
-        for d in draws:
-            weights[d.seed] = d.prepare(arms, seeds)
-        run_chains(draws, [a for a in (PRIMARY, "lr-control") if a in others], seeds, recipe, weights, cfg.jobs, t0)
-        run_chains(draws, others, seeds, recipe, weights, cfg.jobs, t0)
+    run_chains(draws, [a for a in (PRIMARY, "lr-control") if a in others], seeds, recipe, cfg.jobs, t0)
+    run_chains(draws, others, seeds, recipe, cfg.jobs, t0)
     arms = [x for x in ARMS if x in arms]  # the report's order
 
     # 3. the report, from the records alone
