@@ -537,8 +537,9 @@ def weight_diagnostics(arm: str, records: dict[int, dict], seeds: list[int]) -> 
     by_style = [rec["weights_by_style"] for rec in records.values()]
     if any(arm not in b["arms"] for b in by_style):  # pear-live: its weights follow the model being trained
         return out
-    out["mean_weight_by_style"] = {st: float(np.mean([b["arms"][arm]["mean_weight"][st] or 0.0 for b in by_style]))
-                                   for st in STYLES}
+    seen = lambda st: [b["arms"][arm]["mean_weight"][st] for b in by_style  # noqa: E731
+                       if b["arms"][arm]["mean_weight"][st] is not None]  # None: no token of that style
+    out["mean_weight_by_style"] = {st: float(np.mean(seen(st))) if seen(st) else None for st in STYLES}
     out["style_tokens"] = {st: float(np.mean([b["tokens"][st] for b in by_style])) for st in STYLES}
     for key in ("share_log_weight_at_lo", "share_log_weight_at_hi", "share_delta_at_lo", "share_delta_at_hi"):
         if key in by_style[0]["arms"][arm]:
