@@ -8,8 +8,10 @@ weighting can change where RL ends?
 Worlds. A world draw is one build of a kind of world (pipelines/world.py WORLDS) from one seed;
 another seed, or another machine, builds another draw. Draws that were looked at while a world's
 settings were chosen are its selection draws (SELECTION_DRAWS); the experiment runs on fresh
-confirmation draws (CONFIRMATION_DRAWS), listed here, with the decision rule (DECISION), before any
-of them ran. The intervals are t-intervals over the draws (pipelines/experiment_stats.py).
+confirmation draws (CONFIRMATION_DRAWS), listed with the arms and the decision rule (DECISION) in
+pipelines/experiment_design.py before any of them ran; pipelines/experiment_records.py keeps what
+each finished chain measured and makes the report's numbers from it. The intervals are
+t-intervals over the draws (pipelines/experiment_stats.py).
 
 Order. The gate arms run first on every draw: no SFT (RL from the base), uniform SFT and the oracle
 (uniform SFT on only the corpus traces the target can carry out: the corpus's `style` column).
@@ -43,7 +45,6 @@ import logging
 import os
 import platform
 import queue
-import shutil
 import subprocess
 import sys
 import threading
@@ -52,115 +53,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from common import console
 from common.config import ConfigError, cli, field, setup_logging
-from pipelines.experiment_stats import area_under_curve, estimate, fieller, oracle_gate, sft_matters
-from pipelines.recipes import RECIPES, STAGES, embedded_config, recipe_file, recipe_settings
+from pipelines.experiment_design import (ARMS, CONFIRMATION_DRAWS, DECISION, DEFAULT_ARMS, GATE_ARMS, PEAR_ARMS,
+                                         PRIMARY, RECIPE, SELECTION_DRAWS, SMOKE, curve_steps, eval_dir, setting,
+                                         sft_flags, shown)
+from pipelines.experiment_records import (aligned, chain_record, collect, gate_check, headline, mean_stored_weight,
+                                          prune, weights_by_style, write_record)
+from pipelines.recipes import STAGES, recipe_settings
 from pipelines.stages import command as stages_command
-from pipelines.world import STYLES, WORLDS, build, built_with, world_config, world_dir
-from train.eval import pass_at_k, read_eval
+from pipelines.world import WORLDS, build, built_with, world_config, world_dir
+
+__all__ = ["ARMS", "CONFIRMATION_DRAWS", "RECIPE", "SELECTION_DRAWS", "SMOKE", "Draw", "ExperimentConfig",
+           "FingerprintError", "main", "mean_stored_weight", "run", "sft_flags", "write_record", "write_report"]
 
 log = logging.getLogger("pear.experiment")
-MATCHED = "<lr x mean weight of pear-token>"  # resolved from each world's scored shards before its arms run
-ORACLE_ONLY = "style=careful"  # the traces the target can carry out: its careful procedure (pipelines/world.py)
-ARMS = {  # arm -> SFT flags (None: no SFT)
-    "no-sft": None,
-    "uniform": ["--weighting", "uniform"],
-    "oracle": ["--weighting", "uniform", "--only", ORACLE_ONLY],
-    "lr-control": ["--weighting", "uniform", "--lr", MATCHED],
-    "pear-token": ["--weighting", "pear"],  # the weights stored by the scorer (token, the reported defaults)
-    "pear-token-clip0.5": ["--weighting", "pear", "--variant", "token", "--delta-clip", "-0.5,0.3"],
-    "pear-token-clip1.0": ["--weighting", "pear", "--variant", "token", "--delta-clip", "-1.0,0.3"],
-    "pear-sequence": ["--weighting", "pear", "--variant", "sequence"],
-    "pear-block": ["--weighting", "pear", "--variant", "block"],
-    "pear-live": ["--weighting", "pear-live"],
-}
-GATE_ARMS = ("no-sft", "uniform", "oracle")
-REFERENCES = GATE_ARMS  # the arms every run has
-DEFAULT_ARMS = ("no-sft", "uniform", "oracle", "pear-token", "lr-control", "pear-token-clip0.5", "pear-token-clip1.0",
-                "pear-sequence")
-PRIMARY = "pear-token"  # the arm the decision rule is about (the paper's B = 1)
-PEAR_ARMS = ("if-gate-holds", "always")  # when the arms other than the gate arms run
-GATE_MARGIN = 0.10
-SFT_MATTERS_MARGIN = 0.10  # no-sft minus uniform: reported, no longer deciding
-# Draws looked at while a world's settings were chosen (results/world-selection.md) and the fresh draws
-# that confirm, fixed before any of them ran. Another setting tried for the gate would turn its
-# draws into selection draws too.
-SELECTION_DRAWS = {"sft-matters": (0, 1, 2)}
-CONFIRMATION_DRAWS = {"sft-matters": (3, 4, 5, 6, 7, 8, 9, 10)}
-CURVE_STEPS = "10,25,50"  # RL steps with a snapshot to evaluate, besides 0 and the last
-# RL: 100 steps. Uniform gained 0.016 between steps 100 and 150 in the earlier report (0.315 -> 0.331)
-# while every arm had made most of its gain by step 100: the time goes to more draws instead.
-RL_STEPS = "100"
-# The one recipe: the embedded recipes of `make sft`, `make rl`, `make eval` (their YAML files),
-# one CPU thread per stage (two chains share the 2 cores), then what --smoke changes.
-SFT_RECIPE, RL_RECIPE, EVAL_RECIPE = (embedded_config(s, []) for s in STAGES)
-RECIPE = {
-    "sft": SFT_RECIPE,
-    "rl": RL_RECIPE + ["--steps", RL_STEPS, "--save-every", "50", "--threads", "1", "--snapshot-steps", CURVE_STEPS],
-    "eval": EVAL_RECIPE + ["--k", "1,2,4,8,16"],
-    "curve_eval": ["--n", "8", "--k", "1"],  # at the snapshots: pass@1 only, half the samples
-}
-SMOKE = {
-    "sft": SFT_RECIPE + ["--max-steps", "4"],
-    "rl": RL_RECIPE + ["--steps", "3", "--prompts-per-step", "4", "--samples-per-prompt", "4", "--save-every", "0",
-                       "--threads", "1", "--snapshot-steps", "2"],
-    "eval": EVAL_RECIPE + ["--num-prompts", "24", "--n", "16", "--k", "1,16", "--bootstrap", "200"],
-    "curve_eval": ["--n", "8", "--k", "1"],
-}
-DECISION = f"""\
-Written before any confirmation draw ran (pipelines/experiment.py DECISION), and applied as written:
-
-1. Draws. The world's selection draws (sft-matters: {", ".join(map(str, SELECTION_DRAWS["sft-matters"]))})
-   were looked at while its settings were chosen; they count in no comparison below. The
-   confirmation draws (sft-matters: {", ".join(map(str, CONFIRMATION_DRAWS["sft-matters"]))}) are fresh builds,
-   listed in the code before any of them ran. Every interval is a 95% t-interval on the per-draw
-   paired means, n - 1 degrees of freedom; the minimum detectable difference is
-   (t(0.975, n - 1) + z(0.8)) standard errors.
-2. The gate, before any PEAR arm runs: can weighting the SFT data change where RL ends here? The
-   oracle (uniform SFT on only the corpus traces the target can carry out, {ORACLE_ONLY}) minus
-   uniform SFT, held-out pass@1 after the last RL step, must be at least +{GATE_MARGIN:.2f} with the
-   interval above 0. If it fails, no PEAR arm runs and the report says so and stops: that is the
-   result. No-SFT minus uniform is reported as a reference and decides nothing.
-3. The primary comparison: held-out pass@1 after the last RL step, {PRIMARY} minus uniform, paired by
-   draw, seed and prompt. PEAR helps if the interval lies above 0, hurts if below 0, and neither
-   otherwise (the minimum detectable difference then says how large an effect could have gone
-   unseen). Beside it, the share of the oracle's gain that PEAR recovers, (pear - uniform) /
-   (oracle - uniform), with Fieller's interval on n - 1 degrees of freedom.
-4. Secondary, reported whatever they say and not deciding: PEAR token with the lower delta clip at
-   -0.5 and -1.0, PEAR sequence, the learning-rate control (is a difference from PEAR's per-token
-   shape or from its smaller average step?), the area under the pass@1 curve over RL steps and
-   pass@16 after RL. No correction for the number of secondary comparisons: read them as such."""
-
-
-def setting(args: list[str], name: str) -> str:
-    """The value of setting `name` (a field: `lr`, `k`) that a stage gets from an argument list of one
-    embedded recipe file (`--config`) and flags: the last flag's, else the file's (a list joined by commas)."""
-    flag = "--" + name.replace("_", "-")
-    if flag in args:
-        return args[len(args) - 1 - args[::-1].index(flag) + 1]
-    stage = next(s for s in STAGES if str(recipe_file(s)) in args)
-    value = recipe_settings(stage)[name]
-    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
-
-
-def curve_steps(recipe: dict) -> list[int]:
-    """The RL steps evaluated: 0 (the SFT model), each snapshot, the last."""
-    snaps = [int(x) for x in setting(recipe["rl"], "snapshot_steps").split(",") if x.strip()]
-    return sorted({0, *snaps, int(setting(recipe["rl"], "steps"))})
-
-
-def eval_dir(run: Path, step: int, last: int) -> Path:
-    """The evaluation folder of one arm and seed at one RL step."""
-    return run / ("eval-sft" if step == 0 else "eval-rl" if step == last else f"eval-step{step:06d}")
-
-
-def shown(args: list[str]) -> list[str]:
-    """An argument list as experiment.json records it: the recipe files relative to the repository."""
-    return [str(Path(a).relative_to(RECIPES.parent)) if a.startswith(str(RECIPES)) else a for a in args]
-
 
 def stages(todo: list[tuple[list[str], Path]], log_file: Path, env: dict) -> None:
     """Run the stages (`module, *args`, the file each leaves when done) not yet done, all in one process
@@ -176,12 +83,6 @@ def stages(todo: list[tuple[list[str], Path]], log_file: Path, env: dict) -> Non
     if rc != 0 or missing:
         raise RuntimeError(f"stage failed (exit {rc}): {' '.join(missing[0] if missing else cmds[-1])}; see {log_file}")
     log.info("%s done in %.0fs", log_file.parent, time.time() - t0)
-
-
-def sft_flags(arm: str, recipe: list[str], matched_weight: float) -> list[str]:
-    """The recipe, then the arm's own flags (later flags win); the control's lr is the recipe's times the weight."""
-    lr = float(setting(recipe, "lr")) * matched_weight
-    return recipe + [f"{lr:.6g}" if a == MATCHED else a for a in ARMS[arm]]
 
 
 # ---- one world draw ------------------------------------------------------------------------------
@@ -298,253 +199,6 @@ class Draw:
             rec.setdefault("arms", {}).setdefault(arm, {})[f"seed{seed}"] = chain
             write_record(self.record_path, rec)
         prune(d)
-
-
-def write_record(path: Path, rec: dict) -> None:
-    """A draw's record, written whole (a temporary file, then a rename: a killed run leaves the old one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(rec, separators=(",", ":")) + "\n")
-    os.replace(tmp, path)
-
-
-def successes(folder: Path) -> tuple[list, int, list[int]]:
-    """An eval folder's prompt keys ([prompt, occurrence]), samples per prompt and passing samples per
-    prompt (at its own threshold): all that unbiased pass@k needs."""
-    ev = read_eval(str(folder))
-    keys = list(ev["rewards"])
-    rewards = np.stack([ev["rewards"][key] for key in keys])  # (P, n)
-    return [list(k) for k in keys], int(rewards.shape[1]), [int(c) for c in (rewards >= ev["threshold"]).sum(axis=1)]
-
-
-def chain_record(d: Path, steps: list[int], sft: bool) -> dict:
-    """What the report needs of one finished chain: per evaluated step the samples and passes per prompt,
-    the RL reward curve, the SFT run's held-out NLL (before and after), mean weight and ESS."""
-    out: dict = {"steps": {}}
-    for step in steps:
-        keys, n, c = successes(eval_dir(d, step, steps[-1]))
-        out.setdefault("prompts", keys)
-        if keys != out["prompts"]:
-            raise ValueError(f"{eval_dir(d, step, steps[-1])}: other prompts than {eval_dir(d, 0, steps[-1])}")
-        out["steps"][str(step)] = {"n": n, "passed": c}
-    metrics = [json.loads(x) for x in (d / "rl" / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    out["reward_curve"] = [round(m["mean_reward"], 5) for m in metrics]
-    if sft:
-        t = json.loads((d / "sft" / "train_summary.json").read_text())
-        out["sft"] = {k: t[k] for k in ("heldout_nll", "heldout_nll_start", "mean_weight", "mean_ess_fraction",
-                                         "train_rows", "steps")}
-    return out
-
-
-def aligned(chain: dict, prompts: list, keys: list) -> dict:
-    """A chain's passes in the order of the draw's prompts (the same prompts by construction; checked)."""
-    if keys == prompts:
-        return chain
-    where = {tuple(k): i for i, k in enumerate(keys)}
-    missing = [p for p in prompts if tuple(p) not in where]
-    if missing:
-        raise ValueError(f"a chain lacks {len(missing)} of the draw's prompts, e.g. {missing[0]}")
-    for v in chain["steps"].values():
-        v["passed"] = [v["passed"][where[tuple(p)]] for p in prompts]
-    return chain
-
-
-def prune(d: Path) -> None:
-    """Delete a recorded chain's models (weights, checkpoints, snapshots); its logs and JSON files stay."""
-    for sub in ("sft", "rl"):
-        for name in ("checkpoints", "snapshots"):
-            shutil.rmtree(d / sub / name, ignore_errors=True)
-        for f in (d / sub).glob("*.safetensors"):
-            f.unlink()
-
-
-def mean_stored_weight(scores: Path, variant: str = "token") -> float:
-    """Mean PEAR weight over every response token of the scored shards (streamed shard by shard)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from scorer.shards import list_shards, read_meta
-
-    total, count = 0.0, 0
-    for shard in list_shards(scores):
-        if read_meta(shard).get("variant") != variant:
-            raise ValueError(f"{shard} holds {read_meta(shard).get('variant')} weights; the control needs {variant}")
-        flat = pc.list_flatten(pq.read_table(shard, columns=["weights"]).column("weights"))
-        total += float(pc.sum(flat).as_py() or 0.0)
-        count += len(flat)
-    if not count:
-        raise ValueError(f"no weights in {scores}")
-    return total / count
-
-
-def arm_weight_params(arm: str, stored: dict):
-    """The PEAR weighting an arm trains with (the shards' own for the stored weights), or None."""
-    from scorer.weights import WeightParams
-
-    flags = ARMS[arm] or []
-    if "pear" not in flags:
-        return None
-    params = WeightParams.from_dict(stored)
-    if "--variant" in flags:
-        params = WeightParams(flags[flags.index("--variant") + 1], params.gamma, params.block_size,
-                              tuple(float(x) for x in flags[flags.index("--delta-clip") + 1].split(","))
-                              if "--delta-clip" in flags else params.delta_clip, params.log_weight_clip)
-    return params
-
-
-def weights_by_style(scores: Path, arms: list[str]) -> dict:
-    """Per SFT arm: the mean token weight of each trace style (uniform 1; the oracle 1 on its traces, 0
-    elsewhere; PEAR arms their weights from the stored logprobs), the styles' token counts, and the
-    shares of tokens at the delta and log-weight clips."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from scorer.shards import list_shards, read_meta
-    from scorer.weights import ragged_weights
-
-    shards = list_shards(scores)
-    table = pa.concat_tables([pq.read_table(p, columns=["target_logprobs", "behavior_logprobs", "style"])
-                              for p in shards])
-    target = [np.asarray(x, np.float64) for x in table.column("target_logprobs").to_pylist()]
-    behavior = [np.asarray(x, np.float64) for x in table.column("behavior_logprobs").to_pylist()]
-    styles = np.array(table.column("style").to_pylist())
-    lengths = np.array([len(x) for x in target])
-    token_style = np.repeat(styles, lengths)  # (tokens,)
-    out: dict = {"tokens": {st: int((token_style == st).sum()) for st in STYLES}, "arms": {}}
-    stored = read_meta(shards[0])
-    oracle_col, oracle_values = ORACLE_ONLY.split("=")
-    for arm in arms:
-        params = arm_weight_params(arm, stored)
-        if params is None:  # uniform SFT: 1 on the rows it trains on
-            on = np.ones(len(token_style)) if "--only" not in ARMS[arm] else \
-                np.isin(token_style, oracle_values.split("|")).astype(np.float64)
-            out["arms"][arm] = {"mean_weight": {st: float(on[token_style == st].mean()) if (token_style == st).any()
-                                                else None for st in STYLES}}
-            continue
-        w, logw = ragged_weights([list(x) for x in target], [list(x) for x in behavior], params)
-        w = np.concatenate([np.asarray(x, np.float64) for x in w])
-        logw = np.concatenate([np.asarray(x, np.float64) for x in logw])
-        delta = np.concatenate(target) - np.concatenate(behavior)
-        lo, hi = params.log_weight_clip
-        dlo, dhi = params.delta_clip
-        out["arms"][arm] = {
-            "params": params.as_dict(),
-            "mean_weight": {st: float(w[token_style == st].mean()) if (token_style == st).any() else None
-                            for st in STYLES},
-            "share_log_weight_at_lo": float(np.mean(logw <= lo + 1e-6)),
-            "share_log_weight_at_hi": float(np.mean(logw >= hi - 1e-6)),
-            "share_delta_at_lo": float(np.mean(delta <= dlo)), "share_delta_at_hi": float(np.mean(delta >= dhi))}
-    return out
-
-
-# ---- collecting the records ----------------------------------------------------------------------
-
-def pass_k(chain: dict, step: int, k: int) -> np.ndarray:
-    """Unbiased pass@k of each prompt of a recorded chain at one RL step."""
-    v = chain["steps"][str(step)]
-    return np.array([pass_at_k(v["n"], c, k) for c in v["passed"]])
-
-
-def collect(records: dict[int, dict], seeds: list[int], arms: list[str], recipe: dict, ks: list[int]) -> dict:
-    """Per arm, from the draws' records: pass@k after SFT and after RL, the RL gain, the pass@1 curve over
-    RL steps and its area, each paired against uniform, the reward curves, the held-out NLL and the
-    weights; then the gate, the primary comparison and the share of the oracle's gain PEAR recovers."""
-    steps = curve_steps(recipe)
-    chains = {(w, arm, s): rec["arms"][arm][f"seed{s}"] for w, rec in records.items() for arm in arms for s in seeds}
-
-    def mats(arm: str, step: int, k: int) -> list[np.ndarray]:  # one (seeds, prompts) array per world draw
-        return [np.stack([pass_k(chains[w, arm, s], step, k) for s in seeds]) for w in records]
-
-    at = {(arm, t, k): mats(arm, t, k) for arm in arms for t in steps for k in (ks if t in (0, steps[-1]) else [1])}
-    diff = lambda a, b: [x - y for x, y in zip(a, b)]  # noqa: E731
-    auc = {arm: [area_under_curve(np.stack(c, axis=-1), steps) for c in zip(*(at[arm, t, 1] for t in steps))]
-           for arm in arms}
-    res: dict = {"prompts": {str(w): len(rec["prompts"]) for w, rec in records.items()}, "arms": {}}
-    for arm in arms:
-        r: dict = {"runs": {}}
-        for w in records:
-            for s in seeds:
-                c = chains[w, arm, s]
-                # no-sft: the base's NLL, as uniform SFT measured it before training
-                nll = c["sft"]["heldout_nll"] if ARMS[arm] else chains[w, "uniform", s]["sft"]["heldout_nll_start"]
-                r["runs"][f"world{w}/seed{s}"] = {"reward_curve": c["reward_curve"], "heldout_nll": nll}
-        r["heldout_nll"] = float(np.mean([v["heldout_nll"] for v in r["runs"].values()]))
-        for k in ks:
-            sft, rl = at[arm, 0, k], at[arm, steps[-1], k]
-            r.setdefault("after_sft", {})[f"pass@{k}"] = estimate(sft)
-            r.setdefault("after_rl", {})[f"pass@{k}"] = estimate(rl)
-            r.setdefault("rl_gain", {})[f"pass@{k}"] = estimate(diff(rl, sft))
-            if arm != "uniform":
-                r.setdefault("vs_uniform_after_rl", {})[f"pass@{k}"] = estimate(diff(rl, at["uniform", steps[-1], k]))
-                r.setdefault("vs_uniform_after_sft", {})[f"pass@{k}"] = estimate(diff(sft, at["uniform", 0, k]))
-        r["curve"] = {"steps": steps, "pass@1": [estimate(at[arm, t, 1]) for t in steps]}
-        r["auc_pass@1"] = estimate(auc[arm])
-        if arm != "uniform":
-            r["curve"]["vs_uniform"] = [estimate(diff(at[arm, t, 1], at["uniform", t, 1])) for t in steps]
-            r["auc_pass@1_vs_uniform"] = estimate(diff(auc[arm], auc["uniform"]))
-        r["weights"] = weight_diagnostics(arm, records, seeds)
-        res["arms"][arm] = r
-    # each arm's paired difference from uniform at each RL step, with its interval
-    res["curve"] = {arm: {"steps": steps, "pass@1": [e["mean"] for e in r["curve"]["pass@1"]],
-                          **({"diff": [e["mean"] for e in r["curve"]["vs_uniform"]],
-                              "lo": [e["ci95"][0] for e in r["curve"]["vs_uniform"]],
-                              "hi": [e["ci95"][1] for e in r["curve"]["vs_uniform"]]} if "vs_uniform" in r["curve"]
-                             else {})}
-                    for arm, r in res["arms"].items()}
-    return res
-
-
-def headline(res: dict) -> dict:
-    """experiment.json's top-level answers: the oracle's gain over uniform, the primary comparison and the
-    share of the oracle's gain PEAR recovers (Fieller), all on post-RL pass@1."""
-    arms = res["arms"]
-    pick = lambda e, *keys: {k: e[k] for k in keys}  # noqa: E731
-    out: dict = {"oracle": None, "primary": None, "recovered": None}
-    if "oracle" in arms:
-        e = arms["oracle"]["vs_uniform_after_rl"]["pass@1"]
-        out["oracle"] = {"diff": e["mean"], "lo": e["ci95"][0], "hi": e["ci95"][1], **pick(e, "mdd", "method"),
-                         "per_world": e["per_world"]}
-    if PRIMARY in arms:
-        e = arms[PRIMARY]["vs_uniform_after_rl"]["pass@1"]
-        out["primary"] = {"arm": PRIMARY, "diff": e["mean"], "lo": e["ci95"][0], "hi": e["ci95"][1],
-                          **pick(e, "mdd", "method", "se"), "per_world": e["per_world"]}
-        if out["oracle"]:
-            num, den = out["primary"]["per_world"], out["oracle"]["per_world"]
-            f = fieller(np.array(num), np.array(den)) if len(num) >= 2 else \
-                {"share": num[0] / den[0] if den[0] else None, "lo": None, "hi": None, "bounded": False,
-                 "method": "one draw: no interval"}
-            out["recovered"] = {"share": f["share"], "lo": f["lo"], "hi": f["hi"], "bounded": f["bounded"],
-                                "method": f["method"]}
-    return out
-
-
-def gate_check(records: dict[int, dict], seeds: list[int], recipe: dict) -> tuple[dict, dict]:
-    """The gate (oracle minus uniform) and the reference (no-sft minus uniform), from the gate arms alone."""
-    refs = collect(records, seeds, list(GATE_ARMS), recipe, [1])["arms"]
-    return (oracle_gate(refs["oracle"]["vs_uniform_after_rl"]["pass@1"], GATE_MARGIN),
-            sft_matters(refs["no-sft"]["vs_uniform_after_rl"]["pass@1"], SFT_MATTERS_MARGIN))
-
-
-def weight_diagnostics(arm: str, records: dict[int, dict], seeds: list[int]) -> dict | None:
-    """An SFT arm's weights, mean over draws: as trained (mean weight, batch ESS), and from the stored
-    logprobs: the mean weight of each trace style and the shares of tokens at the clips."""
-    if ARMS[arm] is None:
-        return None
-    trained = [rec["arms"][arm][f"seed{s}"]["sft"] for rec in records.values() for s in seeds]
-    out = {"mean_weight_trained": float(np.mean([t["mean_weight"] for t in trained])),
-           "batch_ess_fraction_trained": float(np.mean([t["mean_ess_fraction"] for t in trained])),
-           "train_rows": float(np.mean([t["train_rows"] for t in trained]))}
-    by_style = [rec["weights_by_style"] for rec in records.values()]
-    if any(arm not in b["arms"] for b in by_style):  # pear-live: its weights follow the model being trained
-        return out
-    seen = lambda st: [b["arms"][arm]["mean_weight"][st] for b in by_style  # noqa: E731
-                       if b["arms"][arm]["mean_weight"][st] is not None]  # None: no token of that style
-    out["mean_weight_by_style"] = {st: float(np.mean(seen(st))) if seen(st) else None for st in STYLES}
-    out["style_tokens"] = {st: float(np.mean([b["tokens"][st] for b in by_style])) for st in STYLES}
-    for key in ("share_log_weight_at_lo", "share_log_weight_at_hi", "share_delta_at_lo", "share_delta_at_hi"):
-        if key in by_style[0]["arms"][arm]:
-            out[key] = float(np.mean([b["arms"][arm][key] for b in by_style]))
-    return out
 
 
 def machine() -> str:

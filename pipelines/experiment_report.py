@@ -88,7 +88,7 @@ def recovered(rep: dict) -> str:
 
 def decision(rep: dict) -> str:
     """The primary comparison, read by the rule written before the run."""
-    from pipelines.experiment import PRIMARY
+    from pipelines.experiment_design import PRIMARY
 
     if not rep["gate"]["holds"] and PRIMARY not in rep["arms"]:
         return "The gate failed: this world cannot speak to PEAR (no decision)."
