@@ -236,3 +236,23 @@ def test_selection_draws_cannot_confirm():
     assert len(CONFIRMATION_DRAWS["sft-matters"]) >= 8
     with pytest.raises(SystemExit):
         main(["--world", "sft-matters", "--worlds", "2,3"])
+
+
+def test_each_arm_trains_with_the_weighting_its_flags_name(tmp_path):
+    from pipelines.experiment_records import arm_weight_params, prune
+    from scorer.weights import WeightParams
+
+    stored = WeightParams("token").as_dict()  # what the scorer stored
+    assert arm_weight_params("pear-token", stored) == WeightParams("token")
+    assert arm_weight_params("pear-token-clip0.5", stored) == WeightParams("token", delta_clip=(-0.5, 0.3))
+    assert arm_weight_params("pear-token-clip1.0", stored) == WeightParams("token", delta_clip=(-1.0, 0.3))
+    assert arm_weight_params("pear-sequence", stored) == WeightParams("sequence")
+    assert arm_weight_params("uniform", stored) is None and arm_weight_params("oracle", stored) is None
+    # a recorded chain keeps its JSON files and loses its models
+    for f in ("sft/model.safetensors", "sft/train_summary.json", "rl/snapshots/step-000010/model.safetensors",
+              "rl/checkpoints/step-50/x", "rl/model.safetensors", "eval-rl/eval.json"):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("x")
+    prune(tmp_path)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == [
+        "eval-rl/eval.json", "sft/train_summary.json"]
