@@ -96,7 +96,7 @@ def test_t_interval_holds_its_coverage_and_the_old_bootstrap_does_not(draws):
     true effect at least 93.5% of the time (the binomial spread of 2000 runs at 95% is 0.5%). The
     earlier percentile bootstrap over draws (then seeds and prompts) falls short with 3 draws at every
     SD (0.92, 0.79, 0.75 with this seed) and with 5 draws where the draws differ by more than the
-    prompts' noise (SD 0.05, 0.08: 0.89, 0.86); at SD 0.02 and 5 or more draws, where the prompt
+    prompts' noise (SD 0.05, 0.08: 0.88, 0.86); at SD 0.02 and 5 or more draws, where the prompt
     noise (about 0.010 per draw) is half the spread, counting it twice makes it wide enough."""
     rng = np.random.default_rng(34)
     effect = 0.03
