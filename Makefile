@@ -47,6 +47,7 @@ VARS.bench-rl := SIZES MODES
 VARS.bench-gpu :=
 VARS.test := TEST_WORKERS
 VARS.test-fast := TEST_WORKERS
+VARS.test-worlds :=
 VARS.lint :=
 VARS.clean :=
 VARS.help :=
@@ -71,12 +72,13 @@ DESC.bench-rl := peak memory of an RL step against the batch (135M shape; an hou
 DESC.bench-gpu := every GPU figure
 DESC.test := the test suite (what CI runs)
 DESC.test-fast := the suite without the slow end-to-end runs
+DESC.test-worlds := the world-dependent tests on the draws other machines build (kernels x threads)
 DESC.lint := ruff (its settings in pyproject.toml)
 DESC.clean := remove runs/
 # every target: ARGS (more flags, passed as they are), VERBOSE, WORLD, WORLD_SEED, VENV
 GLOBAL_VARS := ARGS VERBOSE WORLD WORLD_SEED VENV
 TARGETS := help setup demo world score reweight export inspect sft rl eval experiment experiment-smoke \
-           bench bench-sft bench-scale bench-rl bench-gpu test test-fast lint clean
+           bench bench-sft bench-scale bench-rl bench-gpu test test-fast test-worlds lint clean
 
 # the flag of a variable: lower case, _ -> - (SPLIT is --data-split)
 lc = $(subst A,a,$(subst B,b,$(subst C,c,$(subst D,d,$(subst E,e,$(subst F,f,$(subst G,g,$(subst H,h,$(subst I,i,$(subst J,j,$(subst K,k,$(subst L,l,$(subst M,m,$(subst N,n,$(subst O,o,$(subst P,p,$(subst Q,q,$(subst R,r,$(subst S,s,$(subst T,t,$(subst U,u,$(subst V,v,$(subst W,w,$(subst X,x,$(subst Y,y,$(subst Z,z,$(1)))))))))))))))))))))))))))
@@ -202,8 +204,14 @@ test: setup world
 test-fast: setup world
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow" $(ARGS)
 
+# the tests marked world_draw on worlds built with torch's other CPU kernel paths (ATEN_CPU_CAPABILITY:
+# default, avx2, avx512 where the CPU has it) at 1 and 2 threads: the draws other machines build
+# (cached under artifacts/draws/; about 40 minutes on 2 cores). ARGS go to pytest.
+test-worlds: setup
+	$(PY) tests/worlds.py $(ARGS)
+
 lint: setup
-	$(PY) -m ruff check scorer train pipelines tests bench
+	$(PY) -m ruff check common scorer train pipelines tests bench
 
 clean:
 	rm -rf runs

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import difflib
 import logging
 import re
 import typing
@@ -76,6 +77,33 @@ def _flags(cls) -> list[tuple[str, dataclasses.Field, object, str | None]]:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse without abbreviations (`--epoch` is not `--epochs`) and with one-line errors: a
+    mistyped flag is named with the nearest real one, not answered with the whole usage block."""
+
+    def __init__(self, **kw):
+        super().__init__(allow_abbrev=False, **kw)
+
+    def error(self, message: str):
+        import sys
+
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+    def unknown(self, extra: list[str]):
+        """The first argument that is no flag of this parser, as an error naming the nearest flag."""
+        token = next((a for a in extra if a.startswith("-")), extra[0])
+        name = token.partition("=")[0]
+        if not name.startswith("-"):
+            self.error(f"unexpected argument {token!r}; a flag takes one value (--name value)")
+        flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        near = difflib.get_close_matches(name, flags, n=1, cutoff=0.5)
+        # a prefix of exactly one flag is what argparse would have taken it for: name that one
+        prefixed = [f for f in flags if f.startswith(name)]
+        near = prefixed[:1] if len(prefixed) == 1 else near
+        self.error(f"unknown flag {name}" + (f"; did you mean {near[0]}?" if near else "; --help lists the flags"))
+
+
 def parse(cls, argv=None, description: str | None = None):
     """Build `cls` from defaults, an optional `--config` YAML file and command-line flags."""
     return parse_given(cls, argv, description)[0]
@@ -88,8 +116,7 @@ def parse_given(cls, argv=None, description: str | None = None) -> tuple[typing.
     import sys
 
     flags = _flags(cls)
-    p = argparse.ArgumentParser(description=description or cls.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=description or cls.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=None, help="YAML file of field values (flags override it)")
     defaults = cls() if all(_default(f) != "required" for f in dataclasses.fields(cls)) else None
     for name, f, tp, group in flags:
@@ -100,7 +127,9 @@ def parse_given(cls, argv=None, description: str | None = None) -> tuple[typing.
         text = text if text == argparse.SUPPRESS else (text + f" (default: {shown})").replace("%", "%%")
         bare = {"nargs": "?", "const": "true"} if tp is bool else {}  # `--smoke` alone: true
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=text, **bare)
-    ns = p.parse_args(_negative_values(list(sys.argv[1:] if argv is None else argv)))
+    ns, extra = p.parse_known_args(_negative_values(list(sys.argv[1:] if argv is None else argv)))
+    if extra:
+        p.unknown(extra)
     values = {}
     if ns.config is not None:
         import yaml
@@ -196,7 +225,8 @@ def setup_logging(level: int = logging.INFO) -> None:
 def cli(cls, argv, description: str | None, work, report, errors: tuple[type[Exception], ...] = (),
         log: str | None = None, given: bool = False, status=None) -> int:
     """An entry point: the config from `argv`, then `work(cfg)` (`work(cfg, names given)` with `given`);
-    a ConfigError (or one of `errors`) is one line `error: ...` and exit code 2; otherwise
+    a ConfigError (or one of `errors`) is one line `error: ...` and exit code 2, and the log and
+    folders made for it are removed again (console.discard_log); otherwise
     `report(result)` is printed (unless empty), exit code `status(result)` if given (a benchmark
     some of whose runs failed), else 0. `log`: the file in the config's `out` folder that other
     libraries' output goes to (common/console.py, with PEAR_QUIET=1); any other exception then ends
@@ -212,6 +242,7 @@ def cli(cls, argv, description: str | None, work, report, errors: tuple[type[Exc
         result = work(cfg, names) if given else work(cfg)
     except (ConfigError, *errors) as e:
         print(f"error: {e}", file=console.err())
+        console.discard_log()  # a refused run leaves no output folder and no log behind
         return 2
     text = report(result)
     if text:

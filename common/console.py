@@ -7,7 +7,8 @@ file; the terminal keeps what the pipeline writes through `out()` and `err()`: i
 `pear.*` log lines (also copied to the file) and its progress bars. A child stage started with
 `**child_streams()` writes to the terminal again and quiets itself into its own log. An exception
 that ends a quiet stage prints its one-line cause and the log's path on the terminal, its
-traceback in the log (`sys.excepthook`).
+traceback in the log (`sys.excepthook`). A stage that refuses its inputs (exit 2) leaves nothing
+behind: `discard_log()` removes the log and the folders that `quiet` made for it.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 FORMAT = "%(asctime)s %(name)s %(message)s"
 _terminal: tuple | None = None  # (stdout, stderr) of the terminal, once quiet
 _log: Path | None = None  # where other libraries' output goes now
+_made: dict[Path, list[Path]] = {}  # a log this process created -> it and the folders made for it, deepest first
 
 
 def out():
@@ -47,11 +49,15 @@ def quiet(log_path: str | Path) -> Path | None:
     log_path = Path(log_path)
     if log_path == _log:
         return log_path
+    folders = [p for p in [log_path.parent, *log_path.parent.parents] if not p.exists()]
+    existed = log_path.exists()
     try:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     except OSError:
         return None
+    if not existed:
+        _made[log_path] = [log_path, *folders]
     sys.stdout.flush()
     sys.stderr.flush()
     if _terminal is None:
@@ -66,6 +72,25 @@ def quiet(log_path: str | Path) -> Path | None:
     sys.excepthook = _report
     logging.getLogger("pear").info("other libraries' output: %s", log_path)
     return log_path
+
+
+def discard_log() -> None:
+    """After a refusal (bad input, exit 2): remove the current log when this process created it, and
+    the folders made for it that are still empty. The inputs are checked before a stage writes
+    anything of its own, so an output folder that was not there is not there afterwards."""
+    global _log
+    if _log is None or _log not in _made:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    log_path, *folders = _made.pop(_log)
+    log_path.unlink(missing_ok=True)  # fds 1 and 2 keep the open file until the next quiet()
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: something else was written there
+            break
+    _log = None
 
 
 def log_tail(n_bytes: int = 1 << 16) -> str:

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import socket
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlparse
@@ -263,6 +264,23 @@ def write_json_atomic(obj, path) -> None:
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
     replace(tmp, path)
+
+
+def append_json_line(obj, path) -> None:
+    """`obj` as one JSON line at the end of `path` (made when missing): a run's line in a history file.
+    Object storage has no append: the object is read and written whole (one writer holds OUT's lease)."""
+    path = as_path(path)
+    line = json.dumps(obj) + "\n"
+    if isinstance(path, ObjectPath):
+        path.write_text((path.read_text() if path.exists() else "") + line)
+    else:
+        with open(path, "a") as f:
+            f.write(line)
+
+
+def run_id() -> str:
+    """A name for this run in history files and shard metadata: its start (UTC) and process id."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + f"-{os.getpid()}"
 
 
 def glob(pattern: str) -> list:

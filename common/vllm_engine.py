@@ -63,8 +63,9 @@ def make_vllm_engine(model: str, max_model_len: int = 4096, skip_tokenizer_init:
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = before
 
 
-def generate(llm, prompts: list[list[int]], params) -> list:
-    """`llm.generate` on token-id prompts, one output per prompt in order, no progress bar.
+def generate(llm, prompts: list[list[int]], params, bar: str | None = None) -> list:
+    """`llm.generate` on token-id prompts, one output per prompt in order; with `bar` (its title), a
+    progress bar over the prompts on the terminal (`prompt_bar`), else none.
 
     On the CPU, with torch.compile off for the call: vLLM compiles the rank count behind returned
     logprobs (`batched_count_greater_than`) on first use in each process, 2 s with inductor's cache
@@ -75,7 +76,29 @@ def generate(llm, prompts: list[list[int]], params) -> list:
 
     requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
     with contextlib.nullcontext() if on_gpu() else torch.compiler.set_stance("force_eager"):
-        return llm.generate(requests, params, use_tqdm=False)
+        return llm.generate(requests, params, use_tqdm=prompt_bar(bar, len(prompts)) if bar else False)
+
+
+def prompt_bar(title: str, total: int):
+    """vLLM's progress-bar factory (`use_tqdm=`) for a bar like the other stages': over prompts, on the
+    terminal's stderr. vLLM calls `update` once per finished prompt with its count of samples, and
+    sets its own speed postfix; the bar counts the prompt and leaves the postfix out. vLLM also wraps
+    its prompts in the factory while it renders them (an instant for token ids): no bar there."""
+    from tqdm import tqdm
+
+    from common import console
+
+    class PromptBar(tqdm):
+        postfix = property(lambda self: None, lambda self, value: None)
+
+        def update(self, n=1):
+            return super().update(1)
+
+    def make(iterable=None, **_):
+        return iterable if iterable is not None else PromptBar(total=total, desc=title, unit="prompt",
+                                                               file=console.err())
+
+    return make
 
 
 def shutdown_vllm(llm) -> None:

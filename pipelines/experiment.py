@@ -189,7 +189,8 @@ class Draw:
             extra = (["--baseline", str(eval_dir(d, 0, steps[-1]))] if step == steps[-1]
                      else recipe["curve_eval"] if step else [])
             out = eval_dir(d, step, steps[-1])
-            todo.append((["train.eval", "--model", model, "--out", str(out), *ev, *extra], out / "eval.json"))
+            todo.append((["train.eval", "--model", model, "--out", str(out), "--progress", "false", *ev, *extra],
+                         out / "eval.json"))
         stages(todo, d / "run.log", env)
         chain = chain_record(d, steps, ARMS[arm] is not None)
         with self.lock:

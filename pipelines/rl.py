@@ -148,6 +148,8 @@ def main(argv=None) -> int:
         return 2
     verb, rest = argv[0], argv[1:]
     rc = run_rl(rest) if verb == "rl" else run_eval(rest)
+    if rc == 2:  # refused (a refusal here, not in the stage's own cli): no output folder, no log
+        console.discard_log()
     return rc
 
 

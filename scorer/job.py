@@ -27,7 +27,7 @@ from common import console
 from common.config import ConfigError, cli, field, setup_logging
 from common.lock import locked, writable_folder
 from common.models import model_record, pinned, resolve_model
-from common.storage import as_path, replace, write_json_atomic
+from common.storage import append_json_line, as_path, replace, run_id, write_json_atomic
 from common.vllm_engine import vllm_available
 from scorer import __version__
 from scorer.config import WeightConfig
@@ -93,11 +93,12 @@ class ScoreConfig:
 class ShardScorer:
     """Ray Data callable class: engines are loaded once per actor, then whole units are scored."""
 
-    def __init__(self, cfg: ScoreConfig, job_meta: dict, passthrough: bytes):
+    def __init__(self, cfg: ScoreConfig, job_meta: dict, passthrough: bytes, run: str = ""):
         from transformers import AutoConfig, AutoTokenizer
 
         self.cfg = cfg
         self.job_meta = job_meta
+        self.run = run  # the run's name (storage.run_id), in each shard it writes
         self.passthrough = pa.ipc.read_schema(pa.py_buffer(passthrough))
         self.params = self.cfg.weight_params()
         # the models the driver resolved, pinned to their hub commit (this may be another node)
@@ -195,6 +196,8 @@ class ShardScorer:
                          [ex.spans for ex in examples], target_lps, behavior_lps, weights)
         out = _with_passthrough(out, rows, table, keep, self.passthrough, set(self.job_meta["json_encoded_columns"]))
 
+        n_tokens = int(sum(len(x) for x in input_ids))
+        seconds = time.perf_counter() - t0  # the unit's scoring time: read, tokenize, score, weigh
         out_dir = as_path(self.cfg.out)  # a local folder or an object-storage URI
         # rejects first: a unit counts as done only once its shard exists
         write_atomic(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), out_dir / "rejects" / "parts" / unit["shard"])
@@ -202,12 +205,13 @@ class ShardScorer:
                            "column+model" if from_model else "column")
         meta = dict(self.job_meta, source=str(path), source_fingerprint=json.loads(unit["fingerprint"]),
                     rows=[start, stop], rows_sha256=rows_sha256(rows), unknown_roles=unknown_roles, made_on=made_on(),
-                    behavior=dict(self.job_meta["behavior"], source=behavior_source, rows_from_model=from_model))
+                    behavior=dict(self.job_meta["behavior"], source=behavior_source, rows_from_model=from_model),
+                    # the shard's own record of its making: the summary's speed is that of the shards there
+                    scored_by={"run": self.run, "tokens": n_tokens, "seconds": round(seconds, 4)})
         write_atomic(out, out_dir / unit["shard"], meta)
-        n_tokens = int(sum(len(x) for x in input_ids))
         return {"shard": unit["shard"], "rows_in": stop - start, "rows_written": out.num_rows,
                 "rows_rejected": len(rejects), "tokens": n_tokens, "unknown_roles": unknown_roles,
-                "seconds": time.perf_counter() - t0}
+                "seconds": seconds}
 
     def check_passthrough(self, row: dict) -> None:
         """A JSON row's other columns must be the corpus's columns (taken from its first rows) and fit
@@ -515,7 +519,10 @@ def rows_sha256(rows: list[dict | None]) -> str:
 
 
 def run(cfg: ScoreConfig, progress: bool = True) -> dict:
-    """Score what is missing under `cfg.out`, then write the merged rejects and summary.json.
+    """Score what is missing under `cfg.out`, then write the merged rejects and summary.json (the
+    shards as they are, and the speed of the runs that made them) and append this run's line to
+    history.jsonl (what it scored, in what time: a rerun that scores nothing is a line of its own and
+    leaves the record of the runs before it). Returns the summary, with this run's line as `this_run`.
     OUT is locked for the whole job: a second job on it is refused at once."""
     sources, units, job_meta, passthrough = check_inputs(cfg)
     out = as_path(cfg.out)
@@ -524,16 +531,33 @@ def run(cfg: ScoreConfig, progress: bool = True) -> dict:
         pending = reconcile(cfg, out, units, job_meta)
         log.info("%d units, %d already scored, %d to score (backend %s, executor %s)",
                  len(units), len(units) - len(pending), len(pending), job_meta["backend"], cfg.executor)
-        t0 = time.perf_counter()
-        results = execute(cfg, pending, job_meta, passthrough, progress) if pending else []
+        name, t0 = run_id(), time.perf_counter()
+        results = execute(cfg, pending, job_meta, passthrough, progress, name, t0) if pending else []
         remove_temporaries(out)  # of writers killed mid-write (a lost actor); no other writer holds OUT
-        wall = time.perf_counter() - t0
-        summary = summarize(cfg, out, units, results, wall, job_meta, sources)
+        this_run = run_record(cfg, name, len(units), results, time.perf_counter() - t0, job_meta)
+        append_json_line(this_run, out / "history.jsonl")
+        summary = summarize(cfg, out, units, job_meta, sources)
         write_json_atomic(summary, out / "summary.json")
-    return summary
+    return {**summary, "this_run": this_run}
 
 
-def execute(cfg: ScoreConfig, units: list[dict], job_meta: dict, passthrough: bytes, progress: bool) -> list[dict]:
+def run_record(cfg: ScoreConfig, name: str, units: int, results: list[dict], wall: float, job_meta: dict) -> dict:
+    """A run's line in history.jsonl. Two speeds, each named for its clock: tokens (prompt and
+    response) per second of wall-clock time (engine start, Ray and writes included: the bar's
+    `wall_tok_s`) and per second of scoring time (the units' own time, summed over the actors)."""
+    tokens, scoring = sum(r["tokens"] for r in results), sum(r["seconds"] for r in results)
+    return {"run": name, "shards_scored": len(results), "shards_kept": units - len(results),
+            "rows_scored": sum(r["rows_in"] for r in results), "tokens_scored": tokens,
+            "wall_seconds": round(wall, 2), "scoring_seconds": round(scoring, 2),
+            "wall_tokens_per_second": round(tokens / wall, 1) if results else None,
+            "scoring_tokens_per_second": round(tokens / scoring, 1) if results else None,
+            "backend": job_meta["backend"], "executor": cfg.executor}
+
+
+def execute(cfg: ScoreConfig, units: list[dict], job_meta: dict, passthrough: bytes, progress: bool, run: str,
+            started: float) -> list[dict]:
+    """Score `units`; returns their results. The bar's `wall_tok_s` is tokens per second of wall-clock
+    time since `started`, the clock of the run's `wall_tokens_per_second` in history.jsonl."""
     from tqdm import tqdm
 
     if cfg.executor == "ray":
@@ -541,12 +565,12 @@ def execute(cfg: ScoreConfig, units: list[dict], job_meta: dict, passthrough: by
     bar = tqdm(total=len(units), desc="scoring shards", unit="shard", disable=not progress, file=console.err())
     results = []
     if cfg.executor == "local":
-        scorer = ShardScorer(cfg, job_meta, passthrough)
+        scorer = ShardScorer(cfg, job_meta, passthrough, run)
         try:
             for u in units:
                 results.append(scorer.score_unit(u))
                 bar.update(1)
-                bar.set_postfix(tok_s=f"{sum(r['tokens'] for r in results) / sum(r['seconds'] for r in results):.0f}")
+                bar.set_postfix(wall_tok_s=f"{sum(r['tokens'] for r in results) / (time.perf_counter() - started):.0f}")
         finally:
             scorer.close()
         bar.close()
@@ -562,7 +586,8 @@ def execute(cfg: ScoreConfig, units: list[dict], job_meta: dict, passthrough: by
     actors = cfg.actors or default_actors(ray.nodes(), gpus, cfg.cpus_per_actor, len(units))
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     ds = ds.map_batches(ShardScorer,
-                        fn_constructor_kwargs={"cfg": cfg, "job_meta": job_meta, "passthrough": passthrough},
+                        fn_constructor_kwargs={"cfg": cfg, "job_meta": job_meta, "passthrough": passthrough,
+                                               "run": run},
                         batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
                         num_cpus=cfg.cpus_per_actor, num_gpus=gpus,
                         # actors over the nodes, not packed onto the first that has room: every node
@@ -570,12 +595,12 @@ def execute(cfg: ScoreConfig, units: list[dict], job_meta: dict, passthrough: by
                         scheduling_strategy="SPREAD")
     # an actor that dies (its process or its node) is restarted and its unit retried: Ray Data's
     # defaults for actor pools (max_restarts=-1, max_task_retries=-1); the shard is written atomically
-    t0, tokens = time.perf_counter(), 0
+    tokens = 0
     for r in ds.iter_rows():
         results.append(r)
         tokens += r["tokens"]
         bar.update(1)
-        bar.set_postfix(actors=actors, tok_s=f"{tokens / (time.perf_counter() - t0):.0f}", last=r["shard"])
+        bar.set_postfix(actors=actors, wall_tok_s=f"{tokens / (time.perf_counter() - started):.0f}", last=r["shard"])
     bar.close()
     return results
 
@@ -646,10 +671,10 @@ def init_ray():
                           "or its authentication, or unset RAY_ADDRESS for a local Ray instance") from None
 
 
-def summarize(cfg: ScoreConfig, out: Path, units: list[dict], results: list[dict], wall: float,
-              job_meta: dict, sources: list[Source]) -> dict:
-    """rows in = written + rejected, the merged rejects file, every variant's diagnostics, and the
-    warnings: empty sources, duplicate ids, unknown chat roles (each a log line and a count)."""
+def summarize(cfg: ScoreConfig, out: Path, units: list[dict], job_meta: dict, sources: list[Source]) -> dict:
+    """The shards as they are: rows in = written + rejected, the merged rejects file, every variant's
+    diagnostics, the speed of the runs that made them (`speed_of`), and the warnings: empty sources,
+    duplicate ids, unknown chat roles (each a log line and a count)."""
     import pyarrow.parquet as pq
 
     parts = [p for p in (out / "rejects" / "parts" / u["shard"] for u in units) if p.exists()]
@@ -671,19 +696,15 @@ def summarize(cfg: ScoreConfig, out: Path, units: list[dict], results: list[dict
                 "unknown_roles": sum(json.loads(f.metadata[META_KEY]).get("unknown_roles", 0) for f in footers)}
     variants = stats_of_shards(shards, cfg.weight_params())
     rows_in = sum(u["stop"] - u["start"] for u in units)
-    scored_tokens = sum(r["tokens"] for r in results)
     summary = {
         "rows_in": rows_in,
         "rows_written": n_written,
         "rows_rejected": sum(by_field.values()),
         "rejects_by_field": dict(sorted(by_field.items())),
         "shards": len(shards),
-        "shards_scored_now": len(results),
         "response_tokens": variants["none"].get("tokens", 0),
-        "tokens_scored_now": scored_tokens,
-        "seconds": round(wall, 2),
-        # scoring throughput (engine start excluded); `seconds` is the whole run's wall time
-        "tokens_per_second": round(scored_tokens / sum(r["seconds"] for r in results), 1) if results else None,
+        "speed": speed_of([json.loads(f.metadata[META_KEY]).get("scored_by") for f in footers],
+                          read_history(out / "history.jsonl")),
         "params": {k: job_meta[k] for k in WeightParams().as_dict()},
         "backend": job_meta["backend"],
         "variants": variants,
@@ -702,6 +723,36 @@ def summarize(cfg: ScoreConfig, out: Path, units: list[dict], results: list[dict
         log.error("row accounting does not add up: %s",
                   {k: summary[k] for k in ("rows_in", "rows_written", "rows_rejected")})
     return summary
+
+
+def read_history(path) -> list[dict]:
+    """The lines of a history.jsonl ([] without one); a line that does not parse is skipped."""
+    path = as_path(path)
+    if not path.exists():
+        return []
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a killed writer
+            continue
+    return lines
+
+
+def speed_of(records: list[dict | None], history: list[dict]) -> dict:
+    """The speed of the runs that made the shards there, from each shard's `scored_by` record (None:
+    a shard made before shards kept one) and those runs' lines in history.jsonl. Scoring time: the
+    shards' tokens over their units' scoring seconds. Wall-clock: what those runs scored over their
+    wall time, engine start and writes included. A run without a history line (killed) has no wall time."""
+    timed = [r for r in records if r]
+    tokens, scoring = sum(r["tokens"] for r in timed), sum(r["seconds"] for r in timed)
+    made_by = {r["run"] for r in timed}
+    runs = [h for h in history if h.get("run") in made_by and h.get("wall_seconds")]
+    wall, wall_tokens = sum(h["wall_seconds"] for h in runs), sum(h["tokens_scored"] for h in runs)
+    return {"shards_timed": len(timed), "tokens": tokens, "scoring_seconds": round(scoring, 2),
+            "scoring_tokens_per_second": round(tokens / scoring, 1) if scoring else None,
+            "runs": len(made_by), "wall_seconds": round(wall, 2),
+            "wall_tokens_per_second": round(wall_tokens / wall, 1) if wall else None}
 
 
 def duplicate_ids(shards: list[Path]) -> dict:
@@ -726,19 +777,30 @@ def duplicate_ids(shards: list[Path]) -> dict:
     return {"duplicate_ids": int(repeat.sum()), "conflicting_ids": int(len(conflicting))}
 
 
+def format_speed(speed: dict) -> str:
+    """The two speeds by the names the bar and summary.json give them: tokens/s of wall-clock time
+    (`wall_tok_s`, `wall_tokens_per_second`) and of scoring time (`scoring_tokens_per_second`)."""
+    f = lambda x: "-" if x is None else f"{x:.0f}"
+    return (f"tokens/s {f(speed['wall_tokens_per_second'])} wall-clock ({speed['wall_seconds']}s over "
+            f"{speed['runs']} run{'s' * (speed['runs'] != 1)}), {f(speed['scoring_tokens_per_second'])} "
+            f"of scoring time ({speed['scoring_seconds']}s)")
+
+
 def format_summary(s: dict) -> str:
-    scoring = (f"backend {s['backend']}, {s['tokens_per_second'] or '-'} tokens/s scoring, wall {s['seconds']}s")
+    """The printed summary: of a scoring run (`this_run` given) or of the shards as they are (`make inspect`)."""
     lines = [f"rows in {s['rows_in']} = written {s['rows_written']} + rejected {s['rows_rejected']}"
              + (f"  (rejects by field: {s['rejects_by_field']})" if s["rejects_by_field"] else "")]
-    if "reweighted" in s:  # `seconds` and tokens/s are the scoring run's, before the reweight
+    if "this_run" in s:
+        r = s["this_run"]
+        lines.append(f"this run: {r['shards_scored']} shards scored, {r['shards_kept']} kept, "
+                     f"wall {r['wall_seconds']}s")
+    lines.append(f"shards {s['shards']}, response tokens {s['response_tokens']}, backend {s['backend']}")
+    if "speed" in s:  # summaries written before shards kept their own timing have none
+        lines.append(f"the runs that scored them: {format_speed(s['speed'])}")
+    if "reweighted" in s:
         r = s["reweighted"]
-        lines += [f"shards {s['shards']}, response tokens {s['response_tokens']}; the scoring run: "
-                  f"{s['shards_scored_now']} shards scored, {scoring}",
-                  f"reweighted since: {' '.join(f'{k} {v}' for k, v in r['params'].items())} "
-                  f"({r['shards']} shards, {r['seconds']}s)"]
-    else:
-        lines.append(f"shards {s['shards']} ({s['shards_scored_now']} scored now), response tokens "
-                     f"{s['response_tokens']}, {scoring}")
+        lines.append(f"reweighted since: {' '.join(f'{k} {v}' for k, v in r['params'].items())} "
+                     f"({r['shards']} shards, {r['seconds']}s)")
     lines += [f"{'variant':9} {'p1':>9} {'p50':>9} {'p99':>9} {'at lo':>6} {'at hi':>6} {'ESS tok':>8} {'ESS seq':>8}"]
     for r in weight_table(s):
         lines.append(f"{r.variant + ('*' if r.written else ' '):9} {r.p1:9.3g} {r.p50:9.3g} {r.p99:9.3g} "

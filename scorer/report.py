@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from common.config import cli, field
+from common.config import ConfigError, cli, field
 from common.storage import as_path
 from scorer.shards import ShardError, list_shards, read_meta
 from scorer.stats import VariantStats, WeightStats
@@ -80,9 +80,22 @@ def plot_log_weights(stats: dict[str, WeightStats], in_shards: str, title: str):
     return fig
 
 
+def check_image_name(png: str) -> None:
+    """ConfigError when `png` ends in a suffix matplotlib cannot write (`out.txt`), before any shard is
+    read: matplotlib would refuse it only at the end, with a traceback."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    suffix = as_path(png).suffix.lower().lstrip(".") if png else ""
+    if suffix and suffix not in kinds:
+        raise ConfigError(f"--png {png}: an image file ends in .png, .svg, .pdf or another of "
+                          f"{', '.join('.' + k for k in sorted(kinds))}, not .{suffix}")
+
+
 def inspect(cfg: InspectConfig) -> tuple[dict, str]:
     """Write the histogram; returns the run's summary.json ({} without one) and the image's path.
     ShardError, FileNotFoundError or StorageError (a ConfigError): the shards cannot be read."""
+    check_image_name(cfg.png)
     # histograms of every variant's log-weights, shard by shard, under the shards' constants
     shards = list_shards(cfg.scores)  # a local folder or an object-storage URI
     if not shards:

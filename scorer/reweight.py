@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from common.config import ConfigError, cli, field, setup_logging
 from common.lock import locked
-from common.storage import as_path, replace, write_json_atomic
+from common.storage import append_json_line, as_path, replace, run_id, write_json_atomic
 from scorer.config import WeightConfig
 from scorer.shards import META_KEY, ShardError, list_shards, read_meta
 from scorer.stats import BATCH_ROWS, LOGPROB_COLUMNS, VariantStats, logprob_rows
@@ -68,10 +68,11 @@ def reweight(scores: Path, params: WeightParams) -> dict:
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary["params"] = params.as_dict()
     summary["variants"] = stats.result()
-    # `seconds` and `tokens_per_second` stay the scoring run's; this is the reweight's own
+    # the speed stays the scoring runs' (the shards keep their `scored_by`); this is the reweight's own
     summary["reweighted"] = {"params": params.as_dict(), "shards": len(shards),
                              "seconds": round(time.perf_counter() - t0, 2)}
     write_json_atomic(summary, summary_path)
+    append_json_line({"run": run_id(), "reweighted": summary["reweighted"]}, as_path(scores) / "history.jsonl")
     return summary
 
 

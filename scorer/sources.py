@@ -24,6 +24,8 @@ from common.models import split_hub_id
 from common.storage import ObjectPath, as_path
 
 SUFFIXES = (".parquet", ".jsonl", ".json")
+# a name's ending that makes it a file's name (`chat.jsnl`, `rows.csv`), not a hub dataset's
+FILE_SUFFIX = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,7}$")
 SCHEMA_SAMPLE_ROWS = 1000  # JSON sources: rows read to infer the schema
 
 Rows = tuple[list[dict | None], pa.Table | None, list[dict]]  # rows, their Arrow table, read errors
@@ -190,6 +192,10 @@ def open_sources(
     elif any(c in data for c in "*?["):
         files = storage.glob(data)
         files = [f for f in files if f.is_file() and f.suffix in SUFFIXES]
+    elif looks_like_a_file(data):
+        # a typo of a file's name must not become minutes of hub retries and a hub error
+        known = "" if p.suffix in SUFFIXES else f"; corpus files end in {'/'.join(SUFFIXES)}"
+        raise InputError(f"no such file: {data!r}{known} (a hub dataset id has the form org/name)")
     elif split_hub_id(data) and not data.endswith(SUFFIXES):
         return [_open_hub(data, config, split)]
     else:
@@ -204,6 +210,12 @@ def open_sources(
         outside = f" outside {exclude}" if exclude else ""
         raise InputError(f"no {'/'.join(SUFFIXES)} files found at {data!r}{outside}")
     return [_open_file(f) for f in sorted(files)]
+
+
+def looks_like_a_file(data: str) -> bool:
+    """A name with no folder and no revision that ends in a file suffix (`chat.jsonl`, `chat.jsnl`): a
+    file's name, never a hub dataset's. Hub ids without an org exist (`gsm8k`), but not with a suffix."""
+    return "/" not in data and "@" not in data and bool(FILE_SUFFIX.search(data))
 
 
 def open_source(spec: dict) -> Source:

@@ -77,6 +77,41 @@ def scores(world, tmp_path_factory):
     return out
 
 
+def id_held_out_or_not(base: str, held_out: bool, fraction: float = 0.1) -> str:
+    """`base-k` for the first k whose id the hash split (train.data.is_heldout) puts on the side asked for."""
+    from train.data import is_heldout
+
+    return next(f"{base}-{k}" for k in range(10_000) if is_heldout(f"{base}-{k}", fraction) == held_out)
+
+
+@pytest.fixture(scope="session")
+def twin_scores(world, tmp_path_factory):
+    """96 rows built to have, in any draw of the world, what a tiny SFT run checks (held-out fraction
+    0.1). 48 prompts of the corpus, each answered by a text the base has never seen (the prompt's
+    words backwards, so its NLL starts high) and each under two ids picked with the held-out hash:
+    the first always trained on, the second held out for every sixth prompt. So 8 rows are held
+    out, each the twin of a trained row: held-out NLL falls as training fits them. The target
+    scores as its own behavior: every delta is 0 and a token's weight is gamma to the number of
+    tokens after it, at most 1 and below 1 but for the last, in every draw."""
+    import polars as pl
+
+    from scorer.job import ScoreConfig, run
+
+    tmp = tmp_path_factory.mktemp("twin_scores")
+    prompts = pl.read_parquet(world / "corpus.parquet", columns=["prompt"]).head(48)["prompt"].to_list()
+    rows = []
+    for i, prompt in enumerate(prompts):
+        response = " ".join(reversed(prompt.split()))
+        rows.append({"id": id_held_out_or_not(f"twin-{i:02d}", False), "prompt": prompt, "response": response})
+        rows.append({"id": id_held_out_or_not(f"twin-{i:02d}", i % 6 == 0), "prompt": prompt, "response": response})
+    pl.DataFrame(rows).write_parquet(tmp / "corpus.parquet")
+    out = tmp / "scores"
+    run(ScoreConfig(data=str(tmp / "corpus.parquet"), out=str(out), target=str(world / "target"),
+                    behavior=str(world / "target"), backend="torch", executor="local", rows_per_shard=48),
+        progress=False)
+    return out
+
+
 class Killed(Exception):
     """A trainer stopped right after one of its checkpoints (see `train_killed_after`)."""
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from jobs import Job
 from scorer.job import default_actors
 from scorer.shards import list_shards, read_meta
 from test_object_storage import ROWS, local_run, rows_of, s3, same_rows, upload  # noqa: F401 (fixtures)
@@ -73,16 +74,6 @@ def test_two_nodes_score_what_the_local_executor_scores(world, s3, local_run, cl
     same_rows(rows_of(out), rows_of(local), tol=1e-5)  # the local executor's rows (other units: tol)
 
 
-def wait_for(predicate, timeout: float, every: float = 0.02):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(every)
-    raise AssertionError("timed out")
-
-
 def shard_count(folder: Path) -> int:
     return len([p for p in folder.glob("*.parquet") if not p.name.startswith(".")])
 
@@ -112,19 +103,16 @@ def test_a_node_lost_mid_job_is_survived(world, reference, cluster, tmp_path):
     data, ref = reference
     worker = next(n for n in cluster.worker_nodes)
     out = tmp_path / "out"
-    proc = subprocess.Popen(job_cmd(world, data, out, "--rows-per-shard", "2"), cwd=tmp_path,
-                            env=job_env(RAY_ADDRESS=cluster.address), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    try:
+    # the pool starts once both actors are up (as in the two-node test), so that the worker node's
+    # actor has units to score: with Ray Data's default the head's actor may score them all first
+    env = job_env(RAY_ADDRESS=cluster.address, RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S="400")
+    with Job(job_cmd(world, data, out, "--rows-per-shard", "2"), tmp_path / "job.log", cwd=tmp_path, env=env) as job:
         # the worker node has written a shard: its actor is at work; the node goes as a whole (SIGKILL)
-        wait_for(lambda: out.is_dir() and any(read_meta(p)["made_on"]["ray_node"] == worker.node_id
-                                              for p in out.glob("*.parquet") if not p.name.startswith(".")), 240)
+        job.wait_until(lambda: out.is_dir() and any(read_meta(p)["made_on"]["ray_node"] == worker.node_id
+                                                    for p in out.glob("*.parquet") if not p.name.startswith(".")),
+                       "a shard was made on the worker node")
         cluster.remove_node(worker, allow_graceful=False)
         killed_at = time.time()
-        _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err[-3000:]
+        assert job.finish() == 0, job.tail()
     assert any(p.stat().st_mtime > killed_at for p in out.glob("*.parquet"))
     check_whole(out, ref, ROWS // 2)

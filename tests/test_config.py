@@ -108,3 +108,17 @@ def test_entry_point_choices_are_one_line_errors(capsys):
         assert e.value.code == 2 and words in err and len(err.strip().splitlines()) == 1
     cfg = parse(ExperimentConfig, ["--smoke", "--pear-arms", "always", "--arms", "no-sft,uniform"])
     assert cfg.smoke and cfg.pear_arms == "always" and cfg.arm_list() == ["no-sft", "uniform"]
+
+
+@pytest.mark.parametrize("flags, words", [(["--epoch", "2"], "unknown flag --epoch; did you mean --epochs?"),
+                                          (["--save", "1"], "unknown flag --save; did you mean --save-every?"),
+                                          (["--lr=1e-4", "--warmup-ration", "0.1"],
+                                           "unknown flag --warmup-ration; did you mean --warmup-ratio?"),
+                                          (["--epochs", "2", "3"],
+                                           "unexpected argument '3'; a flag takes one value (--name value)")])
+def test_an_unknown_or_abbreviated_flag_is_one_line_naming_the_nearest(flags, words, capsys):
+    # argparse took `--epoch 2` for `--epochs 2`, and met an unknown flag with its usage block
+    with pytest.raises(SystemExit) as e:
+        parse(SFTConfig, flags)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip() == f"error: {words}"

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -71,3 +73,29 @@ def test_an_exception_that_ends_a_quiet_stage_prints_its_cause_and_the_log(tmp_p
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     text = log.read_text()
     assert "Traceback" in text and "in load" in text and "a second line of detail" in text
+
+
+REFUSED = [  # a refused run of each stage the README names: missing data, a bad reward, no answer column, no shards
+    ("score", ["pipelines.score", "--data", "{tmp}/missing.jsonl", "--target", "{world}/target"], "no corpus found"),
+    ("rl", ["pipelines.rl", "rl", "--model", "{world}/target", "--reward", "nosuch"], "reward must be one of"),
+    ("eval", ["pipelines.rl", "eval", "--model", "{world}/target", "--prompts", "{tmp}/prompts.jsonl"],
+     "no `answer`"),
+    ("sft", ["pipelines.sft", "--scores", "{tmp}/no-scores"], "no shards in"),
+]
+
+
+@pytest.mark.slow(seconds=60)
+def test_a_refused_run_leaves_no_output_folder_and_no_log(world, tmp_path):
+    # a refused run once left OUT created, with its .log in it, while the README says nothing is written
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "1 + 2 =", "solution": "3"}\n')
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    # a new folder under new parents, and a new folder in one that was there (which stays, empty)
+    for (stage, argv, words), parent in zip(REFUSED, ["fresh/out", "existing", "fresh/out", "existing"]):
+        out = tmp_path / parent / stage
+        cmd = [a.format(tmp=tmp_path, world=world) for a in argv] + ["--out", str(out)]
+        proc = subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "PEAR_QUIET": "1"}, timeout=120)
+        assert proc.returncode == 2 and words in proc.stderr.splitlines()[-1], (stage, proc.stderr)
+        assert not out.exists(), stage
+    assert not (tmp_path / "fresh").exists() and existing.is_dir() and not list(existing.iterdir())

@@ -325,3 +325,24 @@ def test_evaluate_chat_prompts_end_to_end(world, tmp_path):
 
     with locked(out), pytest.raises(ConfigError, match="in use by another job"):
         evaluate(EvalConfig(model=str(world / "target"), out=str(out), prompt_set=PromptConfig(prompts=str(prompts))))
+
+
+@pytest.mark.slow(seconds=10)
+def test_an_evaluation_of_a_prompt_file_shows_a_bar_and_records_only_what_it_used(world, tmp_path, capsys):
+    """`make eval` was silent for minutes between its held-out line and its table, and the eval.json of a
+    --prompts run recorded a task, seed and prompt count that chose nothing."""
+    from train.rollout import reasoning_gym_examples
+
+    examples = reasoning_gym_examples(["chain_sum"], 6, 30_000, EvalConfig().prompt_set.task_kwargs)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": e["prompt"], "answer": e["answer"]}) + "\n" for e in examples))
+    out = tmp_path / "eval"
+    report = evaluate(EvalConfig(model=str(world / "target"), out=str(out), n=2, k=(1,), max_new_tokens=16,
+                                 bootstrap=50, prompt_set=PromptConfig(prompts=str(prompts))))
+    bar = capsys.readouterr().err.replace("\r", "\n")
+    assert "eval: 100%" in bar and f"{report['prompts']}/{report['prompts']} [" in bar and "prompt/s" in bar
+    assert "toks/s" not in bar  # vLLM's own postfix, another speed under another name
+    recorded = json.loads((out / "eval.json").read_text())["config"]["prompt_set"]
+    assert recorded == {"prompts": str(prompts), "answer_column": "answer", "prompts_config": "", "prompts_split": ""}
+    # a task run records its tasks and seed, and no prompt file
+    assert set(EvalConfig().prompt_set.used()) == {"tasks", "task_kwargs", "num_prompts", "prompt_seed"}

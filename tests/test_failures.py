@@ -49,16 +49,16 @@ def test_changed_rows_are_scored_again_and_vanished_ones_refused(world, tmp_path
                                          .then(pl.col("id") + "-new").otherwise(pl.col("id")).alias("id"))
     renamed.write_parquet(data)
     s = score(world, data, out)
-    assert s["shards_scored_now"] == 1 and ids_in(out) == sorted(renamed["id"].to_list())
+    assert s["this_run"]["shards_scored"] == 1 and ids_in(out) == sorted(renamed["id"].to_list())
     # the file grows from 35 to 40 rows: the last unit (rows 32-39) is scored again, nothing missing
     grown = pl.concat([renamed, rows.slice(35, 5)])
     grown.write_parquet(data)
     s = score(world, data, out)
-    assert s["shards_scored_now"] == 1 and s["rows_in"] == s["rows_written"] == 40
+    assert s["this_run"]["shards_scored"] == 1 and s["rows_in"] == s["rows_written"] == 40
     assert ids_in(out) == sorted(grown["id"].to_list())
     # the file is touched but its rows are the same: nothing is scored
     os.utime(data)
-    assert score(world, data, out)["shards_scored_now"] == 0
+    assert score(world, data, out)["this_run"]["shards_scored"] == 0
     # the file shrinks: a shard of rows that no longer exist is refused by name, or dropped with --overwrite
     grown.head(10).write_parquet(data)
     with pytest.raises(job.ConfigError, match=r"c-0000[12].parquet: it is not part of this corpus.s plan"):

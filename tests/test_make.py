@@ -141,3 +141,17 @@ def test_the_benchmarks_run_at_their_smallest(scores, tmp_path):
              r"^peak RSS ratio 200 / 100 rows: driver \d")
     for name in ("score_cpu.json", "bench_sft.json", "bench_scale.json"):
         assert (tmp_path / "results" / name).exists()
+
+
+def test_the_readme_says_what_the_code_does():
+    from pipelines.experiment_report import PNGS
+
+    readme = (ROOT / "README.md").read_text()
+    # the experiment's plots: the same count wherever the README gives it
+    words = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
+    assert set(re.findall(r"\b(\w+) plots\b", readme)) - {"and"} == {words[len(PNGS)]}  # "prints it and plots"
+    # evaluation of a model trained from bucket shards works (tests/test_object_storage.py checks its
+    # held-out check there); the section once said it stops
+    scaling = readme.split("\n## Scaling out")[1].split("\n## ")[0]
+    assert "`make eval` of a model trained from shards in a bucket works" in scaling
+    assert "Not yet" not in scaling

@@ -15,6 +15,7 @@ import polars as pl
 import pyarrow.fs as pafs
 import pytest
 
+from jobs import Job
 from common.lock import locked
 from common.storage import as_path
 from scorer import job
@@ -121,7 +122,7 @@ def test_scoring_from_and_to_a_bucket_is_the_local_run_and_resumes(world, s3, lo
     data, out = f"{bucket}/corpus/c.parquet", f"{bucket}/scores"
     upload(corpus, data)
     s = score(world, data, out)
-    assert (s["rows_in"], s["rows_written"] + s["rows_rejected"], s["shards_scored_now"]) == (ROWS, ROWS, 3)
+    assert (s["rows_in"], s["rows_written"] + s["rows_rejected"], s["this_run"]["shards_scored"]) == (ROWS, ROWS, 3)
     # polars reads the shards straight from the URI (credentials and endpoint from the environment)
     same_rows(rows_of(out), rows_of(local))
     assert json.loads(as_path(f"{out}/summary.json").read_text())["rows_written"] == s["rows_written"]
@@ -130,12 +131,12 @@ def test_scoring_from_and_to_a_bucket_is_the_local_run_and_resumes(world, s3, lo
     assert not [o for o in objects(bucket) if "tmp" in o or o.endswith("/.lock")]  # nothing half-written, lease gone
 
     # a rerun scores nothing; rows renamed in the second unit (rows 16-31) are scored again, only they
-    assert score(world, data, out)["shards_scored_now"] == 0
+    assert score(world, data, out)["this_run"]["shards_scored"] == 0
     renamed = corpus.with_columns(pl.when(pl.int_range(pl.len()).is_between(20, 23)).then(pl.col("id") + "-new")
                                   .otherwise(pl.col("id")).alias("id"))
     upload(renamed, data)
     s = score(world, data, out)
-    assert s["shards_scored_now"] == 1 and rows_of(out)["id"].to_list() == sorted(renamed["id"].to_list())
+    assert s["this_run"]["shards_scored"] == 1 and rows_of(out)["id"].to_list() == sorted(renamed["id"].to_list())
 
     # a second writer is refused at once, naming the holder of the lease
     with locked(out):
@@ -153,12 +154,9 @@ def test_a_killed_driver_on_a_bucket_resumes_to_the_same_rows(world, s3, local_r
            "--behavior", "none", "--backend", "torch", "--executor", "local", "--rows-per-shard", "2"]
     # as `make score` runs it: quiet, its log on this machine (not in a folder named "s3:")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PEAR_QUIET": "1"}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list_shards(out) if as_path(out).is_dir() else []) < 2 and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    with Job(cmd, tmp_path / "job.log", cwd=tmp_path, env=env) as job:
+        job.wait_until(lambda: len(list_shards(out) if as_path(out).is_dir() else []) >= 2, "two shards were written")
+        job.kill()
     done = len(list_shards(out))
     assert 2 <= done < ROWS // 2, f"the kill did not land part-way: {done} of {ROWS // 2} shards"
     assert not as_path(f"{out}/summary.json").exists()
@@ -167,7 +165,8 @@ def test_a_killed_driver_on_a_bucket_resumes_to_the_same_rows(world, s3, local_r
     resumed = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = json.loads(as_path(f"{out}/summary.json").read_text())
-    assert summary["shards_scored_now"] == ROWS // 2 - done and summary["shards"] == ROWS // 2
+    rerun = json.loads(as_path(f"{out}/history.jsonl").read_text().splitlines()[-1])
+    assert rerun["shards_scored"] == ROWS // 2 - done and summary["shards"] == ROWS // 2
     same_rows(rows_of(out), rows_of(local), tol=1e-5)
     assert not [o for o in objects(bucket) if "tmp" in o]  # no partial shard left behind
     assert not (tmp_path / "s3:").exists()

@@ -1,16 +1,14 @@
 """The RL stage: token layout, weight sync into the running engine, a real run killed and resumed."""
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
+from jobs import Job
 from common.config import ConfigError
 from train import checkpoint
 from train.rl import (RLConfig, combine_stat, learning_summary, longest_sequence, pack, record_step,
@@ -157,22 +155,13 @@ def test_rl_run_killed_then_resumed(world, tmp_path):
            "--snapshot-steps", "3,6", "--report-to", "tensorboard", "--progress", "false"]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "ERROR"}
 
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
     def latest_checkpoint() -> int:  # older checkpoints are removed as newer ones land (keep 2)
         folder = checkpoint.latest(out)
         return int(folder.name.split("-")[1]) if folder else 0
 
-    try:
-        deadline = time.time() + 180
-        while latest_checkpoint() < 2:
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.time() < deadline, "no checkpoint within 180 s"
-            time.sleep(0.05)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+    with Job(cmd, tmp_path / "job.log", cwd=ROOT, env=env) as job:
+        job.wait_until(lambda: latest_checkpoint() >= 2, "its second checkpoint", every=0.05)
+        job.kill()
     killed_at = latest_checkpoint()
     assert killed_at < steps and not (out / "rl_summary.json").exists()
 
@@ -224,14 +213,29 @@ def test_rl_run_killed_then_resumed(world, tmp_path):
     assert [p.resolve() for p in seen_prompt_sets(snap)] == [(out / "rl_prompts.jsonl").resolve()]
 
 
-@pytest.mark.slow(seconds=50)
-def test_embedded_recipe_raises_the_reward(world, tmp_path):
-    """RL learns in the embedded world: `make rl`'s recipe from the world's base, a few steps, with the
-    0/1 reward. The base mostly guesses and sometimes works the sum out; RL finds the careful way."""
-    from pipelines.recipes import recipe_file
+CAREFUL_REWARD = '''
+def score(completion, example):
+    """1 for the careful procedure (a line such as 4-1=3), whether or not its sum is right."""
+    return float("=" in completion)
+'''
 
+
+@pytest.mark.world_draw
+@pytest.mark.slow(seconds=50)
+def test_embedded_recipe_raises_a_reward_the_base_sometimes_earns(world, tmp_path):
+    """RL learns: `make rl`'s recipe from the world's base, a few steps, with a 0/1 reward built to be
+    learnable in any draw of the world. Every base is pretrained to write the careful procedure in
+    `target_careful_share` (0.3) of its answers and to guess otherwise, so the reward for the careful
+    procedure starts well inside (0, 1) and sampled groups hold both kinds. (Correctness, the
+    recipe's own reward, rises too, but how much in 8 steps depends on the draw.)"""
+    from pipelines.recipes import recipe_file
+    from pipelines.world import WorldConfig
+
+    reward = tmp_path / "careful_reward.py"
+    reward.write_text(CAREFUL_REWARD)
     out = tmp_path / "rl"
-    recipe = ["--config", str(recipe_file("rl")), "--steps", "8", "--save-every", "0", "--progress", "false"]
+    recipe = ["--config", str(recipe_file("rl")), "--steps", "8", "--save-every", "0", "--progress", "false",
+              "--reward", f"{reward}:score"]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "ERROR"}
     done = subprocess.run([sys.executable, "-m", "train.rl", "--model", str(world / "target"), "--out", str(out),
                            *recipe], cwd=ROOT, env=env, timeout=600, capture_output=True, text=True)
@@ -241,6 +245,8 @@ def test_embedded_recipe_raises_the_reward(world, tmp_path):
     # 0/1 rewards at pass threshold 1: a step's mean reward is its pass rate (partial credit would exceed it)
     assert rewards == pytest.approx([s["pass_rate"] for s in steps], abs=1e-6)
     first, last = np.mean(rewards[:3]), np.mean(rewards[-3:])
+    share = WorldConfig().target_careful_share
+    assert share / 3 < first < 1 - share, f"the base lacks the share it was built with: {rewards}"
     assert last > first + 0.1, rewards
 
 
@@ -289,6 +295,24 @@ def test_the_longest_sequence_is_checked_against_the_model_and_the_budget(world)
     with pytest.raises(ConfigError, match=rf"^longest prompt \+ max_new_tokens = {limit + 1} tokens, over the "
                                           rf"model's {limit}$"):
         longest_sequence(replace(cfg, max_new_tokens=limit - 8), examples)
+
+
+def test_the_bar_names_each_metric_as_the_metrics_do(tmp_path):
+    # the bar showed `pass_=` (a keyword argument's spelling) for the pass rate
+    import io
+
+    from tqdm import tqdm
+
+    from train.tracking import Tracker
+
+    metrics_path, errors_path = start_outputs(tmp_path / "rl", [{"prompt": "q", "answer": "a"}], None)
+    shown = io.StringIO()
+    bar = tqdm(total=2, file=shown, desc="rl")
+    record_step({"step": 1, "mean_reward": 0.25, "pass_rate": 0.5, "response_length": 7.0, "tis_mean": None}, [],
+                metrics_path, errors_path, Tracker(), bar)
+    bar.close()
+    line = shown.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    assert "pass_rate=0.50" in line and "reward=0.250" in line and "pass_=" not in line
 
 
 def test_step_lines_are_recorded_and_cut_back_on_resume(tmp_path, caplog):

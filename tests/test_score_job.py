@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
+from jobs import Job
 from scorer.job import ConfigError, ScoreConfig, main, run
 from scorer.shards import CORE_NAMES, list_shards, read_meta
 from scorer.weights import WeightParams, ragged_weights
@@ -108,7 +108,7 @@ def test_job_writes_shards_rejects_and_summary(world, mixed_corpus, tmp_path):
 
     # rerun: nothing to do, same rows
     again = run(cfg_for(world, mixed_corpus, out, backend="vllm"), progress=False)
-    assert again["shards_scored_now"] == 0 and again["rows_written"] == 42
+    assert again["this_run"]["shards_scored"] == 0 and again["rows_written"] == 42
     # other settings on the same folder are refused, not mixed in
     with pytest.raises(ConfigError, match="other settings"):
         run(cfg_for(world, mixed_corpus, out, target=str(world / "behavior")), progress=False)
@@ -179,13 +179,9 @@ def test_killed_ray_run_resumes_to_the_same_rows(world, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cmd + args + ["--out", str(killed)], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list(killed.glob("*.parquet"))) < 3 and proc.poll() is None:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    with Job(cmd + args + ["--out", str(killed)], tmp_path / "job.log", cwd=ROOT, env=env) as job:
+        job.wait_until(lambda: len(list(killed.glob("*.parquet"))) >= 3, "three shards were written", every=0.05)
+        job.kill()
     # an actor may still finish the unit in hand before Ray notices its driver is gone
     done, stable_since = -1, time.time()
     while time.time() - stable_since < 3:
@@ -200,8 +196,8 @@ def test_killed_ray_run_resumes_to_the_same_rows(world, tmp_path):
     resumed = subprocess.run(cmd + args + ["--out", str(killed)], cwd=ROOT, env={**env, "PEAR_QUIET": "1"},
                              timeout=300, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    summary = json.loads((killed / "summary.json").read_text())
-    assert summary["shards_scored_now"] == 32 - done
+    rerun = json.loads((killed / "history.jsonl").read_text().splitlines()[-1])
+    assert rerun["shards_scored"] == 32 - done
     assert_quiet(resumed, killed / "score.log")
 
     whole = tmp_path / "whole"

@@ -15,7 +15,7 @@ from torch.testing import assert_close
 from common.config import ConfigError
 from scorer.config import WeightConfig
 from scorer.shards import ShardError, list_shards, read_meta, write_atomic
-from train import sft
+from train import checkpoint, sft
 from train.data import collate, is_heldout, load_rows, plan_epoch, split_heldout, steps_of, stored_weight_params
 from train.loss import token_weights
 from train.sft import SFTConfig, train
@@ -49,26 +49,7 @@ def params_of(folder):
 
 # ---- a tiny run --------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def twin_scores(world, tmp_path_factory):
-    """48 corpus rows, each twice under two ids, with behavior logprobs of 0 (a behavior sure of every
-    token), scored in two shards. Built to have, in any draw of the world, what the tiny run checks:
-    a held-out row's twin is trained on, so held-out NLL falls as training fits; every delta is at
-    most 0, so every PEAR weight is at most 1 and the mean weight below 1."""
-    import polars as pl
-
-    from scorer.job import ScoreConfig, run
-
-    tmp = tmp_path_factory.mktemp("twin_scores")
-    base = pl.read_parquet(world / "corpus.parquet").head(48)
-    base = base.with_columns(pl.col("behavior_logprobs").list.eval(pl.element() * 0.0))
-    pl.concat([base, base.with_columns(pl.col("id") + "-twin")]).write_parquet(tmp / "corpus.parquet")
-    out = tmp / "scores"
-    run(ScoreConfig(data=str(tmp / "corpus.parquet"), out=str(out), target=str(world / "target"),
-                    backend="torch", executor="local", rows_per_shard=48), progress=False)
-    return out
-
-
+@pytest.mark.world_draw
 @pytest.mark.slow
 def test_tiny_run_loss_falls_and_writes_an_hf_folder(world, twin_scores, tmp_path):
     scores = twin_scores
@@ -81,6 +62,7 @@ def test_tiny_run_loss_falls_and_writes_an_hf_folder(world, twin_scores, tmp_pat
     assert s["last_epoch_loss"] < 0.8 * np.mean(first_epoch)
     assert s["heldout_nll"] < s["heldout_nll_start"]
     assert all(0 < x["mean_weight"] < 1 and 0 < x["ess_fraction"] <= 1 for x in m)
+    assert len(s["heldout_ids"]) == 8 and s["heldout_nll_start"] > 1.0  # as twin_scores was built
     assert all(x["weighted_loss"] < x["loss"] for x in m)
 
     # held-out rows are the hash split, recorded by id
@@ -221,7 +203,7 @@ def test_killed_run_resumes_to_the_same_final_loss(scores, tmp_path, train_kille
     # the second run dies right after its checkpoint at step 6
     cut = replace(cfg, out=str(tmp_path / "cut"))
     train_killed_after(lambda: train(cut), 6)
-    state = torch.load(tmp_path / "cut" / "checkpoints" / "step-000006" / "trainer_state.pt", weights_only=False)
+    state = checkpoint.load_state(tmp_path / "cut" / "checkpoints" / "step-000006" / "trainer_state.pt")
     assert state["step"] == 6  # where to go on in the data follows from the step
     assert len(list((tmp_path / "cut" / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
 
@@ -237,6 +219,20 @@ def test_killed_run_resumes_to_the_same_final_loss(scores, tmp_path, train_kille
     # other settings on the same folder: refused, not silently mixed
     assert sft.main(["--scores", str(scores), "--out", str(tmp_path / "cut"), "--lr", "1e-4", "--threads", "1",
                      "--progress", "false"]) == 2
+
+
+def test_a_rerun_that_trains_nothing_keeps_the_record_of_the_run_that_did(scores, tmp_path):
+    # a rerun of `make sft` (its last checkpoint is the end) wrote its own wall time and resume step over
+    # train_summary.json: the record of the run that trained the model was lost
+    cfg = cfg_for(scores, tmp_path / "sft", max_steps=2)
+    first = train(cfg)
+    again = train(cfg)
+    kept = ("seconds", "resumed_from_step", "loop_seconds", "tokens_per_second", "steps", "final_loss")
+    assert {k: again[k] for k in kept} == {k: first[k] for k in kept} and first["resumed_from_step"] is None
+    assert json.loads((tmp_path / "sft" / "train_summary.json").read_text())["seconds"] == first["seconds"]
+    runs = [json.loads(x) for x in (tmp_path / "sft" / "history.jsonl").read_text().splitlines()]
+    assert [(r["from_step"], r["to_step"]) for r in runs] == [(0, 2), (2, 2)]
+    assert runs[0]["tokens"] > 0 and runs[1]["tokens"] == 0 and runs[0]["seconds"] <= first["seconds"]
 
 
 # ---- two ranks -------------------------------------------------------------------------------
@@ -267,6 +263,7 @@ def assert_two_ranks_match_one(tmp_path, one: dict, also: tuple[str, ...] = ()) 
     return two
 
 
+@pytest.mark.world_draw
 @pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_two_ranks_over_gloo_match_one_rank(scores, tmp_path, fsdp):
@@ -275,10 +272,15 @@ def test_two_ranks_over_gloo_match_one_rank(scores, tmp_path, fsdp):
     per_step = 5
     rows, _ = load_rows(scores, 10_000)
     train_rows, _ = split_heldout(rows, 0.1)
-    # a token budget that gives this world's rows such an epoch (how many micro-batches a budget
-    # makes depends on the draw's lengths)
-    budget, n_micro = next((b, n) for b in range(384, 2048, 8)
-                           if (n := len(plan_epoch(train_rows.lengths, b, 0, 0))) % per_step == 1 and n > per_step)
+    # a token budget that gives this draw's rows such an epoch: how many micro-batches a budget makes
+    # depends on the draw's lengths, so budgets are tried from the whole epoch in one micro-batch
+    # down to the longest row (the count climbs through nearly every integer on the way), and the
+    # largest that fits is taken: the fewest steps, so the least float drift between the two runs
+    longest, total = int(train_rows.lengths.max()), int(train_rows.lengths.sum())
+    found = next(((b, n) for b in range(total, longest - 1, -4)
+                  if (n := len(plan_epoch(train_rows.lengths, b, 0, 0))) % per_step == 1 and n > per_step), None)
+    assert found, f"no token budget gives {len(train_rows.lengths)} rows an epoch of 5k + 1 micro-batches"
+    budget, n_micro = found
     common = dict(weighting="pear", micro_batches=per_step, epochs=2, token_budget=budget, fsdp=fsdp)
     one = train(cfg_for(scores, tmp_path / "one", **common))
     assert one["steps"] == 2 * len(steps_of(n_micro, per_step))

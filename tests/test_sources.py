@@ -267,3 +267,19 @@ def test_json_schema_has_the_columns_of_every_row(tmp_path):
     f = tmp_path / "c.jsonl"
     f.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"prompt": "b", "behavior_logprobs": [-1.0]}) + "\n")
     assert open_sources(str(f))[0].schema().names == ["prompt", "behavior_logprobs"]
+
+
+@pytest.mark.parametrize("name, words", [("chat.jsnl", "no such file: 'chat.jsnl'; corpus files end in"),
+                                         ("chat.jsonl", "no such file: 'chat.jsonl' (a hub"),
+                                         ("rows.csv", "no such file: 'rows.csv'; corpus files end in")])
+def test_a_name_without_a_folder_that_looks_like_a_file_is_a_missing_file(name, words, tmp_path, monkeypatch):
+    # `DATA=chat.jsnl` (a typo) was looked up as a hub dataset: retries over the network, then a hub error
+    import scorer.sources as sources
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sources, "_open_hub", lambda *a: pytest.fail(f"{name} was looked up on the hub"))
+    with pytest.raises(InputError) as e:
+        open_sources(name)
+    assert str(e.value).startswith(words) and "org/name" in str(e.value)
+    assert sources.looks_like_a_file(name)
+    assert not any(map(sources.looks_like_a_file, ["gsm8k", "org/name", "name@v1.0", "org/chat.v2"]))

@@ -21,7 +21,7 @@ import pytest
 from common.config import parse
 from scorer import report as inspect_cli
 from scorer.corpus import RowError, encode_row
-from scorer.job import ScoreConfig, run
+from scorer.job import ScoreConfig, format_summary, run
 from scorer.job import main as score_main
 from scorer.reweight import main as reweight_main
 from scorer.shards import list_shards, read_meta
@@ -271,9 +271,55 @@ def test_inspect_after_reweight_says_the_timing_is_the_scoring_runs(scored, tmp_
     capsys.readouterr()
     assert inspect_cli.main(["--scores", str(out)]) == 0
     printed = capsys.readouterr().out
-    scoring_wall = json.loads((scored / "s" / "summary.json").read_text())["seconds"]
-    assert "the scoring run: 2 shards scored, backend torch" in printed and f"wall {scoring_wall}s" in printed
+    speed = json.loads((scored / "s" / "summary.json").read_text())["speed"]
+    assert (f"the runs that scored them: tokens/s {speed['wall_tokens_per_second']:.0f} wall-clock "
+            f"({speed['wall_seconds']}s over 1 run)") in printed and "shards 2, response tokens" in printed
     assert "reweighted since: variant sequence gamma 0.999" in printed
+
+
+def test_a_rerun_that_scores_nothing_keeps_the_record_of_the_run_that_did(scored, world, tmp_path, capsys):
+    # a rerun wrote its own empty run over summary.json (seconds 0.0, tokens/s null), and `make inspect`
+    # then printed "- tokens/s": the record of the run that scored the shards was lost
+    out = copy_scores(scored, tmp_path)
+    before = json.loads((out / "summary.json").read_text())
+    assert score_main(score_args(world, scored / "corpus.parquet", out)) == 0
+    after = json.loads((out / "summary.json").read_text())
+    assert after == before and after["speed"]["shards_timed"] == after["shards"] == 2
+    assert after["speed"]["wall_tokens_per_second"] > 0 and after["speed"]["scoring_tokens_per_second"] > 0
+    first, rerun = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    assert (first["shards_scored"], first["shards_kept"], rerun["shards_scored"], rerun["shards_kept"]) == (2, 0, 0, 2)
+    assert rerun["wall_tokens_per_second"] is None and first["wall_tokens_per_second"] > 0
+    assert "this run: 0 shards scored, 2 kept" in capsys.readouterr().out
+    assert inspect_cli.main(["--scores", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"tokens/s {after['speed']['wall_tokens_per_second']:.0f} wall-clock" in printed
+    assert "tokens/s -" not in printed
+
+
+def test_the_bar_and_the_summary_name_each_speed_by_its_clock(world, tmp_path, capsys):
+    # the bar's `tok_s` (wall-clock time since the start) and the summary's tokens/s (scoring time per
+    # shard) shared a name and meant different things
+    pl.read_parquet(world / "corpus.parquet").head(8).write_parquet(tmp_path / "corpus.parquet")
+    done = run(ScoreConfig(data=str(tmp_path / "corpus.parquet"), out=str(tmp_path / "s"), target=str(world / "target"),
+                           behavior="none", executor="local", backend="torch", rows_per_shard=4), progress=True)
+    bar = capsys.readouterr().err
+    assert "wall_tok_s=" in bar and " tok_s=" not in bar and ",tok_s=" not in bar
+    this_run, speed = done["this_run"], done["speed"]
+    assert this_run["wall_tokens_per_second"] < this_run["scoring_tokens_per_second"]  # engine start is wall time
+    # the summary's speeds are this one run's (rounded seconds apart)
+    assert speed["wall_tokens_per_second"] == pytest.approx(this_run["wall_tokens_per_second"], rel=1e-2)
+    assert speed["scoring_tokens_per_second"] == pytest.approx(this_run["scoring_tokens_per_second"], rel=1e-2)
+    printed = format_summary(done)
+    assert (f"tokens/s {speed['wall_tokens_per_second']:.0f} wall-clock" in printed
+            and f"{speed['scoring_tokens_per_second']:.0f} of scoring time" in printed)
+
+
+def test_inspect_to_a_file_that_is_no_image_is_one_line_and_exit_2(scored, tmp_path, capsys):
+    # matplotlib refused out.txt at the end, with a 25-line traceback and exit code 1
+    assert inspect_cli.main(["--scores", str(scored / "s"), "--png", str(tmp_path / "out.txt")]) == 2
+    err = one_line_error(capsys.readouterr().err)
+    assert err.startswith(f"error: --png {tmp_path / 'out.txt'}: an image file ends in .png") and "not .txt" in err
+    assert not (tmp_path / "out.txt").exists()
 
 
 def test_the_histogram_spans_the_data_not_the_clip_range():

@@ -32,6 +32,7 @@ def test_base_mix_follows_the_config():
     assert score(scratch_style("2 + 3 + 4"), ex) == score(words_style("2 + 3 + 4"), ex) == 1.0
 
 
+@pytest.mark.world_draw
 def test_corpus_is_filtered_to_correct_answers(world):
     kept, everything = world / "corpus.parquet", world / "corpus-unfiltered.parquet"
     meta = json.loads(pq.read_schema(kept).metadata[b"world_corpus"])
@@ -76,15 +77,30 @@ def content_hashes(folder) -> dict:
 @pytest.mark.slow(seconds=65)
 def test_the_build_is_a_function_of_its_seed(tmp_path):
     """Two builds of a small world from the same seed: the same tokenizer, models and corpora, byte for
-    byte (another machine may build another draw; on one machine the seed decides)."""
-    from pipelines.world import build
+    byte, whatever thread count the process had (the build sets its own and gives the process its
+    count back). Another machine may build another draw: world.json records the kernel path and
+    thread count it was built with."""
+    import torch
+
+    from pipelines.world import BUILD_THREADS, build
 
     cfg = WorldConfig(seed=5, vocab_size=300, pretrain_examples=300, target_steps=30,
                       behavior_steps=30, corpus_rows=24, max_new_tokens=24)
-    first, second = content_hashes(build(tmp_path / "a", cfg)), content_hashes(build(tmp_path / "b", cfg))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        first = content_hashes(build(tmp_path / "a", cfg))
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        second = content_hashes(build(tmp_path / "b", cfg))
+    finally:
+        torch.set_num_threads(before)
     assert {"target/model.safetensors", "behavior/model.safetensors", "corpus.parquet",
             "tokenizer/tokenizer.json"} <= set(first)
     assert first == second
+    built_with = json.loads((tmp_path / "a" / "world.json").read_text())["built_with"]
+    assert built_with == {"kernel": torch.backends.cpu.get_cpu_capability(), "threads": BUILD_THREADS,
+                          "torch": torch.__version__}
 
 
 def test_the_cue_goes_only_on_careful_traces_in_its_share():

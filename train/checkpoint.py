@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def resume(out: Path, made_from: dict, overwrite: bool) -> tuple[Path | None, di
     ckpt = latest(out)
     if ckpt is None:
         return None, None
-    state = torch.load(ckpt / STATE, map_location="cpu", weights_only=False)
+    state = load_state(ckpt / STATE)
     before = state.get("made_from", {})
     if before == made_from:
         return ckpt, state
@@ -79,6 +80,18 @@ def resume(out: Path, made_from: dict, overwrite: bool) -> tuple[Path | None, di
     changed = sorted(k for k in set(made_from) | set(before) if before.get(k) != made_from.get(k))
     raise ConfigError(f"{ckpt} was made with other settings or data ({', '.join(changed)}); "
                       "use a new --out or --overwrite true")
+
+
+def load_state(path: Path) -> dict:
+    """A checkpoint's trainer state, read as tensors and plain data only (`weights_only=True`): a
+    pickle that names any other object, which would run code as it loads, is refused (ConfigError)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path}: refused, it holds objects other than tensors and plain data, which would run "
+                          f"code as it loads ({reason[:160]}); resume only from checkpoints this project wrote, "
+                          "or start over with a new --out or --overwrite true") from None
 
 
 def clear(out: Path) -> None:

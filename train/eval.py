@@ -77,6 +77,7 @@ class EvalConfig:
     max_new_tokens: int = field(64, "longest response (the default is the embedded world's)")
     bootstrap: int = field(2000, "bootstrap resamples over prompts for the 95% intervals")
     seed: int = field(0, "seed of the engine's sampler and of the bootstrap")
+    progress: bool = field(True, "progress bar over the prompts")
     # other trainers' names (TRL's GRPOConfig), on the command line and in YAML; each is moved onto its field
     num_generations: int | None = field(None, "TRL's name for --n")
     max_completion_length: int | None = field(None, "TRL's name for --max-new-tokens")
@@ -297,6 +298,12 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def recorded_config(cfg: EvalConfig) -> dict:
+    """The settings as eval.json records them: of the prompt set, only those that chose the prompts
+    (a --prompts run used no tasks, seed or prompt count; a task run no prompt file)."""
+    return {**asdict(cfg), "prompt_set": cfg.prompt_set.used()}
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     """One evaluation; returns the report (also written to out/eval.json and out/eval.md). One
     evaluation per output folder at a time: a second one is refused, naming the holder."""
@@ -327,7 +334,8 @@ def _evaluate(cfg: EvalConfig, held: ExitStack) -> dict:
     prompt_ids = [prompt_token_ids(tokenizer, ex) for ex in examples]  # `messages` when a row has them
     engine = RolloutEngine(cfg.model, max(map(len, prompt_ids)) + cfg.max_new_tokens, seed=cfg.seed)
     try:
-        groups = engine.generate(prompt_ids, cfg.n, cfg.temperature, cfg.max_new_tokens, cfg.top_p, logprobs=False)
+        groups = engine.generate(prompt_ids, cfg.n, cfg.temperature, cfg.max_new_tokens, cfg.top_p, logprobs=False,
+                                 bar="eval" if cfg.progress else None)
     finally:
         engine.close()
     rewards = np.zeros((len(examples), cfg.n))  # (P, n)
@@ -365,7 +373,7 @@ def _evaluate(cfg: EvalConfig, held: ExitStack) -> dict:
         "groups": report_groups,
         "held_out": {"checked_against": [str(s) for s in sources], "compared": COMPARED, "training_prompts": len(seen),
                      "dropped_overlapping": dropped, "overlap_after_check": 0},
-        "reward_errors": errors, "seconds": round(time.perf_counter() - t0, 2), "config": asdict(cfg),
+        "reward_errors": errors, "seconds": round(time.perf_counter() - t0, 2), "config": recorded_config(cfg),
     }
     if baseline is not None:
         report["vs_baseline"] = compare_with_baseline(examples, rewards, passed, ks, baseline, cfg)

@@ -528,7 +528,7 @@ def record_step(metrics: dict, errors: list[dict], metrics_path: Path, errors_pa
             for e in errors:
                 f.write(json.dumps({"step": step, **e}) + "\n")
     bar.update(1)
-    bar.set_postfix(reward=f"{metrics['mean_reward']:.3f}", pass_=f"{metrics['pass_rate']:.2f}",
+    bar.set_postfix(reward=f"{metrics['mean_reward']:.3f}", pass_rate=f"{metrics['pass_rate']:.2f}",
                     len=f"{metrics['response_length']:.0f}", tis=f"{metrics['tis_mean'] or 1:.3f}")
 
 

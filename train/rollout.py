@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,14 +45,14 @@ class RolloutEngine:
         self.max_model_len = max_model_len
 
     def generate(self, prompts: list[list[int]], n: int, temperature: float, max_tokens: int,
-                 top_p: float = 1.0, logprobs: bool = True) -> list[list[Sample]]:
+                 top_p: float = 1.0, logprobs: bool = True, bar: str | None = None) -> list[list[Sample]]:
         """For each prompt, n samples (in the engine's order). Without `logprobs` the samples are the
-        same and the engine skips gathering them."""
+        same and the engine skips gathering them. `bar`: the title of a progress bar over the prompts."""
         from vllm import SamplingParams
 
         sp = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                             logprobs=0 if logprobs else None, detokenize=False)
-        outs = generate(self.llm, prompts, sp)
+        outs = generate(self.llm, prompts, sp, bar)
         result = []
         for out in outs:
             group = []
@@ -270,6 +270,13 @@ class PromptConfig:
     answer_column: str = field("answer", "the column of --prompts holding each prompt's reference answer")
     prompts_config: str = field("", "hub dataset of --prompts: the configuration name")
     prompts_split: str = field("", "hub dataset or DatasetDict folder of --prompts: the split (hub default: train)")
+
+    FROM_FILE = ("prompts", "answer_column", "prompts_config", "prompts_split")
+
+    def used(self) -> dict:
+        """The fields that chose the prompts: those of --prompts when it is given, else the tasks'."""
+        from_file = bool(self.prompts)
+        return {k: v for k, v in asdict(self).items() if (k in self.FROM_FILE) == from_file}
 
     def examples(self) -> list[dict]:
         """The prompt rows (prompt, answer, and what the rewards need); ValueError names what is wrong."""

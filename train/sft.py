@@ -13,7 +13,8 @@ loss = sum_t stopgrad(w_t) * NLL_t / (response tokens in the global batch), with
                forward pass instead of the stored target logprobs: the ratio follows the model.
 
 `out` becomes a Hugging Face model folder (weights, config, tokenizer) with `metrics.jsonl` (one
-line per optimizer step) and `train_summary.json`; `out/checkpoints/step-N/` are HF folders too,
+line per optimizer step), `train_summary.json` (the training of the model, over every segment
+that trained it) and `history.jsonl` (a line per run, rerun or not); `out/checkpoints/step-N/` are HF folders too,
 plus `trainer_state.pt` (the step, which fixes the data position; optimizer; RNG). A rerun with
 the same settings resumes from the last checkpoint. Bad input (shards, model) prints one line
 naming the file and row, exit 2.
@@ -38,7 +39,7 @@ from common import console
 from common.config import ConfigError, cli, field, setup_logging
 from common.lock import locked
 from common.models import hash_model_folder, pinned, resolve_model
-from common.storage import as_path, write_json_atomic
+from common.storage import append_json_line, as_path, run_id, write_json_atomic
 from scorer.config import WeightConfig
 from scorer.shards import ShardError, list_shards, read_meta, tokenizer_sha256
 from scorer.stats import TABLE_COLUMNS, weight_table
@@ -499,7 +500,7 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
     `held`: where the output folder's lock is kept (rank 0 holds it for all ranks); None: no lock."""
     from tqdm import tqdm
 
-    t_start = time.perf_counter()
+    t_start, name = time.perf_counter(), run_id()
     if not cfg.progress:
         from transformers.utils import logging as hf_logging
 
@@ -551,8 +552,9 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
     # 6. the loop: one optimizer step after another, a checkpoint every `save_every`
     net.train()
     t_loop = time.perf_counter()
-    # totals over the whole run, resumed segments included
+    # totals over the whole run, resumed segments included (`seconds`: the wall time of the runs that trained)
     tokens_done, seconds_before = (state["tokens_done"], state["loop_seconds"]) if state else (0, 0.0)
+    tokens_before, wall_before = tokens_done, (state.get("seconds", 0.0) if state else 0.0)
     plan = step_batches(rows, cfg, steps_per_epoch, start_step, rank, world)
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
@@ -569,7 +571,8 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
         if step + 1 == total_steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
             save_checkpoint(cfg, out, step + 1, net, optimizer, tokenizer, made_from, {
                 "heldout_nll_start": nll_start, "tokens_done": tokens_done,
-                "loop_seconds": seconds_before + time.perf_counter() - t_loop}, rank, world)
+                "loop_seconds": seconds_before + time.perf_counter() - t_loop,
+                "seconds": wall_before + time.perf_counter() - t_start}, rank, world)
     bar.close()
     tracker.close()
     loop_seconds = seconds_before + time.perf_counter() - t_loop
@@ -582,6 +585,13 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
         return {}
     save_model(net, tokenizer, out, bool(cfg.lora_rank), model_sd)
     steps = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    wall_now = time.perf_counter() - t_start
+    this_run = {"run": name, "from_step": start_step, "to_step": total_steps, "tokens": tokens_done - tokens_before,
+                "loop_seconds": round(loop_seconds - seconds_before, 2), "seconds": round(wall_now, 2)}
+    made = made_by(out / "train_summary.json", total_steps, trained=start_step < total_steps, timing={
+        "resumed_from_step": start_step if state else None, "loop_seconds": round(loop_seconds, 2),
+        "seconds": round(wall_before + wall_now, 2),
+        "tokens_per_second": round(tokens_done / loop_seconds, 1) if tokens_done else None})
     summary = {
         "weighting": cfg.weighting,
         "weight_params": params.as_dict() if params else None,
@@ -590,16 +600,27 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
         "model": str(Path(model_dir).resolve()), "scores": str(as_path(cfg.scores).resolve()),
         "out": str(out.resolve()),
         "world_size": world, "steps": total_steps, "steps_per_epoch": steps_per_epoch,
-        "resumed_from_step": start_step if state else None,
+        "resumed_from_step": made["resumed_from_step"],
         **learning_summary(steps, nll_start, nll_end),
         "train_rows": len(rows), "heldout_rows": len(heldout), "heldout_ids": heldout.ids,
-        # training time over all segments of the run; `seconds`: this invocation's wall time
-        "loop_seconds": round(loop_seconds, 2), "seconds": round(time.perf_counter() - t_start, 2),
-        "tokens_per_second": round(tokens_done / loop_seconds, 1) if tokens_done else None,
-        "config": asdict(cfg),
+        # the model's training, every segment that trained it: loop time, and `seconds` of wall time (model
+        # loading, held-out NLL and saving included); each invocation's own in history.jsonl
+        "loop_seconds": made["loop_seconds"], "seconds": made["seconds"],
+        "tokens_per_second": made["tokens_per_second"], "config": asdict(cfg),
     }
     write_json_atomic(summary, out / "train_summary.json")
+    append_json_line(this_run, out / "history.jsonl")
     return summary
+
+
+def made_by(summary_path: Path, steps: int, trained: bool, timing: dict) -> dict:
+    """The `timing` fields (times, speed, resume step) of the runs that trained the model. A rerun that
+    trains no step (its last checkpoint is the end) keeps those of the summary it finds: the rerun is
+    not the run that did the work, and has its own line in history.jsonl."""
+    before = json.loads(summary_path.read_text()) if summary_path.exists() and not trained else {}
+    if before.get("steps") == steps and all(k in before for k in timing):
+        return {k: before[k] for k in timing}
+    return timing
 
 
 def format_summary(s: dict) -> str:
