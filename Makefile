@@ -66,7 +66,7 @@ DESC.view := one HTML page: rows token by token, coloured by weight (SCORES/weig
 DESC.sft := weighted SFT from shards (uniform and PEAR by default)
 DESC.rl := GRPO-style RL from an SFT model
 DESC.eval := pass@k on held-out prompts, paired against a BASELINE eval
-DESC.experiment := the PEAR experiment on 3 draws of the sft-matters world (report in results/)
+DESC.experiment := the PEAR experiment on fresh confirmation draws of the sft-matters world (report in results/)
 DESC.experiment-smoke := the experiment at smoke size
 DESC.bench := CPU scoring backends and PEAR vs uniform SFT step time
 DESC.bench-sft := PEAR vs uniform SFT step time
@@ -171,6 +171,11 @@ eval: setup
 	$(PY) -m pipelines.rl eval $(call args,eval)
 
 # the PEAR experiment: the references, the SFT-matters rule, then the PEAR arms; report in results/
+# the world builds' two torch threads sleep rather than spin while they wait for each other: on a
+# machine shared with other work, spinning threads waited for descheduled ones and a build took
+# about 7x the wall time (a 2-thread training loop at nice 19 beside other jobs: 18 steps in 15 s
+# spinning, 133 passive). Where the threads wait does not change what they compute.
+experiment: export OMP_WAIT_POLICY ?= PASSIVE
 experiment: setup
 	$(PY) -m pipelines.experiment $(call args,experiment)
 

@@ -1,5 +1,6 @@
-"""The experiment's report: experiment.md (decision rule first, then the numbers, whatever they
-say), three plots, and a check that experiment.json holds every arm, draw, seed and number."""
+"""The experiment's report: experiment.md (decision rule first, then the gate, then the numbers,
+whatever they say), three plots, and a check that experiment.json holds every arm, draw, seed and
+number."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,12 +20,15 @@ def interval(x: dict, signed: bool = False) -> str:
 
 def statement(rep: dict, ks: list[int]) -> list[str]:
     """What the numbers show, in plain words, whichever way they go."""
-    arms, top, check = rep["arms"], f"pass@{max(ks)}", rep["sft_matters"]
-    lines = [f"- SFT matters after RL here: {'yes' if check['holds'] else 'no'}. no-sft minus uniform, post-RL "
-             f"pass@1: {check['diff']:+.3f} [{check['lo']:+.3f}, {check['hi']:+.3f}] (rule: {check['rule']})."]
-    if not check["holds"] and set(arms) <= {"no-sft", "uniform"}:
-        lines.append("- No PEAR arm was run: in a world where the SFT start does not decide where RL ends, no SFT "
-                     "weighting can be told apart after RL.")
+    arms, top, gate, check = rep["arms"], f"pass@{max(ks)}", rep["gate"], rep["sft_matters"]
+    lines = [f"- The gate (weighting the SFT data can change where RL ends): {'holds' if gate['holds'] else 'fails'}. "
+             f"oracle minus uniform, post-RL pass@1: {gate['diff']:+.3f} [{gate['lo']:+.3f}, {gate['hi']:+.3f}] "
+             f"(rule: {gate['rule']}).",
+             f"- Reference, not deciding: no-sft minus uniform, post-RL pass@1: {check['diff']:+.3f} "
+             f"[{check['lo']:+.3f}, {check['hi']:+.3f}]."]
+    if not gate["holds"] and set(arms) <= {"no-sft", "uniform", "oracle"}:
+        lines.append("- No PEAR arm was run: where even SFT on only the traces the target can carry out does not "
+                     "change where RL ends, no SFT weighting can be told apart after RL.")
     for arm, r in arms.items():
         g = r["rl_gain"]["pass@1"]
         lines.append(f"- RL from {arm}: pass@1 {r['after_sft']['pass@1']['mean']:.3f} -> "
@@ -40,19 +44,62 @@ def statement(rep: dict, ks: list[int]) -> list[str]:
     return lines
 
 
+def per_draw(e: dict) -> str:
+    """The per-draw values behind an interval, in the order of the draws."""
+    return ", ".join(f"{v:+.3f}" for v in e["per_world"])
+
+
+def method(rep: dict) -> str:
+    """How the report's intervals were made (the same for every interval of one report)."""
+    e = next(iter(rep["arms"].values()))["after_rl"]["pass@1"]
+    n = e.get("n", len(e["per_world"]))
+    if n >= 2:
+        return (f"{e['method']}: a t-interval on the per-draw means, each draw one unit, its prompts' and seeds' "
+                f"noise inside its mean; minimum detectable difference (t(0.975, {n - 1}) + z(0.8)) x SE")
+    return e["method"]
+
+
+def gate_lines(rep: dict) -> list[str]:
+    """The gate, as the rule reads it, with its per-draw values."""
+    g = rep["gate"]
+    lines = [f"oracle minus uniform, held-out pass@1 after the last RL step: {g['diff']:+.3f} [{g['lo']:+.3f}, "
+             f"{g['hi']:+.3f}] ({g.get('method')}; per draw {', '.join(f'{v:+.3f}' for v in g['per_world'])}). "
+             f"Rule: {g['rule']}. **The gate {'holds' if g['holds'] else 'fails'}.**"]
+    if not g["holds"]:
+        lines += ["", "The gate failed, so the report stops here: in this world, on these draws, SFT on only the "
+                  "traces the target can carry out does not end RL measurably higher than uniform SFT, and no "
+                  "weighting of the same data could be told apart from uniform after RL. That is the result."]
+    r = rep["sft_matters"]
+    lines += ["", f"Reference, deciding nothing: no-sft minus uniform, post-RL pass@1 {r['diff']:+.3f} "
+              f"[{r['lo']:+.3f}, {r['hi']:+.3f}] (per draw {', '.join(f'{v:+.3f}' for v in r['per_world'])})."]
+    return lines
+
+
+def recovered(rep: dict) -> str:
+    """The share of the oracle's gain that PEAR recovers, with Fieller's interval."""
+    r = rep.get("recovered")
+    if not r or r["share"] is None:
+        return ""
+    ci = f"[{r['lo']:+.2f}, {r['hi']:+.2f}]" if r["bounded"] else \
+        "(no bounded interval: the oracle's gain is not distinguishable from 0 at this many draws)"
+    return (f"Share of the oracle's gain that PEAR recovers, (pear-token - uniform) / (oracle - uniform): "
+            f"{r['share']:+.2f} {ci} ({r['method']}).")
+
+
 def decision(rep: dict) -> str:
     """The primary comparison, read by the rule written before the run."""
-    from pipelines.experiment import PRIMARY
+    from pipelines.experiment_design import PRIMARY
 
-    if not rep["sft_matters"]["holds"]:
-        return "The rule's first step failed: this world cannot speak to PEAR (no decision)."
+    if not rep["gate"]["holds"] and PRIMARY not in rep["arms"]:
+        return "The gate failed: this world cannot speak to PEAR (no decision)."
     r = rep["arms"].get(PRIMARY)
     if r is None:
         return f"{PRIMARY} was not among the arms run (no decision)."
     e = r["vs_uniform_after_rl"]["pass@1"]
     outcome = verdict(e, "PEAR helped", "PEAR hurt", "neither: PEAR and uniform SFT are not distinguishable")
-    return (f"{PRIMARY} minus uniform, held-out pass@1 after the last RL step: {interval(e, True)}. By the rule: "
-            f"**{outcome}** (minimum detectable difference {e['mdd']:.3f}).")
+    return (f"{PRIMARY} minus uniform, held-out pass@1 after the last RL step: {interval(e, True)} "
+            f"({e.get('method', '')}; per draw {per_draw(e)}). By the rule: **{outcome}** (minimum detectable "
+            f"difference {e['mdd']:.3f}).")
 
 
 SELECTION = Path(__file__).resolve().parents[1] / "results" / "world-selection.md"
@@ -70,22 +117,35 @@ def chosen(world: str) -> list[str]:
 def markdown(rep: dict, ks: list[int]) -> str:
     meta, arms, top = rep["meta"], rep["arms"], f"pass@{max(ks)}"
     steps = next(iter(arms.values()))["curve"]["steps"]
-    builds = ", ".join(f"draw {w}: {b['corpus_rows']} corpus rows, behavior accuracy {b['behavior_accuracy']:.2f}"
+    builds = ", ".join(f"draw {w}: {b['corpus_rows']} corpus rows, behavior accuracy {b['behavior_accuracy']:.2f}, "
+                       f"built with {b['built_with'].get('kernel')}/{b['built_with'].get('threads')} threads"
                        for w, b in meta["world_builds"].items())
+    selection = rep.get("selection_worlds") or []
     lines = [
         f"# PEAR experiment, world `{meta['world']}`", "",
         f"Made by `{meta['command']}` on {meta['machine']}, {meta['date']}, in {meta['minutes']:.0f} minutes from "
-        f"the first scored corpus to the last evaluation (commit {meta['commit']}). World draws (seeds) "
-        f"{', '.join(map(str, rep['worlds']))} ({builds}); world settings {meta['world_settings'] or 'the defaults'} "
+        f"the start of the run that finished it to its end (commit {meta['commit']}; earlier chains resumed from "
+        f"their records). Confirmation draws (seeds) {', '.join(map(str, rep['worlds']))} ({builds})"
+        + (f"; selection draws {', '.join(map(str, selection))}, which chose the world, count nowhere here"
+           if selection else "")
+        + f"; world settings {meta['world_settings'] or 'the defaults'} "
         f"(pipelines/world.py); {meta['seeds']} SFT/RL seed{'s' if meta['seeds'] > 1 else ''} per draw; held-out "
         f"prompts per draw {', '.join(map(str, rep['prompts'].values()))}, {meta['samples_per_prompt']} samples "
         "each, the same prompts for every arm, seed and RL step of a draw. Recipe in experiment.json.", "",
         "## Decision rule", "", rep["decision_rule"], "",
         *chosen(meta["world"]),
-        "## Result", "", decision(rep), "",
+        "## The gate", "", *gate_lines(rep), "",
+        "## Result", "", decision(rep), "", *([recovered(rep), ""] if recovered(rep) else []),
         f"The paper's claim, beside it: {PAPER}", "",
-        "Numbers: mean over world draws (each the mean over its seeds and prompts); brackets: 95% interval of a "
-        "bootstrap that resamples world draws, then seeds, then prompts.", "",
+        "Per draw, post-RL pass@1 minus uniform's (each draw's mean over its seeds and prompts; the intervals "
+        "are over these values):", "",
+        "| arm | " + " | ".join(f"draw {w}" for w in rep["worlds"]) + " | mean [95% interval] |",
+        "|---|" + "---|" * (len(rep["worlds"]) + 1),
+        *[f"| {arm} | " + " | ".join(f"{v:+.3f}" for v in r["vs_uniform_after_rl"]["pass@1"]["per_world"])
+          + f" | {interval(r['vs_uniform_after_rl']['pass@1'], True)} |"
+          for arm, r in arms.items() if "vs_uniform_after_rl" in r], "",
+        f"Numbers: mean over world draws (each the mean over its seeds and prompts); brackets: 95% interval, "
+        f"{method(rep)}.", "",
         f"| arm | held-out NLL after SFT | pass@1 after SFT | pass@1 after RL | RL gain, pass@1 | {top} after RL | "
         f"pass@1 after RL vs uniform | {top} after RL vs uniform | pass@1 area vs uniform |",
         "|---|---|---|---|---|---|---|---|---|"]
@@ -113,18 +173,26 @@ def markdown(rep: dict, ks: list[int]) -> str:
               "|---|" + "---|" * len(ks)]
     for arm, r in arms.items():
         lines.append(f"| {arm} | " + " | ".join(interval(r["after_rl"][f"pass@{k}"]) for k in ks) + " |")
-    lines += ["", "Weights each arm trained with (corpus-wide shares from the scoring summaries, mean over draws; "
-              "mean weight and batch ESS as trained):", "",
-              "| arm | mean weight | delta at lo clip | delta at hi clip | log G at lo clip | ESS tokens | "
-              "ESS sequences |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "Weights each arm trained with: the mean token weight of each trace style (from the stored logprobs; "
+              "uniform 1 everywhere, the oracle 1 on careful traces and 0 elsewhere), the share of tokens at the "
+              "clips (corpus-wide), mean weight and batch ESS as trained; mean over draws:", "",
+              "| arm | careful | words | other | delta at lo clip | log G at lo clip | log G at hi clip | "
+              "mean weight trained | batch ESS | training rows |", "|---|---|---|---|---|---|---|---|---|---|"]
     p = lambda x: "-" if x is None else f"{x:.1%}"  # noqa: E731
+    f3 = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     for arm, r in arms.items():
         w = r["weights"]
         if w is not None:
-            lines.append(f"| {arm} | {w['mean_weight_trained']:.3f} | {p(w.get('share_delta_at_lo'))} | "
-                         f"{p(w.get('share_delta_at_hi'))} | {p(w.get('share_log_weight_at_lo'))} | "
-                         f"{p(w.get('ess_tokens_fraction', w['batch_ess_fraction_trained']))} | "
-                         f"{p(w.get('ess_sequences_fraction'))} |")
+            by = w.get("mean_weight_by_style", {})
+            lines.append(f"| {arm} | {f3(by.get('careful'))} | {f3(by.get('words'))} | {f3(by.get('other'))} | "
+                         f"{p(w.get('share_delta_at_lo'))} | {p(w.get('share_log_weight_at_lo'))} | "
+                         f"{p(w.get('share_log_weight_at_hi'))} | {w['mean_weight_trained']:.3f} | "
+                         f"{p(w['batch_ess_fraction_trained'])} | {w['train_rows']:.0f} |")
+    tokens = next((r["weights"]["style_tokens"] for r in arms.values() if r["weights"] and
+                   "style_tokens" in r["weights"]), None)
+    if tokens:
+        lines += ["", "Response tokens of each style in the scored corpus (mean over draws): "
+                  + ", ".join(f"{st} {n:.0f}" for st, n in tokens.items()) + "."]
     lines += ["", "## What the numbers show", "", *statement(rep, ks), "",
               "![pass@1 over RL steps](experiment_curve.png)", "",
               "![reward curves](experiment_reward_curves.png)", "",
@@ -150,9 +218,13 @@ def plots(rep: dict, ks: list[int], out: Path) -> None:
         plt.close(fig)
 
     def curve(ax) -> None:
-        for arm, c in rep["curve"].items():
-            ax.plot(c["steps"], c["pass@1"], marker="o", label=arm)
-            ax.fill_between(c["steps"], c["lo"], c["hi"], alpha=0.12)
+        paired = [(arm, c) for arm, c in rep["curve"].items() if "diff" in c]
+        span = max(c["steps"][-1] for _, c in paired) if paired else 1
+        for i, (arm, c) in enumerate(paired):
+            x = np.array(c["steps"], dtype=float) + (i - (len(paired) - 1) / 2) * 0.008 * span  # side by side
+            d = np.array(c["diff"])
+            ax.errorbar(x, d, yerr=[d - np.array(c["lo"]), np.array(c["hi"]) - d], marker="o", capsize=3, label=arm)
+        ax.axhline(0.0, color="grey", lw=0.8)
 
     def rewards(ax) -> None:
         for arm, r in rep["arms"].items():
@@ -170,8 +242,8 @@ def plots(rep: dict, ks: list[int], out: Path) -> None:
             ys = [y for world in r["after_rl"][top]["per_seed"] for y in world]  # the same order: draws, then seeds
             ax.scatter(xs, ys, label=arm)
 
-    figure("experiment_curve.png", "RL step", "held-out pass@1",
-           "Held-out pass@1 over RL (mean over world draws; band: 95% interval)", curve)
+    figure("experiment_curve.png", "RL step", "held-out pass@1 minus uniform's",
+           "Paired difference from uniform SFT over RL (mean over draws; bars: 95% t-interval)", curve)
     figure("experiment_reward_curves.png", "RL step", "mean reward of the step's rollouts",
            "RL reward per arm (mean over draws and seeds, moving average)", rewards)
     figure("experiment_offline_vs_rl.png", "held-out NLL on behavior traces after SFT (lower: better SFT)",
@@ -189,9 +261,19 @@ def check_complete(results: Path, worlds: list[int], seeds: list[int], ks: list[
     problems = []
     if data.get("worlds") != worlds:
         problems.append(f"worlds {data.get('worlds')} instead of {worlds}")
-    sm = data.get("sft_matters") or {}
-    if not all(np.isfinite(sm.get(x, np.nan)) for x in ("diff", "lo", "hi")):
-        problems.append(f"sft_matters incomplete: {sm}")
+    for key in ("gate", "sft_matters", "oracle"):
+        sm = data.get(key) or {}
+        if not all(np.isfinite(sm.get(x, np.nan)) for x in ("diff", "lo", "hi")):
+            problems.append(f"{key} incomplete: {sm}")
+    if "pear-token" in data.get("meta", {}).get("arms", []):
+        primary = data.get("primary") or {}
+        if not all(np.isfinite(primary.get(x, np.nan)) for x in ("diff", "lo", "hi", "mdd")) or \
+                len(primary.get("per_world", [])) != len(worlds):
+            problems.append(f"primary incomplete: {primary}")
+        if "share" not in (data.get("recovered") or {}):
+            problems.append("recovered missing")
+    if "selection_worlds" not in data:
+        problems.append("selection_worlds missing")
     runs = {f"world{w}/seed{s}" for w in worlds for s in seeds}
     for arm in data.get("meta", {}).get("arms", ["no-sft", "uniform"]):  # the arms the run reported
         r = data.get("arms", {}).get(arm)
@@ -207,7 +289,8 @@ def check_complete(results: Path, worlds: list[int], seeds: list[int], ks: list[
                         v["mean"] <= v["ci95"][1] + 1e-12):
                     problems.append(f"{arm} {phase} pass@{k}: {v}")
         curve = data.get("curve", {}).get(arm, {})
-        if len(curve.get("pass@1", [])) != len(curve.get("steps", [None])) or not curve.get("steps"):
+        if len(curve.get("pass@1", [])) != len(curve.get("steps", [None])) or not curve.get("steps") or \
+                (arm != "uniform" and len(curve.get("diff", [])) != len(curve["steps"])):
             problems.append(f"{arm}: curve {curve}")
         for name, v in r["runs"].items():
             if len(v["reward_curve"]) != data["recipe_steps"]:

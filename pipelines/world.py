@@ -14,7 +14,8 @@ It writes ordinary Hugging Face folders and a Parquet corpus:
     corpus.parquet  reasoning-gym prompts answered by the behavior model with vLLM, with the
                     sampled `response_ids` and their sampling `behavior_logprobs`, filtered to
                     correct answers (rejection sampling; the Parquet metadata `world_corpus`
-                    records the filter and its counts)
+                    records the filter and its counts), and each response's `style` read from its
+                    text (careful, words or other: trace_style)
     corpus-unfiltered.parquet  every sample, right or wrong (`make score DATA=...` takes it)
 Everything is a function of the seed, on one machine: torch picks its CPU kernels by the processor
 (`ATEN_CPU_CAPABILITY=default|avx2|avx512` chooses another path), and the kernel path and the thread
@@ -34,6 +35,7 @@ import json
 import logging
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -52,7 +54,9 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 WORLD_VERSION = 3
-STAMPED_WHEN_SET = {"target_careful_cue": 0.0}  # fields added after version 3 that leave the build as it was
+# fields added after version 3, recorded only when they differ from these values, so that a world built
+# before them keeps its record
+STAMPED_WHEN_SET = {"target_careful_cue": 0.0, "style_column": False}
 
 
 def default_seed() -> int:
@@ -115,6 +119,9 @@ class WorldConfig:
     # the behavior (a teacher) writes mostly its verbose style, sometimes the careful procedure
     behavior_careful_share: float = 0.25
     corpus_rows: int = 768  # prompts the behavior answers; the corpus keeps the correct ones
+    # the corpus's `style` column (trace_style of each response): a function of the text, so a world
+    # built without it gains it in place (add_style_column), the same draw
+    style_column: bool = True
     filter_correct: bool = True
     max_new_tokens: int = 96
     # disjoint seed ranges per use, so no prompt is shared across stages
@@ -195,6 +202,25 @@ def words_style(expression: str) -> str:
         parts.append(f"{verb} {b} to get {c}.")
     parts.append(f"The answer is {steps[-1][3]}.")
     return " ".join(parts)
+
+
+STYLES = ("careful", "words", "other")
+_CAREFUL_LINE = re.compile(r"-?\d+[+-]-?\d+=-?\d+")
+_CAREFUL_END = re.compile(r"Answer: -?\d+")
+_WORDS = re.compile(r"Start with -?\d+\.( (Add|Take away) -?\d+ to get -?\d+\.)+ The answer is -?\d+\.")
+
+
+def trace_style(text: str) -> str:
+    """The style a response is written in, from its text alone: `careful` (scratch_style's form: one
+    `a+b=c` line per operation, then `Answer: N`), `words` (words_style's form: `Start with ...`) or
+    `other` (a bare guess, or text that follows neither form). The form, not the arithmetic: a
+    careful trace with a wrong line is still careful."""
+    lines = [x.strip() for x in text.strip().split("\n")]
+    if len(lines) >= 2 and all(_CAREFUL_LINE.fullmatch(x) for x in lines[:-1]) and _CAREFUL_END.fullmatch(lines[-1]):
+        return "careful"
+    if _WORDS.fullmatch(" ".join(lines)):
+        return "words"
+    return "other"
 
 
 # ---- tokenizer and models ---------------------------------------------------------------------
@@ -313,6 +339,35 @@ def world_stamp(cfg: WorldConfig) -> dict:
     return {k: v for k, v in stamp.items() if k not in STAMPED_WHEN_SET or v != STAMPED_WHEN_SET[k]}
 
 
+def add_style_column(out: Path) -> None:
+    """Give a built world's corpora their `style` column (trace_style of each response), in place: the
+    column is a function of the text, so the draw stays what it was."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for name in ("corpus.parquet", "corpus-unfiltered.parquet"):
+        path = out / name
+        table = pq.read_table(path)
+        if "style" in table.column_names:
+            continue
+        styles = pa.array([trace_style(x) for x in table.column("response").to_pylist()], pa.string())
+        tmp = path.with_suffix(".parquet.tmp")
+        pq.write_table(table.append_column("style", styles), tmp, compression="zstd")
+        os.replace(tmp, path)
+
+
+def upgrade_in_place(out: Path, recorded: dict, stamp: dict) -> bool:
+    """A world whose record differs from `stamp` only by `style_column` set: add the column in place and
+    record it; True when the world is then up to date."""
+    if {k: v for k, v in stamp.items() if k != "style_column"} != recorded or not stamp.get("style_column"):
+        return False
+    add_style_column(out)
+    built = json.loads((out / "world.json").read_text())
+    (out / "world.json").write_text(json.dumps({**built, "config": stamp}, indent=1))
+    log.info("world at %s: style column added in place", out)
+    return True
+
+
 BUILD_THREADS = 2  # torch threads of the build, whatever the machine has: the draw depends on it
 
 
@@ -336,7 +391,8 @@ def build(out: Path, cfg: WorldConfig, force: bool = False, threads: int = BUILD
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent builders wait, then find it built
-        if not force and marker.exists() and json.loads(marker.read_text()).get("config") == stamp:
+        recorded = json.loads(marker.read_text()).get("config") if marker.exists() else None
+        if not force and recorded is not None and (recorded == stamp or upgrade_in_place(out, recorded, stamp)):
             log.info("world up to date at %s", out)
             return out
         marker.unlink(missing_ok=True)
@@ -382,6 +438,8 @@ def _build(out: Path, cfg: WorldConfig, stamp: dict, threads: int) -> None:
     rows = generate_corpus(out / "behavior", tokenizer, corpus_tasks, cfg.max_new_tokens, cfg.seed)
     for i, r in enumerate(rows):
         r["id"] = f"world-{cfg.seed}-{i:06d}"
+        if cfg.style_column:
+            r["style"] = trace_style(r["response"])
     kept = [r for r in rows if r["correct"]] if cfg.filter_correct else rows
     filter_meta = {"filter": "correct" if cfg.filter_correct else "none", "reward": "full credit (train.rewards.score)",
                    "rows_generated": len(rows), "rows_kept": len(kept)}

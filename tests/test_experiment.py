@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow(seconds=100)
 def test_experiment_smoke_writes_a_complete_report(world, tmp_path):
-    """Three arms: the two references and the stored PEAR weights; the other arms differ only in SFT
+    """Four arms: the three gate arms and the stored PEAR weights; the other arms differ only in SFT
     flags (test_lr_control_scales_the_recipe_learning_rate; pear-live in test_sft.py)."""
-    arms = ["no-sft", "uniform", "pear-token"]
+    arms = ["no-sft", "uniform", "oracle", "pear-token"]
     out = tmp_path / "exp"
     # through make, as a user types it (the quiet console: third-party output goes to the run's log)
     proc = subprocess.run(["make", "--no-print-directory", "experiment-smoke", f"OUT={out}", f"ARMS={','.join(arms)}"],
@@ -23,10 +23,22 @@ def test_experiment_smoke_writes_a_complete_report(world, tmp_path):
     report = json.loads((out / "experiment.json").read_text())
     assert list(report["arms"]) == arms and report["meta"]["arms"] == arms
     assert report["worlds"] == [0] and report["meta"]["world"] == "embedded"
-    assert set(report["sft_matters"]) >= {"diff", "lo", "hi", "holds"}
+    assert set(report["sft_matters"]) >= {"diff", "lo", "hi", "holds"} and set(report["gate"]) >= {"diff", "holds"}
+    assert set(report["oracle"]) >= {"diff", "lo", "hi", "per_world"} and report["selection_worlds"] == []
+    assert set(report["primary"]) >= {"diff", "lo", "hi", "mdd", "method", "per_world"}
+    assert set(report["recovered"]) >= {"share", "lo", "hi"}
     for arm in arms:  # pass@1 before RL, at the snapshot, after the last step
         assert report["curve"][arm]["steps"] == [0, 2, 3] and len(report["curve"][arm]["pass@1"]) == 3
         assert (out / "world0" / arm / "seed0" / "eval-step000002" / "eval.json").exists()
+        assert not list((out / "world0" / arm).rglob("*.safetensors"))  # models pruned once evaluated
+    # the draw's record: small, and enough for the report without the run folder
+    record = out / "experiment-draws" / "embedded-0.json"
+    assert record.stat().st_size < 200_000
+    rec = json.loads(record.read_text())
+    assert set(rec["arms"]) == set(arms) and rec["built_with"]["threads"] == 2
+    oracle = report["arms"]["oracle"]["weights"]
+    assert oracle["mean_weight_by_style"]["careful"] == 1.0 and oracle["mean_weight_by_style"]["words"] == 0.0
+    assert oracle["train_rows"] < report["arms"]["uniform"]["weights"]["train_rows"]
     assert set(report["arms"]["pear-token"]["after_rl"]) == {"pass@1", "pass@16"}
     md = (out / "experiment.md").read_text()
     for arm in arms:
@@ -38,6 +50,8 @@ def test_experiment_smoke_writes_a_complete_report(world, tmp_path):
 
 
 def test_two_level_bootstrap_counts_the_seed_spread():
+    from statistics import NormalDist
+
     from pipelines.experiment_stats import Z_POWER, estimate, two_level_bootstrap
 
     flat = np.full((3, 50), 0.4)
@@ -46,21 +60,19 @@ def test_two_level_bootstrap_counts_the_seed_spread():
     split = np.array([[0.0] * 20, [1.0] * 20])
     means = two_level_bootstrap(split, 2000, 0)
     assert set(np.round(means, 6)) <= {0.0, 0.5, 1.0} and means.min() == 0.0 and means.max() == 1.0
-    e = estimate([split])
+    e = estimate([split])  # one draw: the bootstrap over its seeds and prompts, named as such
     assert e["mean"] == 0.5 and e["per_seed"] == [[0.0, 1.0]] and e["per_world"] == [0.5]
-    assert e["ci95"] == [0.0, 1.0] and e["mdd"] == pytest.approx(Z_POWER * e["se"])
+    assert e["ci95"] == [0.0, 1.0] and e["mdd"] == pytest.approx((NormalDist().inv_cdf(0.975) + Z_POWER) * e["se"])
+    assert "one world draw" in e["method"]
 
 
-def test_three_level_bootstrap_counts_the_world_spread():
-    from pipelines.experiment_stats import estimate, three_level_bootstrap
+def test_several_draws_take_a_t_interval_on_their_means():
+    from pipelines.experiment_stats import estimate
 
-    # seeds and prompts agree within a world, worlds disagree: only resampling worlds shows it
     worlds = [np.zeros((2, 30)), np.ones((2, 10))]  # prompt counts differ between draws
-    means = three_level_bootstrap(worlds, 2000, 0)
-    assert set(np.round(means, 6)) <= {0.0, 0.5, 1.0} and means.min() == 0.0 and means.max() == 1.0
     e = estimate(worlds)
     assert e["mean"] == 0.5 and e["per_world"] == [0.0, 1.0]  # each draw counts once, whatever its prompts
-    assert e["ci95"] == [0.0, 1.0]
+    assert e["ci95"] == pytest.approx([0.5 - 12.706205 * 0.5, 0.5 + 12.706205 * 0.5])  # t(0.975, 1) x se 0.5
     same = estimate([np.full((2, 30), 0.3), np.full((2, 10), 0.3)])
     assert same["ci95"] == pytest.approx([0.3, 0.3]) and same["se"] == pytest.approx(0.0, abs=1e-12)
 
@@ -114,7 +126,7 @@ def test_mean_stored_weight_streams_every_shard(tmp_path):
 def test_arms_must_include_the_references():
     from pipelines.experiment import main
 
-    for arms in ("uniform,pear-token", "no-sft,uniform,pear-magic"):
+    for arms in ("uniform,pear-token", "no-sft,uniform,pear-token", "no-sft,uniform,oracle,pear-magic"):
         with pytest.raises(SystemExit):
             main(["--smoke", "--arms", arms])
 
@@ -154,3 +166,93 @@ def test_stages_run_in_order_and_stop_at_the_first_failure(tmp_path, monkeypatch
     calls.unlink()
     assert main([json.dumps([["fake_stage", "0", "a"], ["fake_stage", "3", "b"], ["fake_stage", "0", "c"]])]) == 3
     assert [c.split(":")[0] for c in calls.read_text().split()] == ["a", "b"]
+
+
+def fake_record(draw: int, arms: list[str], shift: dict[str, float], prompts: int = 40) -> dict:
+    """A draw's record as Draw.run_arm writes it, with pass rates set per arm (SMOKE's steps 0, 2, 3)."""
+    rng = np.random.default_rng(draw)
+    chain = lambda p: {  # noqa: E731
+        "steps": {str(t): {"n": n, "passed": [int(c) for c in rng.binomial(n, np.clip(p + t / 30, 0, 1), prompts)]}
+                  for t, n in ((0, 16), (2, 8), (3, 16))},
+        "reward_curve": [0.1, 0.2, 0.3],
+        "sft": {"heldout_nll": 1.0, "heldout_nll_start": 2.0, "mean_weight": 0.8, "mean_ess_fraction": 0.9,
+                "train_rows": 100, "steps": 10}}
+    styles = {"careful": 1.0, "words": 0.5, "other": 0.2}
+    return {"world": "embedded", "draw": draw, "prompts": [[f"q{i}", 0] for i in range(prompts)],
+            "built_with": {"kernel": "AVX2", "threads": 2, "torch": "2.13.0"},
+            "world_build": {"corpus_rows": 700, "behavior_accuracy": 0.9}, "lr_control_factor": 0.7,
+            "weights_by_style": {"tokens": {"careful": 10, "words": 20, "other": 1},
+                                 "arms": {a: {"mean_weight": styles, "share_log_weight_at_lo": 0.0,
+                                              "share_log_weight_at_hi": 0.0, "share_delta_at_lo": 0.5,
+                                              "share_delta_at_hi": 0.0} for a in arms if a != "no-sft"}},
+            "arms": {a: {"seed0": chain(0.2 + shift.get(a, 0.0))} for a in arms}}
+
+
+def test_the_report_comes_from_the_records_alone(tmp_path):
+    """Three draws' records -> experiment.json's keys, the gate, the primary and the Fieller share, the
+    markdown and the plots, checked complete; no run folder needed."""
+    from pipelines.experiment import SMOKE, write_report
+
+    arms = ["no-sft", "uniform", "oracle", "pear-token"]
+    shift = {"no-sft": -0.1, "oracle": 0.3, "pear-token": 0.15}
+    records = {w: fake_record(w, arms, shift) for w in (3, 4, 5)}
+    rep = write_report(records, "embedded", [0], arms, SMOKE, tmp_path, {"command": "test", "minutes": 0.0})
+    assert rep["worlds"] == [3, 4, 5] and rep["selection_worlds"] == []
+    assert rep["gate"]["holds"] and rep["oracle"]["diff"] == pytest.approx(0.3, abs=0.08)
+    assert rep["primary"]["method"] == "t-interval over 3 world draws (2 df)" and len(rep["primary"]["per_world"]) == 3
+    assert rep["recovered"]["share"] == pytest.approx(rep["primary"]["diff"] / rep["oracle"]["diff"])
+    assert rep["curve"]["pear-token"]["steps"] == [0, 2, 3] and len(rep["curve"]["pear-token"]["diff"]) == 3
+    md = (tmp_path / "experiment.md").read_text()
+    assert md.index("## Decision rule") < md.index("## The gate") < md.index("## Result")
+    assert "t-interval over 3 world draws (2 df)" in md and "| pear-token | " in md and "Fieller" in md
+    # a gate that fails says so, and the report stops at it
+    flat = {w: fake_record(w, arms[:3], {"oracle": 0.0}) for w in (3, 4, 5)}
+    rep = write_report(flat, "embedded", [0], arms[:3], SMOKE, tmp_path / "flat", {"command": "test", "minutes": 0})
+    assert not rep["gate"]["holds"] and rep["primary"] is None
+    assert "The gate failed, so the report stops here" in (tmp_path / "flat" / "experiment.md").read_text()
+
+
+def test_a_draw_built_with_another_fingerprint_is_refused(tmp_path, monkeypatch):
+    import pipelines.experiment as experiment
+    from pipelines.experiment import Draw, FingerprintError, write_record
+
+    monkeypatch.chdir(tmp_path)
+    d = Draw("sft-matters", 3, tmp_path / "runs", tmp_path / "records")
+    write_record(d.record_path, {"built_with": {"kernel": "AVX512", "threads": 2, "torch": "2.13.0+cpu"}})
+    monkeypatch.setattr(experiment, "built_with", lambda: {"kernel": "AVX2", "threads": 2, "torch": "2.13.0+cpu"})
+    with pytest.raises(FingerprintError, match="AVX512"):
+        d.prepare(["uniform"], [0])  # before building anything
+    assert not d.world.exists()
+    d.world.mkdir(parents=True)  # a world copied from the machine that made the draw is accepted
+    (d.world / "world.json").write_text(json.dumps({"built_with": {"kernel": "AVX512", "threads": 2,
+                                                                   "torch": "2.13.0+cpu"}}))
+    assert d.check_fingerprint()["kernel"] == "AVX512"
+
+
+def test_selection_draws_cannot_confirm():
+    from pipelines.experiment import CONFIRMATION_DRAWS, SELECTION_DRAWS, main
+
+    assert not set(SELECTION_DRAWS["sft-matters"]) & set(CONFIRMATION_DRAWS["sft-matters"])
+    assert len(CONFIRMATION_DRAWS["sft-matters"]) >= 8
+    with pytest.raises(SystemExit):
+        main(["--world", "sft-matters", "--worlds", "2,3"])
+
+
+def test_each_arm_trains_with_the_weighting_its_flags_name(tmp_path):
+    from pipelines.experiment_records import arm_weight_params, prune
+    from scorer.weights import WeightParams
+
+    stored = WeightParams("token").as_dict()  # what the scorer stored
+    assert arm_weight_params("pear-token", stored) == WeightParams("token")
+    assert arm_weight_params("pear-token-clip0.5", stored) == WeightParams("token", delta_clip=(-0.5, 0.3))
+    assert arm_weight_params("pear-token-clip1.0", stored) == WeightParams("token", delta_clip=(-1.0, 0.3))
+    assert arm_weight_params("pear-sequence", stored) == WeightParams("sequence")
+    assert arm_weight_params("uniform", stored) is None and arm_weight_params("oracle", stored) is None
+    # a recorded chain keeps its JSON files and loses its models
+    for f in ("sft/model.safetensors", "sft/train_summary.json", "rl/snapshots/step-000010/model.safetensors",
+              "rl/checkpoints/step-50/x", "rl/model.safetensors", "eval-rl/eval.json"):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("x")
+    prune(tmp_path)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == [
+        "eval-rl/eval.json", "sft/train_summary.json"]

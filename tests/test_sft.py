@@ -14,7 +14,7 @@ from torch.testing import assert_close
 
 from common.config import ConfigError
 from scorer.config import WeightConfig
-from scorer.shards import list_shards, read_meta, write_atomic
+from scorer.shards import ShardError, list_shards, read_meta, write_atomic
 from train import checkpoint, sft
 from train.data import collate, is_heldout, load_rows, plan_epoch, split_heldout, steps_of, stored_weight_params
 from train.loss import token_weights
@@ -151,6 +151,25 @@ def test_constant_uniform_weight_scales_the_loss_not_the_adamw_step(scores, tmp_
     assert 0.7 < ratio < 1.3, ratio
     with pytest.raises(ConfigError, match="uniform-weight applies"):
         train(cfg_for(scores, tmp_path / "bad", uniform_weight=0.5))
+
+
+def test_only_trains_on_the_rows_a_column_selects(scores, tmp_path):
+    """--only style=careful (the experiment's oracle arm): the training rows are the careful traces
+    among the rows not held out; the held-out rows are those of a run without it."""
+    import pyarrow as pa
+
+    table = pa.concat_tables([pq.read_table(p, columns=["id", "style"]) for p in list_shards(scores)])
+    careful = [i for i, s in zip(table.column("id").to_pylist(), table.column("style").to_pylist())
+               if s == "careful" and not is_heldout(i, 0.1)]
+    assert 0 < len(careful) < table.num_rows
+    s = train(cfg_for(scores, tmp_path / "careful", weighting="uniform", max_steps=1, only="style=careful"))
+    full = train(cfg_for(scores, tmp_path / "all", weighting="uniform", max_steps=1))
+    assert s["train_rows"] == len(careful) and s["heldout_ids"] == full["heldout_ids"]
+    assert train(cfg_for(scores, tmp_path / "two", weighting="uniform", max_steps=1,
+                         only="style=careful|words"))["train_rows"] > len(careful)
+    for only, message in (("style", "COLUMN=VALUE"), ("colour=red", "no column 'colour'")):
+        with pytest.raises((ConfigError, ShardError), match=message):
+            train(cfg_for(scores, tmp_path / "bad", weighting="uniform", only=only))
 
 
 def test_the_summary_records_absolute_paths(scores, tmp_path, monkeypatch):

@@ -116,3 +116,39 @@ def test_the_cue_goes_only_on_careful_traces_in_its_share():
     # a world without the cue records the config it recorded before the field existed
     assert "target_careful_cue" not in world_stamp(WorldConfig())
     assert world_stamp(WorldConfig(target_careful_cue=0.5))["target_careful_cue"] == 0.5
+
+
+def test_trace_style_reads_the_form_of_a_response():
+    from pipelines.world import trace_style
+
+    assert trace_style(scratch_style("4 - 1 + 7")) == "careful"
+    assert trace_style(scratch_style("2 - 9 - 3")) == "careful"  # negative intermediate results
+    assert trace_style("4-1=2\n2+7=9\nAnswer: 10") == "careful"  # the form, not the arithmetic
+    assert trace_style(words_style("4 - 1 + 7")) == "words"
+    assert trace_style(words_style("2 - 9 - 3")) == "words"
+    for text in ("Answer: 10", "4-1=3\n3+7=10", "Start with 4. The answer is 4.", "4-1=3 Add 7", ""):
+        assert trace_style(text) == "other", text
+
+
+def test_a_world_built_before_the_style_column_gains_it_in_place(tmp_path, monkeypatch):
+    import pipelines.world as world
+    from pipelines.world import build, world_stamp, write_corpus
+
+    rows = [{"id": "a", "response": scratch_style("1 + 2")}, {"id": "b", "response": words_style("1 + 2")},
+            {"id": "c", "response": "Answer: 3"}]
+    write_corpus(rows, tmp_path / "corpus.parquet", {"filter": "correct"})
+    write_corpus(rows, tmp_path / "corpus-unfiltered.parquet", {"filter": "none"})
+    old = world_stamp(WorldConfig(style_column=False))
+    assert "style_column" not in old  # what a world built before the field recorded
+    (tmp_path / "world.json").write_text(json.dumps({"config": old, "corpus_rows": 3}))
+    monkeypatch.setattr(world, "_build", lambda *a: pytest.fail("rebuilt instead of upgraded in place"))
+    build(tmp_path, WorldConfig())
+    table = pq.read_table(tmp_path / "corpus.parquet")
+    assert table.column("style").to_pylist() == ["careful", "words", "other"]
+    assert json.loads(table.schema.metadata[b"world_corpus"]) == {"filter": "correct"}  # kept
+    assert json.loads((tmp_path / "world.json").read_text())["config"] == world_stamp(WorldConfig())
+    build(tmp_path, WorldConfig())  # up to date now
+    # a record that differs in anything else is still rebuilt
+    (tmp_path / "world.json").write_text(json.dumps({"config": {**old, "corpus_rows": 5}}))
+    with pytest.raises(pytest.fail.Exception):
+        build(tmp_path, WorldConfig())

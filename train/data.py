@@ -225,6 +225,28 @@ def is_heldout(row_id: str, fraction: float) -> bool:
     return h / 2.0**64 < fraction
 
 
+def parse_only(only: str) -> tuple[str, set[str]]:
+    """'style=careful' -> ('style', {'careful'}); 'style=careful|words' -> ('style', {'careful', 'words'})."""
+    column, sep, values = only.partition("=")
+    if not sep or not column.strip() or not values.strip():
+        raise ValueError(f"--only {only!r}: COLUMN=VALUE[|VALUE...], e.g. style=careful")
+    return column.strip(), {v.strip() for v in values.split("|")}
+
+
+def rows_where(rows: ShardRows, column: str, values: set[str]) -> ShardRows:
+    """The rows whose pass-through `column` (a corpus column the scorer kept) holds one of `values`,
+    read from the shards (that column and the ids only). Raises ShardError naming a shard without it."""
+    keep: set[str] = set()
+    for path in rows.paths:
+        names = pq.ParquetFile(path).schema_arrow.names
+        if column not in names:
+            raise ShardError(f"{path}: no column {column!r} to select rows by (its columns: {', '.join(names)})")
+        table = pq.read_table(path, columns=["id", column])
+        keep.update(str(i) for i, v in zip(table.column("id").to_pylist(), table.column(column).to_pylist())
+                    if str(v) in values)
+    return rows.subset([i for i, row_id in enumerate(rows.ids) if row_id in keep])
+
+
 def split_heldout(rows: Rows, fraction: float) -> tuple[Rows, Rows]:
     """(train rows, held-out rows)."""
     held = np.array([is_heldout(i, fraction) for i in rows.ids], dtype=bool)

@@ -45,8 +45,8 @@ from scorer.shards import ShardError, list_shards, read_meta, tokenizer_sha256
 from scorer.stats import TABLE_COLUMNS, weight_table
 from scorer.weights import WeightParams
 from train import checkpoint
-from train.data import Batch, Rows, collated, idle_batch, load_rows, plan_epoch, rank_share, split_heldout, \
-    steps_of, stored_weight_params
+from train.data import Batch, Rows, collated, idle_batch, load_rows, parse_only, plan_epoch, rank_share, \
+    rows_where, split_heldout, steps_of, stored_weight_params
 from train.loss import cosine_lr, effective_sample_size, token_logprobs, token_weights, weighted_nll
 from train.tracking import Tracker, check_report_to, open_tracker
 
@@ -70,6 +70,10 @@ class SFTConfig:
     weights: WeightConfig = field(WeightConfig(variant=""), "with --variant, recompute the weights with this PEAR "
                                   "weighting (--gamma, --block-size, --delta-clip, --log-weight-clip); no "
                                   "--variant: the stored weights (pear) or the shards' own settings (pear-live)")
+    only: str = field("", "train only on the rows whose pass-through column holds one of these values, "
+                          "COLUMN=VALUE[|VALUE...] (style=careful: the embedded world's careful traces); the "
+                          "held-out rows are all rows' as without it, so held-out NLL compares across runs; "
+                          "empty: every row")
     epochs: int = field(1, "passes over the training rows")
     max_steps: int = field(0, "stop after this many optimizer steps (the schedule spans them); 0: all epochs")
     lr: float = field(1e-5, "peak learning rate (AdamW)")
@@ -254,6 +258,7 @@ def check_inputs(cfg: SFTConfig):
         raise ConfigError(f"--uniform-weight must be a positive number, got {cfg.uniform_weight}")
     try:
         cfg.weight_params()
+        only = parse_only(cfg.only) if cfg.only else None
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.precision not in ("auto", "bf16", "fp32"):
@@ -291,8 +296,12 @@ def check_inputs(cfg: SFTConfig):
         raise ConfigError(f"{cfg.scores}: the shards hold no rows; every row was rejected "
                           f"(see {Path(cfg.scores) / 'rejects' / 'rejects.parquet'})")
     train_rows, heldout = split_heldout(rows, cfg.heldout_fraction)
+    if cfg.only:
+        train_rows = rows_where(train_rows, *only)
+        log.info("--only %s: %d training rows", cfg.only, len(train_rows))
     if len(train_rows) == 0:
-        raise ConfigError(f"no training rows left after holding out {cfg.heldout_fraction:.0%}")
+        raise ConfigError(f"no training rows left after holding out {cfg.heldout_fraction:.0%}"
+                          + (f" and keeping --only {cfg.only}" if cfg.only else ""))
     return model_dir, tokenizer, train_rows, heldout, meta
 
 
