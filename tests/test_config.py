@@ -99,15 +99,15 @@ def test_entry_point_choices_are_one_line_errors(capsys):
 
     for cls, flags, words in [(ExperimentConfig, ["--world", "flat"], "--world flat: not a world"),
                               (ExperimentConfig, ["--smoke", "--pear-arms", "sometimes"],
-                               "--pear-arms sometimes: one of if-sft-matters, always"),
+                               "--pear-arms sometimes: one of if-gate-holds, always"),
                               (ExperimentConfig, ["--worlds", "0,a"], "--worlds 0,a: comma-separated integers"),
                               (MemoryBenchConfig, ["--smoke", "--modes", "all"], "--modes some of")]:
         with pytest.raises(SystemExit) as e:
             parse(cls, flags)
         err = capsys.readouterr().err
         assert e.value.code == 2 and words in err and len(err.strip().splitlines()) == 1
-    cfg = parse(ExperimentConfig, ["--smoke", "--pear-arms", "always", "--arms", "no-sft,uniform"])
-    assert cfg.smoke and cfg.pear_arms == "always" and cfg.arm_list() == ["no-sft", "uniform"]
+    cfg = parse(ExperimentConfig, ["--smoke", "--pear-arms", "always", "--arms", "no-sft,uniform,oracle"])
+    assert cfg.smoke and cfg.pear_arms == "always" and cfg.arm_list() == ["no-sft", "uniform", "oracle"]
 
 
 @pytest.mark.parametrize("flags, words", [(["--epoch", "2"], "unknown flag --epoch; did you mean --epochs?"),
