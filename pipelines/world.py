@@ -403,7 +403,9 @@ def build(out: Path, cfg: WorldConfig, force: bool = False, threads: int = BUILD
         try:
             _build(out, cfg, stamp, threads)
         finally:
-            torch.set_num_threads(previous_threads)
+            # torch's own setter: vLLM's CPU worker replaces torch.set_num_threads with a no-op in
+            # every process that starts an engine, as the corpus sampling does
+            torch._C.set_num_threads(previous_threads)
     return out
 
 
