@@ -69,9 +69,9 @@ def make_corpus(n: int, path: Path) -> None:
             w.write_table(t.append_column("id", pa.array([f"row-{start + i:07d}" for i in range(k)])))
 
 
-def run(code: str, args: list[str]) -> tuple[float, float]:
-    """(peak RSS in MiB, seconds) of a fresh process running `code`. Its output is kept for the error
-    message only; the result comes back in a file."""
+def fresh_process(code: str, args: list[str]) -> tuple[dict, str]:
+    """(the JSON `code` wrote to $PEAR_BENCH_RESULT, its terminal output) of a fresh Python process
+    running `code`, so that its peak RSS is its own. The output is for error messages only."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT), PEAR_BENCH_RESULT=str(result))
@@ -79,9 +79,14 @@ def run(code: str, args: list[str]) -> tuple[float, float]:
         if out.returncode or not result.exists():
             raise RuntimeError(f"benchmark process failed (exit {out.returncode}):\n"
                                f"{(out.stdout + out.stderr)[-3000:]}")
-        r = json.loads(result.read_text())
+        return json.loads(result.read_text()), out.stdout + out.stderr
+
+
+def run(code: str, args: list[str]) -> tuple[float, float]:
+    """(peak RSS in MiB, seconds) of a fresh process running `code`."""
+    r, output = fresh_process(code, args)
     if r["rc"] != 0:
-        raise RuntimeError(f"scoring exited {r['rc']}:\n{(out.stdout + out.stderr)[-3000:]}")
+        raise RuntimeError(f"scoring exited {r['rc']}:\n{output[-3000:]}")
     return r["rss_kib"] / 1024, r["seconds"]
 
 

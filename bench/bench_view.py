@@ -23,12 +23,12 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import cli, field
+from bench.bench_scale import fresh_process
 from pipelines.world import world_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,14 +83,7 @@ def make_shards(source: Path, n: int, out: Path) -> None:
 
 def run(args: list[str]) -> dict:
     """`scorer.view` in a fresh process: its result, with peak RSS (KiB) and the process's seconds."""
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT), PEAR_BENCH_RESULT=str(result))
-        out = subprocess.run([sys.executable, "-c", VIEW, *args], cwd=ROOT, env=env, capture_output=True, text=True)
-        if out.returncode or not result.exists():
-            raise RuntimeError(f"benchmark process failed (exit {out.returncode}):\n"
-                               f"{(out.stdout + out.stderr)[-3000:]}")
-        return json.loads(result.read_text())
+    return fresh_process(VIEW, args)[0]
 
 
 @dataclass
