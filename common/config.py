@@ -19,13 +19,15 @@ import logging
 import re
 import typing
 from pathlib import Path
+from typing import Any, Callable
+
+from common import console
+from common.errors import ConfigError  # noqa: F401  (the stages import it from here)
+from common.storage import local_file
 
 # a value that starts with "-" but is numbers: argparse would take "-0.08,0.3" for a flag
 NEGATIVE_VALUE = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?(,\s*[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?)*$", re.I)
 
-
-class ConfigError(Exception):
-    """Bad input found before any work starts: the entry points print its one line and exit 2."""
 
 
 def field(default, help: str, **kw):
@@ -151,15 +153,47 @@ def parse_given(cls, argv=None, description: str | None = None) -> tuple[typing.
         if v is not None:
             values[name] = v
     try:
-        top, grouped = _typed(flags, values)
-        for group, given in grouped.items():
-            base = getattr(defaults, group) if defaults is not None else typing.get_type_hints(cls)[group]()
-            top[group] = dataclasses.replace(base, **given)
-        return cls(**top), set(values)
+        cfg = _build(cls, flags, values, defaults)
     except (ConfigError, ValueError, TypeError) as e:
         # a value that does not convert: one line naming the flag, exit code 2 (not argparse's usage block)
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    # "config": a recipe file of the user's was given, which replaces a stage's embedded one
+    return cfg, set(values) | ({"config"} if ns.config is not None else set())
+
+
+def configure(cls, settings: dict):
+    """`cls` from its defaults and `settings` (field names, a group's fields flat or nested under its
+    name, values as YAML or flags give them): how one stage sets up another in code, or in a child
+    process from a JSON file of the same settings. ConfigError names an unknown field or a value that
+    does not convert."""
+    flags = _flags(cls)
+    values = _flat(flags, settings)
+    defaults = cls() if all(_default(f) != "required" for f in dataclasses.fields(cls)) else None
+    try:
+        return _build(cls, flags, values, defaults)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def _flat(flags, settings: dict) -> dict:
+    """`settings` with each group's nested fields flattened; ConfigError names the unknown fields."""
+    values = dict(settings)
+    for g in {g for *_, g in flags if g} & set(values):
+        values.update(values.pop(g))
+    unknown = set(values) - {n for n, *_ in flags}
+    if unknown:
+        raise ConfigError(f"unknown fields {sorted(unknown)}")
+    return values
+
+
+def _build(cls, flags, values: dict, defaults):
+    """`cls(...)` with `values` (converted to the fields' types) over the defaults."""
+    top, grouped = _typed(flags, values)
+    for group, given in grouped.items():
+        base = getattr(defaults, group) if defaults is not None else typing.get_type_hints(cls)[group]()
+        top[group] = dataclasses.replace(base, **given)
+    return cls(**top)
 
 
 def beneath(cfg, values: dict, given: set[str]):
@@ -168,12 +202,9 @@ def beneath(cfg, values: dict, given: set[str]):
     or flag values converted to the fields' types. ConfigError names an unknown field or a value
     that does not convert."""
     flags = _flags(type(cfg))
-    values = dict(values)
-    for g in {g for *_, g in flags if g} & set(values):
-        values.update(values.pop(g))
-    unknown = set(values) - {n for n, *_ in flags}
-    if unknown:
-        raise ConfigError(f"unknown fields {sorted(unknown)}")
+    values = _flat(flags, values)
+    aliases = getattr(type(cfg), "ALIASES", {})  # another name of a field given (TRL's) counts as the field
+    given = set(given) | {aliases[name] for name in given if name in aliases}
     top, grouped = _typed(flags, {k: v for k, v in values.items() if k not in given})
     for group, settings in grouped.items():
         top[group] = dataclasses.replace(getattr(cfg, group), **settings)
@@ -217,34 +248,64 @@ def _default(f):
 
 def setup_logging(level: int = logging.INFO) -> None:
     """The entry points' log: time, logger name, message (once per process)."""
-    from common.console import FORMAT
+    logging.basicConfig(level=level, format=console.FORMAT)
 
-    logging.basicConfig(level=level, format=FORMAT)
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A stage as its command line and the other stages run it: its config class, `work(cfg)` (or
+    `work(cfg, given)` with `takes_given`: the names of the fields given, and "config" when a recipe
+    file of the user's was) and `report(result)`, the text printed when it is done.
+
+    A ConfigError (or one of `errors`) is one line `error: ...` and exit code 2, and the log and
+    folders made for it are removed again (console.discard_log); otherwise the report is printed
+    (unless empty) and the exit code is `status(result)` if given (a benchmark some of whose runs
+    failed), else 0. `log`: the file in the config's `out` folder that other libraries' output goes
+    to (common/console.py, with PEAR_QUIET=1); any other exception then ends the stage with its
+    one-line cause on the terminal and the traceback in that file."""
+
+    config: type
+    work: Callable[..., Any]
+    report: Callable[[Any], str | None]
+    doc: str | None = None
+    errors: tuple[type[Exception], ...] = ()
+    log: str | None = None
+    takes_given: bool = False
+    status: Callable[[Any], int] | None = None
+
+    def main(self, argv=None) -> int:
+        """The command line: the config from defaults, `--config` YAML and flags."""
+        return self.call(*parse_given(self.config, argv, description=self.doc))
+
+    def configure(self, settings: dict, recipe: dict | None = None):
+        """The config of `settings` over `recipe` (a recipe's settings, `beneath`) over the defaults."""
+        return beneath(configure(self.config, settings), recipe or {}, set(settings))
+
+    def run(self, settings: dict, recipe: dict | None = None) -> int:
+        """The stage with `settings` over `recipe` over its defaults: how another stage runs it."""
+        try:
+            cfg = self.configure(settings, recipe)
+        except ConfigError as e:
+            print(f"error: {e}", file=console.err())
+            return 2
+        return self.call(cfg, set(settings))
+
+    def call(self, cfg, given: set[str]) -> int:
+        if self.log:
+            console.quiet(local_file(cfg.out, self.log))  # OUT may be a URI: the log stays on this machine
+        try:
+            result = self.work(cfg, given) if self.takes_given else self.work(cfg)
+        except (ConfigError, *self.errors) as e:
+            print(f"error: {e}", file=console.err())
+            console.discard_log()  # a refused run leaves no output folder and no log behind
+            return 2
+        text = self.report(result)
+        if text:
+            print(text, file=console.out())
+        return self.status(result) if self.status else 0
 
 
 def cli(cls, argv, description: str | None, work, report, errors: tuple[type[Exception], ...] = (),
         log: str | None = None, given: bool = False, status=None) -> int:
-    """An entry point: the config from `argv`, then `work(cfg)` (`work(cfg, names given)` with `given`);
-    a ConfigError (or one of `errors`) is one line `error: ...` and exit code 2, and the log and
-    folders made for it are removed again (console.discard_log); otherwise
-    `report(result)` is printed (unless empty), exit code `status(result)` if given (a benchmark
-    some of whose runs failed), else 0. `log`: the file in the config's `out` folder that other
-    libraries' output goes to (common/console.py, with PEAR_QUIET=1); any other exception then ends
-    the stage with its one-line cause on the terminal and the traceback in that file."""
-    from common import console
-
-    cfg, names = parse_given(cls, argv, description=description)
-    if log:
-        from common.storage import local_file  # OUT may be a URI: the log stays on this machine
-
-        console.quiet(local_file(cfg.out, log))
-    try:
-        result = work(cfg, names) if given else work(cfg)
-    except (ConfigError, *errors) as e:
-        print(f"error: {e}", file=console.err())
-        console.discard_log()  # a refused run leaves no output folder and no log behind
-        return 2
-    text = report(result)
-    if text:
-        print(text, file=console.out())
-    return status(result) if status else 0
+    """The command line of a stage that no other stage runs: `Stage(...).main(argv)`."""
+    return Stage(cls, work, report, description, errors, log, given, status).main(argv)

@@ -29,7 +29,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlparse
 
-from common.config import ConfigError
+from common.errors import ConfigError
 
 URI = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _FILESYSTEMS: dict[tuple, object] = {}  # (scheme, bucket, endpoint) -> pyarrow filesystem

@@ -23,20 +23,21 @@ from common import console
 from common.config import cli, field, setup_logging
 from pipelines import score
 from pipelines.stages import command as stages_command
+from pipelines.stages import stage
 
 ARMS = ("uniform", "pear")
 
 
-def stages(plan: list[tuple[str, list[tuple[list[str], Path]]]]) -> None:
-    """Each (title, stages) of the plan, the stages (`module, *args`, the file each leaves when done)
-    all in one child process (pipelines.stages: one start-up of Python, torch and vLLM, and engines
+def stages(plan: list[tuple[str, list[tuple[dict, Path]]]]) -> None:
+    """Each (title, stages) of the plan, the stages (pipelines/stages.py items, the file each leaves
+    when done) all in one child process (pipelines.stages: one start-up of Python, torch and vLLM, and engines
     and threads that start clean), skipping those done."""
     items: list = []
     for title, group in plan:
-        todo = [args for args, done in group if not done.exists()]
+        todo = [item for item, done in group if not done.exists()]
         items += [f"== {title}", *todo] if todo else \
             [f"== {title}: cached ({', '.join(str(done.parent) for _, done in group)})"]
-    if any(isinstance(item, list) for item in items):
+    if any(isinstance(item, dict) for item in items):
         subprocess.run(stages_command(items), check=True, **console.child_streams())
     else:
         for line in items:
@@ -48,10 +49,10 @@ def say(text: str = "") -> None:
 
 
 # --smoke: every stage at its smallest, for a test of the command (the numbers mean nothing)
-SMOKE = {"score": ["--executor", "local", "--backend", "torch"],
-         "sft": ["--max-steps", "3"],
-         "rl": ["--steps", "2", "--prompts-per-step", "4", "--samples-per-prompt", "4"],
-         "eval": ["--num-prompts", "24", "--n", "8", "--k", "1,8"]}
+SMOKE = {"score": {"executor": "local", "backend": "torch"},
+         "sft": {"max_steps": 3},
+         "rl": {"steps": 2, "prompts_per_step": 4, "samples_per_prompt": 4},
+         "eval": {"num_prompts": 24, "n": 8, "k": "1,8"}}
 
 
 @dataclass
@@ -68,24 +69,22 @@ def run(cfg: DemoConfig) -> int:
     extra = SMOKE if cfg.smoke else {}
     t0 = time.time()
     say(f"== score: {root / 'score'} (embedded corpus, target and behavior models)")
-    rc = score.main(["--out", str(root / "score"), *extra.get("score", [])])
+    rc = score.STAGE.run({"out": str(root / "score"), **extra.get("score", {})})
     if rc:
         return rc
     sft, rl = ({arm: root / stage / arm for arm in ARMS} for stage in ("sft", "rl"))
     before, after = ({arm: root / "eval" / f"{when}-{arm}" for arm in ARMS} for when in ("sft", "rl"))
 
-    def evaluate(model: Path, out: Path, *baseline: str) -> tuple[list[str], Path]:
-        return ["pipelines.rl", "eval", "--model", str(model), "--out", str(out), *baseline,
-                *extra.get("eval", [])], out / "eval.json"
+    def evaluate(model: Path, out: Path, **baseline) -> tuple[dict, Path]:
+        return stage("pipelines.rl:EVAL", model=model, out=out, **baseline, **extra.get("eval", {})), out / "eval.json"
 
     stages([
-        ("sft: uniform and PEAR", [(["pipelines.sft", "--scores", str(root / "score"), "--out", str(root / "sft"),
-                                     *extra.get("sft", [])], root / "sft" / "pear" / "train_summary.json")]),
+        ("sft: uniform and PEAR", [(stage("pipelines.sft", scores=root / "score", out=root / "sft",
+                                          **extra.get("sft", {})), root / "sft" / "pear" / "train_summary.json")]),
         ("eval before RL: uniform and PEAR", [evaluate(sft[arm], before[arm]) for arm in ARMS]),
-        *((f"rl from {arm}", [(["pipelines.rl", "rl", "--model", str(sft[arm]), "--out", str(rl[arm]),
-                                *extra.get("rl", [])], rl[arm] / "rl_summary.json")]) for arm in ARMS),
-        ("eval after RL: uniform and PEAR",
-         [evaluate(rl[arm], after[arm], "--baseline", str(before[arm])) for arm in ARMS]),
+        *((f"rl from {arm}", [(stage("pipelines.rl:RL", model=sft[arm], out=rl[arm], **extra.get("rl", {})),
+                               rl[arm] / "rl_summary.json")]) for arm in ARMS),
+        ("eval after RL: uniform and PEAR", [evaluate(rl[arm], after[arm], baseline=before[arm]) for arm in ARMS]),
     ])
     rows = [(arm, json.loads((after[arm] / "eval.json").read_text())) for arm in ARMS]
 

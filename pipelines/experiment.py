@@ -57,31 +57,33 @@ from common import console
 from common.config import ConfigError, cli, field, setup_logging
 from pipelines.experiment_design import (ARMS, CONFIRMATION_DRAWS, DECISION, DEFAULT_ARMS, GATE_ARMS, PEAR_ARMS,
                                          PRIMARY, RECIPE, SELECTION_DRAWS, SMOKE, curve_steps, eval_dir, setting,
-                                         sft_flags, shown)
+                                         sft_settings)
 from pipelines.experiment_records import (aligned, chain_record, collect, gate_check, headline, mean_stored_weight,
                                           prune, weights_by_style, write_record)
 from pipelines.recipes import STAGES, recipe_settings
 from pipelines.stages import command as stages_command
+from pipelines.stages import stage
 from pipelines.world import WORLDS, build, built_with, world_config, world_dir
 
 __all__ = ["ARMS", "CONFIRMATION_DRAWS", "RECIPE", "SELECTION_DRAWS", "SMOKE", "Draw", "ExperimentConfig",
-           "FingerprintError", "main", "mean_stored_weight", "run", "sft_flags", "write_record", "write_report"]
+           "FingerprintError", "main", "mean_stored_weight", "run", "sft_settings", "write_record", "write_report"]
 
 log = logging.getLogger("pear.experiment")
 
-def stages(todo: list[tuple[list[str], Path]], log_file: Path, env: dict) -> None:
-    """Run the stages (`module, *args`, the file each leaves when done) not yet done, all in one process
-    (pipelines.stages); their output goes to `log_file`."""
-    cmds = [cmd for cmd, done in todo if not done.exists()]
-    if not cmds:
+def stages(todo: list[tuple[dict, Path]], log_file: Path, env: dict) -> None:
+    """Run the stages (pipelines/stages.py items, the file each leaves when done) not yet done, all in
+    one process (pipelines.stages); their output goes to `log_file`."""
+    items = [item for item, done in todo if not done.exists()]
+    if not items:
         return
     log_file.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(log_file, "a") as f:
-        rc = subprocess.run(stages_command(cmds), stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-    missing = [cmd for cmd, done in todo if not done.exists()]
+        rc = subprocess.run(stages_command(items), stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    missing = [item for item, done in todo if not done.exists()]
     if rc != 0 or missing:
-        raise RuntimeError(f"stage failed (exit {rc}): {' '.join(missing[0] if missing else cmds[-1])}; see {log_file}")
+        raise RuntimeError(f"stage failed (exit {rc}): {json.dumps(missing[0] if missing else items[-1])}; "
+                           f"see {log_file}")
     log.info("%s done in %.0fs", log_file.parent, time.time() - t0)
 
 
@@ -138,8 +140,8 @@ class Draw:
             return self.record().get("lr_control_factor")
         build(self.world, world_config(self.seed, self.kind))
         self.check_fingerprint()
-        subprocess.run([sys.executable, "-m", "pipelines.score", "--out", str(self.scores), "--executor", "local",
-                        "--overwrite", "true"], check=True, stdout=subprocess.DEVNULL, env=self.env)
+        subprocess.run(stages_command([stage("pipelines.score", out=self.scores, executor="local", overwrite=True)]),
+                       check=True, stdout=subprocess.DEVNULL, env=self.env)
         weight = mean_stored_weight(self.scores)
         with self.lock:
             rec = self.record()
@@ -174,22 +176,22 @@ class Draw:
         if self.has(arm, seed):
             return
         d = self.root / arm / f"seed{seed}"
-        s, env = ["--seed", str(seed)], {**env, **self.env}
-        start = str(self.world / "target") if ARMS[arm] is None else str(d / "sft")
+        env = {**env, **self.env}
+        start = self.world / "target" if ARMS[arm] is None else d / "sft"
         todo = [] if ARMS[arm] is None else [
-            (["train.sft", "--scores", str(self.scores), "--out", start, "--progress", "false",
-              *sft_flags(arm, recipe["sft"], matched_weight), *s], d / "sft" / "train_summary.json")]
-        todo.append((["train.rl", "--model", start, "--out", str(d / "rl"), "--progress", "false", *recipe["rl"], *s],
-                     d / "rl" / "rl_summary.json"))
+            (stage("train.sft", "sft", scores=self.scores, out=start, progress=False, seed=seed,
+                   **sft_settings(arm, recipe, matched_weight)), d / "sft" / "train_summary.json")]
+        todo.append((stage("train.rl", "rl", model=start, out=d / "rl", progress=False, seed=seed,
+                           **recipe["rl"]), d / "rl" / "rl_summary.json"))
         steps = curve_steps(recipe)
-        ev = recipe["eval"] + ["--exclude", str(self.world / "corpus-unfiltered.parquet"), *s]
-        models = {0: start, steps[-1]: str(d / "rl")}
+        ev = {**recipe["eval"], "exclude": str(self.world / "corpus-unfiltered.parquet"), "seed": seed}
+        models = {0: start, steps[-1]: d / "rl"}
         for step in steps:
-            model = models.get(step, str(d / "rl" / "snapshots" / f"step-{step:06d}"))
-            extra = (["--baseline", str(eval_dir(d, 0, steps[-1]))] if step == steps[-1]
-                     else recipe["curve_eval"] if step else [])
+            model = models.get(step, d / "rl" / "snapshots" / f"step-{step:06d}")
+            extra = ({"baseline": eval_dir(d, 0, steps[-1])} if step == steps[-1]
+                     else recipe["curve_eval"] if step else {})
             out = eval_dir(d, step, steps[-1])
-            todo.append((["train.eval", "--model", model, "--out", str(out), "--progress", "false", *ev, *extra],
+            todo.append((stage("train.eval", "eval", model=model, out=out, progress=False, **{**ev, **extra}),
                          out / "eval.json"))
         stages(todo, d / "run.log", env)
         chain = chain_record(d, steps, ARMS[arm] is not None)
@@ -349,21 +351,21 @@ def write_report(records: dict[int, dict], kind: str, seeds: list[int], arms: li
     """experiment.json, experiment.md and the plots in `results`, from the draws' records; checked complete."""
     from pipelines.experiment_report import check_complete, markdown, plots
 
-    ks = [int(k) for k in setting(recipe["eval"], "k").split(",")]
+    ks = [int(k) for k in setting(recipe, "eval", "k").split(",")]
     gate, reference = gate_check(records, seeds, recipe)
     res = collect(records, seeds, arms, recipe, ks)
     results.mkdir(parents=True, exist_ok=True)
     meta = {**meta, "world": kind, "world_settings": WORLDS[kind], "seeds": len(seeds), "machine": machine(),
             "arms": arms, "date": time.strftime("%Y-%m-%d"), "commit": commit(),
-            "samples_per_prompt": int(setting(recipe["eval"], "n")),
-            "curve_samples_per_prompt": int(setting(recipe["curve_eval"], "n")),
+            "samples_per_prompt": int(setting(recipe, "eval", "n")),
+            "curve_samples_per_prompt": int(setting(recipe, "curve_eval", "n")),
             "lr_control_factor": {str(w): r.get("lr_control_factor") for w, r in records.items()},
             "world_builds": {str(w): {**r["world_build"], "built_with": r["built_with"]} for w, r in records.items()}}
     report = {"meta": meta, "worlds": list(records), "selection_worlds": list(SELECTION_DRAWS.get(kind, ())),
               **headline(res), "gate": gate, "sft_matters": reference, "decision_rule": DECISION,
-              "recipe": {k: shown(v) for k, v in recipe.items()},
+              "recipe": recipe,
               "recipe_files": {k: recipe_settings(k) for k in STAGES},
-              "recipe_steps": int(setting(recipe["rl"], "steps")), **res}
+              "recipe_steps": int(setting(recipe, "rl", "steps")), **res}
     (results / "experiment.json").write_text(json.dumps(report, indent=1) + "\n")
     (results / "experiment.md").write_text(markdown(report, ks))
     plots(report, ks, results)

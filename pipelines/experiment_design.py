@@ -1,25 +1,25 @@
-"""What the experiment is, fixed before its confirmation draws ran: the arms and their SFT flags, the
+"""What the experiment is, fixed before its confirmation draws ran: the arms and their SFT settings, the
 selection and confirmation draws, the gate and its margin, the recipes and the decision rule
 (pipelines/experiment.py runs it)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.recipes import RECIPES, STAGES, embedded_config, recipe_file, recipe_settings
+from pipelines.recipes import recipe_settings
 
 MATCHED = "<lr x mean weight of pear-token>"  # resolved from each world's scored shards before its arms run
 ORACLE_ONLY = "style=careful"  # the traces the target can carry out: its careful procedure (pipelines/world.py)
-ARMS = {  # arm -> SFT flags (None: no SFT)
+ARMS = {  # arm -> its SFT settings over the recipe's (None: no SFT)
     "no-sft": None,
-    "uniform": ["--weighting", "uniform"],
-    "oracle": ["--weighting", "uniform", "--only", ORACLE_ONLY],
-    "lr-control": ["--weighting", "uniform", "--lr", MATCHED],
-    "pear-token": ["--weighting", "pear"],  # the weights stored by the scorer (token, the reported defaults)
-    "pear-token-clip0.5": ["--weighting", "pear", "--variant", "token", "--delta-clip", "-0.5,0.3"],
-    "pear-token-clip1.0": ["--weighting", "pear", "--variant", "token", "--delta-clip", "-1.0,0.3"],
-    "pear-sequence": ["--weighting", "pear", "--variant", "sequence"],
-    "pear-block": ["--weighting", "pear", "--variant", "block"],
-    "pear-live": ["--weighting", "pear-live"],
+    "uniform": {"weighting": "uniform"},
+    "oracle": {"weighting": "uniform", "only": ORACLE_ONLY},
+    "lr-control": {"weighting": "uniform", "lr": MATCHED},
+    "pear-token": {"weighting": "pear"},  # the weights stored by the scorer (token, the reported defaults)
+    "pear-token-clip0.5": {"weighting": "pear", "variant": "token", "delta_clip": "-0.5,0.3"},
+    "pear-token-clip1.0": {"weighting": "pear", "variant": "token", "delta_clip": "-1.0,0.3"},
+    "pear-sequence": {"weighting": "pear", "variant": "sequence"},
+    "pear-block": {"weighting": "pear", "variant": "block"},
+    "pear-live": {"weighting": "pear-live"},
 }
 GATE_ARMS = ("no-sft", "uniform", "oracle")
 REFERENCES = GATE_ARMS  # the arms every run has
@@ -38,21 +38,21 @@ CURVE_STEPS = "10,25,50"  # RL steps with a snapshot to evaluate, besides 0 and 
 # RL: 100 steps. Uniform gained 0.016 between steps 100 and 150 in the earlier report (0.315 -> 0.331)
 # while every arm had made most of its gain by step 100: the time goes to more draws instead.
 RL_STEPS = "100"
-# The one recipe: the embedded recipes of `make sft`, `make rl`, `make eval` (their YAML files),
-# one CPU thread per stage (two chains share the 2 cores), then what --smoke changes.
-SFT_RECIPE, RL_RECIPE, EVAL_RECIPE = (embedded_config(s, []) for s in STAGES)
+# The one recipe: the experiment's settings per stage, laid over the embedded recipes of `make sft`,
+# `make rl`, `make eval` (their YAML files, pipelines/recipes.py `with_recipe`): one CPU thread per
+# stage (two chains share the 2 cores); then what --smoke changes.
 RECIPE = {
-    "sft": SFT_RECIPE,
-    "rl": RL_RECIPE + ["--steps", RL_STEPS, "--save-every", "50", "--threads", "1", "--snapshot-steps", CURVE_STEPS],
-    "eval": EVAL_RECIPE + ["--k", "1,2,4,8,16"],
-    "curve_eval": ["--n", "8", "--k", "1"],  # at the snapshots: pass@1 only, half the samples
+    "sft": {},
+    "rl": {"steps": RL_STEPS, "save_every": 50, "threads": 1, "snapshot_steps": CURVE_STEPS},
+    "eval": {"k": "1,2,4,8,16"},
+    "curve_eval": {"n": 8, "k": "1"},  # at the snapshots, over the eval's: pass@1 only, half the samples
 }
 SMOKE = {
-    "sft": SFT_RECIPE + ["--max-steps", "4"],
-    "rl": RL_RECIPE + ["--steps", "3", "--prompts-per-step", "4", "--samples-per-prompt", "4", "--save-every", "0",
-                       "--threads", "1", "--snapshot-steps", "2"],
-    "eval": EVAL_RECIPE + ["--num-prompts", "24", "--n", "16", "--k", "1,16", "--bootstrap", "200"],
-    "curve_eval": ["--n", "8", "--k", "1"],
+    "sft": {"max_steps": 4},
+    "rl": {"steps": 3, "prompts_per_step": 4, "samples_per_prompt": 4, "save_every": 0, "threads": 1,
+           "snapshot_steps": "2"},
+    "eval": {"num_prompts": 24, "n": 16, "k": "1,16", "bootstrap": 200},
+    "curve_eval": {"n": 8, "k": "1"},
 }
 DECISION = f"""\
 Written before any confirmation draw ran (pipelines/experiment_design.py DECISION), and applied as written:
@@ -79,21 +79,19 @@ Written before any confirmation draw ran (pipelines/experiment_design.py DECISIO
    pass@16 after RL. No correction for the number of secondary comparisons: read them as such."""
 
 
-def setting(args: list[str], name: str) -> str:
-    """The value of setting `name` (a field: `lr`, `k`) that a stage gets from an argument list of one
-    embedded recipe file (`--config`) and flags: the last flag's, else the file's (a list joined by commas)."""
-    flag = "--" + name.replace("_", "-")
-    if flag in args:
-        return args[len(args) - 1 - args[::-1].index(flag) + 1]
-    stage = next(s for s in STAGES if str(recipe_file(s)) in args)
-    value = recipe_settings(stage)[name]
-    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+def setting(recipe: dict, part: str, name: str) -> str:
+    """The value of setting `name` (a field: `lr`, `k`) that the stage of `part` of `recipe` (sft, rl,
+    eval, or curve_eval over eval) gets: the experiment's, else the embedded recipe's (a list joined by
+    commas)."""
+    stage = "eval" if part == "curve_eval" else part
+    value = {**recipe_settings(stage), **recipe[stage], **recipe[part]}[name]
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def curve_steps(recipe: dict) -> list[int]:
     """The RL steps evaluated: 0 (the SFT model), each snapshot, the last."""
-    snaps = [int(x) for x in setting(recipe["rl"], "snapshot_steps").split(",") if x.strip()]
-    return sorted({0, *snaps, int(setting(recipe["rl"], "steps"))})
+    snaps = [int(x) for x in setting(recipe, "rl", "snapshot_steps").split(",") if x.strip()]
+    return sorted({0, *snaps, int(setting(recipe, "rl", "steps"))})
 
 
 def eval_dir(run: Path, step: int, last: int) -> Path:
@@ -101,12 +99,8 @@ def eval_dir(run: Path, step: int, last: int) -> Path:
     return run / ("eval-sft" if step == 0 else "eval-rl" if step == last else f"eval-step{step:06d}")
 
 
-def shown(args: list[str]) -> list[str]:
-    """An argument list as experiment.json records it: the recipe files relative to the repository."""
-    return [str(Path(a).relative_to(RECIPES.parent)) if a.startswith(str(RECIPES)) else a for a in args]
-
-
-def sft_flags(arm: str, recipe: list[str], matched_weight: float) -> list[str]:
-    """The recipe, then the arm's own flags (later flags win); the control's lr is the recipe's times the weight."""
-    lr = float(setting(recipe, "lr")) * matched_weight
-    return recipe + [f"{lr:.6g}" if a == MATCHED else a for a in ARMS[arm]]
+def sft_settings(arm: str, recipe: dict, matched_weight: float) -> dict:
+    """The experiment's SFT settings, then the arm's own (which win); the control's lr is the recipe's
+    times the weight."""
+    lr = float(setting(recipe, "sft", "lr")) * matched_weight
+    return {**recipe["sft"], **{k: f"{lr:.6g}" if v == MATCHED else v for k, v in ARMS[arm].items()}}

@@ -97,14 +97,15 @@ def arm_weight_params(arm: str, stored: dict):
     """The PEAR weighting an arm trains with (the shards' own for the stored weights), or None."""
     from scorer.weights import WeightParams
 
-    flags = ARMS[arm] or []
-    if "pear" not in flags:
+    settings = ARMS[arm] or {}
+    if settings.get("weighting") != "pear":
         return None
     params = WeightParams.from_dict(stored)
-    if "--variant" in flags:
-        params = WeightParams(flags[flags.index("--variant") + 1], params.gamma, params.block_size,
-                              tuple(float(x) for x in flags[flags.index("--delta-clip") + 1].split(","))
-                              if "--delta-clip" in flags else params.delta_clip, params.log_weight_clip)
+    if "variant" in settings:
+        clip = settings.get("delta_clip")
+        params = WeightParams(settings["variant"], params.gamma, params.block_size,
+                              tuple(float(x) for x in clip.split(",")) if clip else params.delta_clip,
+                              params.log_weight_clip)
     return params
 
 
@@ -132,7 +133,7 @@ def weights_by_style(scores: Path, arms: list[str]) -> dict:
     for arm in arms:
         params = arm_weight_params(arm, stored)
         if params is None:  # uniform SFT: 1 on the rows it trains on
-            on = np.ones(len(token_style)) if "--only" not in ARMS[arm] else \
+            on = np.ones(len(token_style)) if "only" not in ARMS[arm] else \
                 np.isin(token_style, oracle_values.split("|")).astype(np.float64)
             out["arms"][arm] = {"mean_weight": {st: float(on[token_style == st].mean()) if (token_style == st).any()
                                                 else None for st in STYLES}}

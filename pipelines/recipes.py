@@ -1,16 +1,19 @@
-"""The embedded world's recipes: one YAML file per stage under recipes/, taken by `--config`.
+"""The embedded world's recipes: one YAML file per stage under recipes/.
 
     recipes/embedded-sft.yaml    train.sft   (make sft)
     recipes/embedded-rl.yaml     train.rl    (make rl)
     recipes/embedded-eval.yaml   train.eval  (make eval)
 
-A model of the embedded world gets its stage's file as `--config`: flags given on the command line
-win over it, and a user's own `--config` replaces it. What depends on the world's seed (the
-evaluation's `--exclude` of the unfiltered corpus) cannot be written in a file and is added in code.
+A model of the embedded world gets its stage's recipe beneath the settings given (`with_recipe`:
+the one way, for make, the demo and the experiment alike): flags and settings given win over it,
+and a user's own `--config` replaces it. What depends on the world's seed (the evaluation's
+`--exclude` of the unfiltered corpus) cannot be written in a file and is added in code.
 """
 from __future__ import annotations
 
 from pathlib import Path
+
+from common.config import beneath
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # in the repository, beside pipelines/
 STAGES = ("sft", "rl", "eval")
@@ -30,12 +33,7 @@ def recipe_settings(stage: str) -> dict:
     return yaml.safe_load(recipe_file(stage).read_text()) or {}
 
 
-def gave(argv, flag: str) -> bool:
-    """Does the argument list give `flag` (`--flag value` or `--flag=value`)?"""
-    return any(a == flag or a.startswith(flag + "=") for a in argv)
-
-
-def embedded_config(stage: str, argv) -> list[str]:
-    """`--config <the stage's recipe>`, to go before `argv` (so that its flags win), unless `argv` names
-    its own --config: a user's recipe replaces the embedded one."""
-    return [] if gave(argv, "--config") else ["--config", str(recipe_file(stage))]
+def with_recipe(cfg, stage: str, given: set[str]):
+    """`cfg` with the embedded recipe of `stage` beneath the settings `given` (common/config.py
+    `parse_given` names them); a recipe file of the user's ("config" given) replaces it."""
+    return cfg if "config" in given else beneath(cfg, recipe_settings(stage), given)

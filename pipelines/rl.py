@@ -20,12 +20,15 @@ import json
 import logging
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from common import console
-from common.config import ConfigError, parse, setup_logging
+from common.config import ConfigError, Stage, setup_logging
 from common.models import resolve_model
-from pipelines.recipes import embedded_config, gave
+from pipelines.recipes import recipe_file, with_recipe
+from pipelines.stages import command as stages_command
+from pipelines.stages import stage
 from pipelines.world import build, world_config, world_dir
 from train import eval as evaluation
 from train import rl
@@ -35,10 +38,10 @@ WORLD = world_dir()
 SFT_TIMEOUT_S = 3600  # scoring + two SFT runs take minutes on 2 cores; an hour means something hangs
 
 
-def world_exclude() -> list[str]:
-    """The evaluation's --exclude of the embedded world's unfiltered corpus: its folder depends on
+def world_exclude() -> tuple[str, ...]:
+    """The evaluation's exclude of the embedded world's unfiltered corpus: its folder depends on
     WORLD_SEED, so it cannot be written in recipes/embedded-eval.yaml."""
-    return ["--exclude", str(WORLD / "corpus-unfiltered.parquet")]
+    return (str(WORLD / "corpus-unfiltered.parquet"),)
 
 
 def from_world(model: str) -> bool:
@@ -55,22 +58,9 @@ def from_world(model: str) -> bool:
     return False
 
 
-def gave_prompts(argv) -> bool:
-    """Does the command line, or its --config YAML (flat or under `prompt_set:`), name the prompts?"""
-    if gave(argv, "--prompts") or gave(argv, "--tasks"):
-        return True
-    at = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None)
-    if at is None:
-        return False
-    path = argv[at].partition("=")[2] or (argv[at + 1] if at + 1 < len(argv) else "")
-    try:
-        import yaml
-
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        group = loaded.get("prompt_set") or {}
-        return any(loaded.get(k) or group.get(k) for k in ("prompts", "tasks"))
-    except Exception:  # an unreadable recipe: the stage itself says what is wrong with it
-        return True
+def gave_prompts(given: set[str]) -> bool:
+    """Do the settings given (flags, or the user's YAML, flat or under `prompt_set:`) name the prompts?"""
+    return bool({"prompts", "tasks"} & given)
 
 
 def refuse_world_prompts(model: str) -> int:
@@ -84,6 +74,7 @@ def refuse_world_prompts(model: str) -> int:
     except ConfigError as e:
         message = str(e)
     print(f"error: {message}", file=console.err())
+    console.discard_log()  # refused here, not in the stage's own entry: no output folder, no log
     return 2
 
 
@@ -92,16 +83,18 @@ def ensure_sft_model(model: str) -> str:
     if (Path(model) / "config.json").exists() or Path(model) != Path(rl.RLConfig.model):
         return model
     build(WORLD, world_config())
-    log.info("%s is missing: making the embedded scores and SFT checkpoints first (python -m pipelines.sft)", model)
-    subprocess.run([sys.executable, "-m", "pipelines.sft"], check=True, timeout=SFT_TIMEOUT_S,
+    log.info("%s is missing: making the embedded scores and SFT checkpoints first (make sft)", model)
+    # a child process: the scoring's in-process vLLM engine pins the CPU threads that RL needs next
+    subprocess.run(stages_command([stage("pipelines.sft")]), check=True, timeout=SFT_TIMEOUT_S,
                    **console.child_streams())
     if not (Path(model) / "config.json").exists():
-        raise FileNotFoundError(f"pipelines.sft finished but wrote no model at {model}")
+        raise FileNotFoundError(f"make sft finished but wrote no model at {model}")
     return model
 
 
-def run_rl(argv) -> int:
-    cfg = parse(rl.RLConfig, argv, description=rl.__doc__)
+def run_rl(cfg: rl.RLConfig, given: set[str]) -> int:
+    """RL from `cfg.model` (the default made first when missing), with the embedded recipe beneath
+    the settings given for a model of the embedded world."""
     console.quiet(Path(cfg.out) / "rl.log")
     if Path(cfg.model).resolve().is_relative_to(WORLD.resolve()):
         build(WORLD, world_config())
@@ -109,35 +102,40 @@ def run_rl(argv) -> int:
         model = ensure_sft_model(cfg.model)
     except (FileNotFoundError, subprocess.SubprocessError) as e:
         print(f"error: could not make the starting model: {e}", file=console.err())
+        console.discard_log()
         return 2
     embedded = from_world(model)
-    if not embedded and not gave_prompts(argv):
+    if not embedded and not gave_prompts(given):
         return refuse_world_prompts(model)
-    # the recipe comes first, so that flags given on the command line win; a YAML recipe is the
-    # user's whole recipe, so the embedded one is left out then
-    recipe = embedded_config("rl", argv) if embedded else []
-    if recipe:
-        log.info("embedded model: recipe %s", recipe[-1])
-    return rl.main(recipe + list(argv) + ["--model", model])
+    if embedded:
+        log.info("embedded model: recipe %s", recipe_file("rl"))
+        cfg = with_recipe(cfg, "rl", given)
+    return rl.STAGE.call(replace(cfg, model=model), given)
 
 
-def run_eval(argv) -> int:
-    cfg = parse(evaluation.EvalConfig, argv, description=evaluation.__doc__)
+def run_eval(cfg: evaluation.EvalConfig, given: set[str]) -> int:
+    """Evaluation of `cfg.model` (the default RL run made first when missing), with the embedded
+    recipe beneath the settings given, and the world's corpus excluded, for a model of the world."""
     console.quiet(Path(cfg.out) / "eval.log")
     if not (Path(cfg.model) / "config.json").exists() and Path(cfg.model) == Path(evaluation.EvalConfig.model):
         log.info("%s is missing: running the default RL first", cfg.model)
-        rc = run_rl(["--out", cfg.model])
+        rc = RL.run({"out": cfg.model})
         if rc:
             return rc
-    # the embedded recipe first, so that flags given on the command line win; nothing of the
-    # world is built or read for a model that does not descend from it
-    recipe = []
-    if not from_world(cfg.model) and not gave_prompts(argv):
-        return refuse_world_prompts(cfg.model)
-    if from_world(cfg.model):
-        build(WORLD, world_config())  # the held-out check reads the world's unfiltered corpus
-        recipe = embedded_config("eval", argv) + world_exclude()
-    return evaluation.main(recipe + list(argv))
+    # nothing of the world is built or read for a model that does not descend from it
+    if not from_world(cfg.model):
+        return evaluation.STAGE.call(cfg, given) if gave_prompts(given) else refuse_world_prompts(cfg.model)
+    build(WORLD, world_config())  # the held-out check reads the world's unfiltered corpus
+    cfg = with_recipe(cfg, "eval", given)
+    if "exclude" not in given:
+        cfg = replace(cfg, exclude=world_exclude())
+    return evaluation.STAGE.call(cfg, given)
+
+
+# the stage's exit code is the trainer's, which has printed its report
+RL = Stage(rl.RLConfig, run_rl, lambda rc: None, rl.__doc__, takes_given=True, status=lambda rc: rc)
+EVAL = Stage(evaluation.EvalConfig, run_eval, lambda rc: None, evaluation.__doc__, takes_given=True,
+             status=lambda rc: rc)
 
 
 def main(argv=None) -> int:
@@ -146,11 +144,7 @@ def main(argv=None) -> int:
     if not argv or argv[0] not in ("rl", "eval"):
         print("usage: python -m pipelines.rl {rl,eval} [flags]  (see --help of each)", file=console.err())
         return 2
-    verb, rest = argv[0], argv[1:]
-    rc = run_rl(rest) if verb == "rl" else run_eval(rest)
-    if rc == 2:  # refused (a refusal here, not in the stage's own cli): no output folder, no log
-        console.discard_log()
-    return rc
+    return (RL if argv[0] == "rl" else EVAL).main(argv[1:])
 
 
 if __name__ == "__main__":

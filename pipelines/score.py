@@ -13,7 +13,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from common.config import ConfigError, cli, setup_logging
+from common.config import ConfigError, Stage, setup_logging
 from pipelines.world import build, world_config, world_dir
 from scorer import job
 from scorer.job import ScoreConfig
@@ -44,9 +44,12 @@ def report(done: tuple[dict, str]) -> str:
     return f"{job.format_summary(summary)}\nshards in {out}/  (polars: pl.read_parquet('{out}/*.parquet'))"
 
 
+STAGE = Stage(ScoreConfig, score, report, __doc__, errors=(ShardError,), log="score.log")
+
+
 def main(argv=None) -> int:
     setup_logging()
-    return cli(ScoreConfig, argv, __doc__, score, report, errors=(ShardError,), log="score.log")
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

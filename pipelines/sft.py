@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import console
-from common.config import ConfigError, beneath, cli, field, setup_logging
+from common.config import ConfigError, Stage, field, setup_logging
 from common.storage import as_path
-from pipelines.recipes import gave, recipe_settings
+from pipelines.recipes import with_recipe
+from pipelines.stages import command as stages_command
+from pipelines.stages import stage
 from pipelines.world import world_dir
 from scorer.shards import ShardError, list_shards, read_meta
 from scorer.weights import WeightParams
@@ -47,19 +49,18 @@ def ensure_scores(scores: str) -> None:
             raise FileNotFoundError(f"no shards in {scores}; run `make score OUT={scores}` first")
         return
     shards = list_shards(scores) if Path(scores).is_dir() else []
-    weighting = []
+    weighting = {}
     if shards:
         meta = read_meta(shards[0])
         if not uses_world(meta):
             return  # the user's own scores in the default folder: nothing of the world is needed
-        weighting = [f"--{k.replace('_', '-')}={','.join(map(str, v)) if isinstance(v, list) else v}"
-                     for k, v in meta.items() if k in WeightParams().as_dict()]
+        weighting = {k: v for k, v in meta.items() if k in WeightParams().as_dict()}
     log.info("making sure %s holds the scored embedded corpus", scores)
     # a child process: an in-process vLLM engine pins the CPU threads that training needs next
     streams = console.child_streams()
     if shards:  # a check of shards made before: their summary was shown then (runs/score/summary.json)
         streams["stdout"] = subprocess.DEVNULL
-    subprocess.run([sys.executable, "-m", "pipelines.score", "--out", scores, "--executor", "local", *weighting],
+    subprocess.run(stages_command([stage("pipelines.score", out=scores, executor="local", **weighting)]),
                    **streams, check=True)
 
 
@@ -82,10 +83,10 @@ def format_table(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def train_arms(cfg: SFTRunsConfig, given: set[str], own_recipe: bool) -> list[dict]:
+def train_arms(cfg: SFTRunsConfig, given: set[str]) -> list[dict]:
     """One train.sft run per weighting of `cfg.weighting`; returns their summaries. The embedded
-    target (no --model, shards scored against it) gets recipes/embedded-sft.yaml beneath the flags
-    given, unless `own_recipe` (a --config of the user's replaces it)."""
+    target (no --model, shards scored against it) gets recipes/embedded-sft.yaml beneath the
+    settings given (a --config of the user's replaces it)."""
     arms = [w.strip() for w in cfg.weighting.split(",") if w.strip()]
     if not arms or any(w not in sft.WEIGHTINGS for w in arms):
         raise ConfigError(f"--weighting: comma-separated names of {sft.WEIGHTINGS}, got {cfg.weighting!r}")
@@ -93,8 +94,8 @@ def train_arms(cfg: SFTRunsConfig, given: set[str], own_recipe: bool) -> list[di
         ensure_scores(cfg.scores)
     except (FileNotFoundError, ShardError, subprocess.CalledProcessError) as e:
         raise ConfigError(str(e)) from None
-    if not own_recipe and "model" not in given and uses_world(read_meta(list_shards(cfg.scores)[0])):
-        cfg = beneath(cfg, recipe_settings("sft"), given)
+    if "model" not in given and uses_world(read_meta(list_shards(cfg.scores)[0])):
+        cfg = with_recipe(cfg, "sft", given)
     summaries = []
     for arm in arms:
         out = Path(cfg.out) if len(arms) == 1 else Path(cfg.out) / arm
@@ -110,11 +111,12 @@ def report(summaries: list[dict]) -> str:
     return f"{format_table(summaries)}\nmodels in {', '.join(s['out'] for s in summaries)}"
 
 
+STAGE = Stage(SFTRunsConfig, train_arms, report, __doc__, errors=(ShardError,), log="sft.log", takes_given=True)
+
+
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging()
-    return cli(SFTRunsConfig, argv, __doc__, lambda cfg, given: train_arms(cfg, given, gave(argv, "--config")),
-               report, errors=(ShardError,), log="sft.log", given=True)
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

@@ -99,13 +99,15 @@ def test_sft_matters_rule_needs_the_margin_and_the_interval():
 
 
 def test_lr_control_scales_the_recipe_learning_rate():
-    from pipelines.experiment import ARMS, RECIPE, sft_flags
+    from pipelines.experiment import ARMS, RECIPE, sft_settings
     from pipelines.recipes import recipe_settings
+    from train import sft
 
-    flags = sft_flags("lr-control", RECIPE["sft"], 0.5)
-    lr = float(recipe_settings("sft")["lr"])
-    assert flags[-4:] == ["--weighting", "uniform", "--lr", f"{lr * 0.5:.6g}"]  # after the recipe: it wins
-    assert sft_flags("pear-block", RECIPE["sft"], 0.5)[-2:] == ["--variant", "block"]
+    recipe = recipe_settings("sft")
+    control = sft.STAGE.configure(sft_settings("lr-control", RECIPE, 0.5), recipe)  # as pipelines.stages runs it
+    assert control.lr == float(f"{float(recipe['lr']) * 0.5:.6g}") and control.epochs == recipe["epochs"]
+    assert control.weighting == "uniform"
+    assert sft.STAGE.configure(sft_settings("pear-block", RECIPE, 0.5), recipe).weights.variant == "block"
     assert ARMS["no-sft"] is None and {"uniform", "pear-live", "lr-control"} <= set(ARMS)
 
 
@@ -145,27 +147,40 @@ def test_stages_run_in_order_and_stop_at_the_first_failure(tmp_path, monkeypatch
 
     from pipelines.stages import main
 
+    from pipelines.stages import stage
+
     (tmp_path / "fake_stage.py").write_text(
+        "from dataclasses import dataclass\n"
         "import torch\n"
-        "def main(argv):\n"
+        "from common.config import Stage\n"
+        "@dataclass\n"
+        "class Config:\n"
+        "    name: str = ''\n"
+        "    rc: int = 0\n"
+        "def work(cfg):\n"
         "    with open(__file__ + '.calls', 'a') as f:\n"
-        "        f.write(f'{argv[1]}:{torch.get_num_threads()}\\n')\n"
+        "        f.write(f'{cfg.name}:{torch.get_num_threads()}\\n')\n"
         "    torch.set_num_threads(1)  # as a stage with --threads 1 does\n"
-        "    return int(argv[0])\n")
+        "    return cfg.rc\n"
+        "STAGE = Stage(Config, work, lambda rc: None, status=lambda rc: rc)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     calls = tmp_path / "fake_stage.py.calls"
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert main([json.dumps(["== first", ["fake_stage", "0", "a"], "== second", ["fake_stage", "0", "b"]])]) == 0
+        assert main([json.dumps(["== first", stage("fake_stage", name="a"), "== second",
+                                 stage("fake_stage", name="b")])]) == 0
     finally:
         torch.set_num_threads(threads)
     # each stage starts with the threads the process started with, as in a process of its own
     assert calls.read_text().split() == ["a:2", "b:2"]
     assert capsys.readouterr().out.splitlines() == ["== first", "== second"]
     calls.unlink()
-    assert main([json.dumps([["fake_stage", "0", "a"], ["fake_stage", "3", "b"], ["fake_stage", "0", "c"]])]) == 3
+    plan = [stage("fake_stage", name="a"), stage("fake_stage", name="b", rc=3), stage("fake_stage", name="c")]
+    assert main([json.dumps(plan)]) == 3
     assert [c.split(":")[0] for c in calls.read_text().split()] == ["a", "b"]
+    assert main([json.dumps([stage("fake_stage", nmae="a")])]) == 2  # a setting it does not have: refused
+    assert "unknown fields ['nmae']" in capsys.readouterr().err
 
 
 def fake_record(draw: int, arms: list[str], shift: dict[str, float], prompts: int = 40) -> dict:

@@ -1,7 +1,11 @@
 """Routing in pipelines/: which models get the embedded recipes."""
 import json
 
+from common.config import configure, parse_given
 from pipelines import rl as prl
+from scorer.job import ScoreConfig
+from scorer.weights import WeightParams
+from train.rl import RLConfig
 
 
 def test_from_world_follows_the_provenance_chain(tmp_path, monkeypatch):
@@ -22,9 +26,14 @@ def test_from_world_follows_the_provenance_chain(tmp_path, monkeypatch):
     assert not prl.from_world(str(tmp_path / "missing"))
 
 
-def test_command_line_flags_are_found_in_both_spellings():
-    assert prl.gave(["--lr", "1e-3"], "--lr") and prl.gave(["--lr=1e-3"], "--lr")
-    assert not prl.gave(["--lr-min", "1"], "--lr")
+def test_settings_given_are_named_in_both_spellings_and_from_a_recipe_file(tmp_path):
+    from common.config import parse_given
+    from train.rl import RLConfig
+
+    assert parse_given(RLConfig, ["--lr", "1e-3"])[1] == parse_given(RLConfig, ["--lr=1e-3"])[1] == {"lr"}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("prompt_set:\n  tasks: [countdown]\nsteps: 3\n")
+    assert parse_given(RLConfig, ["--config", str(recipe), "--seed", "1"])[1] == {"config", "tasks", "steps", "seed"}
 
 
 def no_world(monkeypatch, *modules):
@@ -77,8 +86,11 @@ def test_sft_on_the_default_folder_keeps_a_reweighted_variant(tmp_path, monkeypa
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd))
     sft.ensure_scores("runs/score")
-    assert calls and {"--variant=block", "--gamma=0.99", "--block-size=8", "--delta-clip=-0.1,0.2",
-                      "--log-weight-clip=-5.0,5.0"} <= set(calls[0])
+    [item] = json.loads(calls[0][-1])  # the child's plan: one scoring stage, with the shards' weighting
+    assert item["stage"] == "pipelines.score"
+    weights = configure(ScoreConfig, item["settings"]).weights.params()
+    assert weights == WeightParams(variant="block", gamma=0.99, block_size=8, delta_clip=(-0.1, 0.2),
+                                   log_weight_clip=(-5.0, 5.0))
     calls.clear()
     meta["target_model"] = {"path": str(tmp_path / "my-model")}  # a user's own scores: nothing to make
     write_atomic(core_table(["a"], [[1, 2, 3]], [[(1, 3)]], [[-1, -1]], [[-1, -1]], [[1, 1]]), scores / "c.parquet",
@@ -101,13 +113,14 @@ def test_a_users_model_needs_its_prompts_named(tmp_path, monkeypatch, capsys):
         assert "--prompts (PROMPTS=" in err[0] and "--tasks (TASKS=" in err[0]
         assert not (tmp_path / verb).exists()
     recipe = tmp_path / "recipe.yaml"
+    given = lambda argv: parse_given(RLConfig, argv)[1]
     for text, named in [("lr: 1.0e-6\n", False), ("prompts: data.jsonl\n", True),
                         ("prompt_set:\n  tasks: [countdown]\n", True)]:
         recipe.write_text(text)
-        assert prl.gave_prompts(["--config", str(recipe)]) == named
-        assert prl.gave_prompts([f"--config={recipe}"]) == named
-    assert prl.gave_prompts(["--tasks", "countdown"]) and prl.gave_prompts(["--prompts=p.jsonl"])
-    assert not prl.gave_prompts(["--prompts-split", "test"])
+        assert prl.gave_prompts(given(["--config", str(recipe)])) == named
+        assert prl.gave_prompts(given([f"--config={recipe}"])) == named
+    assert prl.gave_prompts(given(["--tasks", "countdown"])) and prl.gave_prompts(given(["--prompts=p.jsonl"]))
+    assert not prl.gave_prompts(given(["--prompts-split", "test"]))
 
 
 def test_rl_help_gives_the_learning_rate_the_recipe_uses(capsys):

@@ -33,11 +33,12 @@ import sys
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
 
-from common.config import ConfigError, cli, field, setup_logging
+from common.config import ConfigError, Stage, field, setup_logging
 from common.lock import locked
 from common.models import resolve_model
 from common.storage import as_path, write_json_atomic
@@ -81,9 +82,10 @@ class EvalConfig:
     # other trainers' names (TRL's GRPOConfig), on the command line and in YAML; each is moved onto its field
     num_generations: int | None = field(None, "TRL's name for --n")
     max_completion_length: int | None = field(None, "TRL's name for --max-new-tokens")
+    ALIASES: ClassVar[dict[str, str]] = {"num_generations": "n", "max_completion_length": "max_new_tokens"}
 
     def __post_init__(self):
-        resolve_aliases(self, {"num_generations": "n", "max_completion_length": "max_new_tokens"})
+        resolve_aliases(self, self.ALIASES)
 
 
 # ---- math ------------------------------------------------------------------------------------
@@ -382,9 +384,13 @@ def _evaluate(cfg: EvalConfig, held: ExitStack) -> dict:
     return report
 
 
+STAGE = Stage(EvalConfig, lambda cfg: (evaluate(cfg), cfg.out),
+              lambda done: f"{markdown(done[0])}\nreport in {done[1]}/eval.json and {done[1]}/eval.md", __doc__,
+              log="eval.log")
+
+
 def main(argv=None) -> int:
-    return cli(EvalConfig, argv, __doc__, lambda cfg: (evaluate(cfg), cfg.out),
-               lambda done: f"{markdown(done[0])}\nreport in {done[1]}/eval.json and {done[1]}/eval.md", log="eval.log")
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

@@ -33,13 +33,14 @@ import sys
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from common import console
-from common.config import ConfigError, cli, field, setup_logging
+from common.config import ConfigError, Stage, field, setup_logging
 from common.lock import locked
 from common.models import model_record, resolve_model
 from common.storage import write_json_atomic
@@ -120,14 +121,19 @@ class RLConfig:
     max_completion_length: int | None = field(None, "TRL's name for --max-new-tokens")
     learning_rate: float | None = field(None, "TRL's name for --lr")
 
+    # TRL's names for fields: given, they are moved onto the fields (and a recipe's value for the
+    # field gives way to them, common/config.py `beneath`)
+    ALIASES: ClassVar[dict[str, str]] = {
+        "num_generations": "samples_per_prompt", "beta": "kl_coef", "epsilon": "clip_low", "epsilon_high": "clip_high",
+        "max_completion_length": "max_new_tokens", "learning_rate": "lr"}
+
     def __post_init__(self):
         if self.epsilon is not None and self.epsilon_high is None and self.clip_high == RLConfig.clip_high:
             self.epsilon_high = self.epsilon  # TRL: epsilon_high defaults to epsilon
-        resolve_aliases(self, ALIASES)
+        resolve_aliases(self, self.ALIASES)
 
 
-ALIASES = {"num_generations": "samples_per_prompt", "beta": "kl_coef", "epsilon": "clip_low",
-           "epsilon_high": "clip_high", "max_completion_length": "max_new_tokens", "learning_rate": "lr"}
+ALIASES = RLConfig.ALIASES
 
 
 # settings a resumed run may change: they do not alter what a step computes
@@ -629,12 +635,17 @@ def format_summary(s: dict) -> str:
             f"steps), {s['seconds']}s; model in {s['out']}")
 
 
-def main(argv=None) -> int:
-    def work(cfg: RLConfig) -> dict:
-        with ExitStack() as held:
-            return train(cfg, held)
+def run(cfg: RLConfig) -> dict:
+    """Train `cfg`; its summary (rl_summary.json)."""
+    with ExitStack() as held:
+        return train(cfg, held)
 
-    return cli(RLConfig, argv, __doc__, work, format_summary, log="rl.log")
+
+STAGE = Stage(RLConfig, run, format_summary, __doc__, log="rl.log")
+
+
+def main(argv=None) -> int:
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from common import console
-from common.config import ConfigError, cli, field, setup_logging
+from common.config import ConfigError, Stage, field, setup_logging
 from common.lock import locked
 from common.models import hash_model_folder, pinned, resolve_model
 from common.storage import append_json_line, as_path, run_id, write_json_atomic
@@ -640,8 +640,11 @@ def run(cfg: SFTConfig) -> dict:
             dist.destroy_process_group()
 
 
+STAGE = Stage(SFTConfig, run, lambda s: s and format_summary(s), __doc__, errors=(ShardError,), log="sft.log")
+
+
 def main(argv=None) -> int:
-    return cli(SFTConfig, argv, __doc__, run, lambda s: s and format_summary(s), errors=(ShardError,), log="sft.log")
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":
