@@ -173,8 +173,7 @@ eval: setup
 # the PEAR experiment: the references, the SFT-matters rule, then the PEAR arms; report in results/
 # the world builds' two torch threads sleep rather than spin while they wait for each other: on a
 # machine shared with other work, spinning threads waited for descheduled ones and a build took
-# about 7x the wall time (a 2-thread training loop at nice 19 beside other jobs: 18 steps in 15 s
-# spinning, 133 passive). Where the threads wait does not change what they compute.
+# several times the wall time (bench/RESULTS.md). Where the threads wait does not change what they compute.
 experiment: export OMP_WAIT_POLICY ?= PASSIVE
 experiment: setup
 	$(PY) -m pipelines.experiment $(call args,experiment)

@@ -65,7 +65,7 @@ def test_options_match_unbatched_forward(data, reference, attention, upcast_logi
     assert_matches(scorer.score(*data), reference, data)
 
 
-@pytest.mark.slow(seconds=30)  # torch.compile: 30 s and 10 s with an empty compile cache (CI)
+@pytest.mark.slow(seconds=30)  # torch.compile builds C++ kernels, slowest with an empty compile cache (CI)
 @pytest.mark.parametrize("attention,upcast_logits", [("padded", True), ("packed", False)])
 def test_compiled_matches_unbatched_forward(data, reference, attention, upcast_logits):
     scorer = TorchScorer(tiny_llama(), token_budget=64, chunk_size=7, attention=attention,

@@ -1,4 +1,4 @@
-"""PEAR weight math on hand-computed examples (PEAR.md definitions)."""
+"""PEAR weight math on hand-computed examples (the definitions in scorer/weights.py)."""
 import math
 
 import pytest
