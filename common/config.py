@@ -277,14 +277,13 @@ class Stage:
         """The command line: the config from defaults, `--config` YAML and flags."""
         return self.call(*parse_given(self.config, argv, description=self.doc))
 
-    def configure(self, settings: dict, recipe: dict | None = None):
-        """The config of `settings` over `recipe` (a recipe's settings, `beneath`) over the defaults."""
-        return beneath(configure(self.config, settings), recipe or {}, set(settings))
-
-    def run(self, settings: dict, recipe: dict | None = None) -> int:
-        """The stage with `settings` over `recipe` over its defaults: how another stage runs it."""
+    def run(self, settings: dict, beneath_given: Callable[[Any, set[str]], Any] | None = None) -> int:
+        """The stage with `settings` over its defaults (`configure`): how another stage runs it.
+        `beneath_given(cfg, names given)` lays a recipe beneath them (pipelines/recipes.py `with_recipe`)."""
         try:
-            cfg = self.configure(settings, recipe)
+            cfg = configure(self.config, settings)
+            if beneath_given:
+                cfg = beneath_given(cfg, set(settings))
         except ConfigError as e:
             print(f"error: {e}", file=console.err())
             return 2

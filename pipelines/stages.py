@@ -20,7 +20,7 @@ import sys
 
 from common import console
 from common.config import Stage, setup_logging
-from pipelines.recipes import recipe_settings
+from pipelines.recipes import with_recipe
 
 
 def stage(name: str, recipe: str | None = None, /, **settings) -> dict:
@@ -40,6 +40,11 @@ def find(name: str) -> Stage:
     return getattr(importlib.import_module(module), attr or "STAGE")
 
 
+def recipe_beneath(stage: str):
+    """`cfg, given -> cfg` with the embedded recipe of `stage` beneath the settings given."""
+    return lambda cfg, given: with_recipe(cfg, stage, given)
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -49,8 +54,7 @@ def main(argv=None) -> int:
             print(item, file=console.out(), flush=True)
             continue
         torch.set_num_threads(threads)
-        recipe = recipe_settings(item["recipe"]) if item.get("recipe") else None
-        rc = find(item["stage"]).run(item["settings"], recipe)
+        rc = find(item["stage"]).run(item["settings"], recipe_beneath(item["recipe"]) if item.get("recipe") else None)
         if rc:
             return rc
     return 0

@@ -99,15 +99,19 @@ def test_sft_matters_rule_needs_the_margin_and_the_interval():
 
 
 def test_lr_control_scales_the_recipe_learning_rate():
+    from common.config import configure
     from pipelines.experiment import ARMS, RECIPE, sft_settings
-    from pipelines.recipes import recipe_settings
-    from train import sft
+    from pipelines.recipes import recipe_settings, with_recipe
+    from train.sft import SFTConfig
 
-    recipe = recipe_settings("sft")
-    control = sft.STAGE.configure(sft_settings("lr-control", RECIPE, 0.5), recipe)  # as pipelines.stages runs it
+    def config(arm):  # as pipelines.stages makes it: the arm's settings over the embedded recipe
+        settings = sft_settings(arm, RECIPE, 0.5)
+        return with_recipe(configure(SFTConfig, settings), "sft", set(settings))
+
+    recipe, control = recipe_settings("sft"), config("lr-control")
     assert control.lr == float(f"{float(recipe['lr']) * 0.5:.6g}") and control.epochs == recipe["epochs"]
     assert control.weighting == "uniform"
-    assert sft.STAGE.configure(sft_settings("pear-block", RECIPE, 0.5), recipe).weights.variant == "block"
+    assert config("pear-block").weights.variant == "block"
     assert ARMS["no-sft"] is None and {"uniform", "pear-live", "lr-control"} <= set(ARMS)
 
 
@@ -181,6 +185,8 @@ def test_stages_run_in_order_and_stop_at_the_first_failure(tmp_path, monkeypatch
     assert [c.split(":")[0] for c in calls.read_text().split()] == ["a", "b"]
     assert main([json.dumps([stage("fake_stage", nmae="a")])]) == 2  # a setting it does not have: refused
     assert "unknown fields ['nmae']" in capsys.readouterr().err
+    assert main([json.dumps([stage("fake_stage", "rl", name="a")])]) == 2  # the RL recipe goes beneath: its fields
+    assert "unknown fields ['lr', " in capsys.readouterr().err
 
 
 def fake_record(draw: int, arms: list[str], shift: dict[str, float], prompts: int = 40) -> dict:
