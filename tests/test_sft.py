@@ -287,7 +287,9 @@ def test_two_ranks_over_gloo_match_one_rank(scores, tmp_path, fsdp):
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            *two_rank_sft(scores, tmp_path / "two", budget, per_step), "--fsdp", str(fsdp)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    # PYTHONFAULTHANDLER: a rank that aborts (a C++ std::terminate) prints every thread's Python stack,
+    # so a failure says where each rank was
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONFAULTHANDLER="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = assert_two_ranks_match_one(tmp_path, one, also=("weighted_loss", "ess"))
@@ -421,7 +423,7 @@ def test_two_torchrun_nodes_on_shards_in_a_bucket_match_one_process(scores, s3, 
     base = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
             "--master-addr", "127.0.0.1", "--master-port", str(port)]
     args = two_rank_sft(uri, tmp_path / "two", budget, per_step)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONFAULTHANDLER="1")
     nodes = [subprocess.Popen(base + ["--node-rank", str(r)] + args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     logs = [n.communicate(timeout=300)[0] for n in nodes]
