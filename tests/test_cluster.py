@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from jobs import Job
-from scorer.job import default_actors
+from scorer.execute import default_actors
 from scorer.shards import list_shards, read_meta
 from test_object_storage import ROWS, local_run, rows_of, s3, same_rows, upload  # noqa: F401 (fixtures)
 

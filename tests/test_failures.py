@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from common.config import ConfigError
 from common.lock import locked
 from scorer import job
 from scorer.job import ScoreConfig, run
@@ -61,7 +62,7 @@ def test_changed_rows_are_scored_again_and_vanished_ones_refused(world, tmp_path
     assert score(world, data, out)["this_run"]["shards_scored"] == 0
     # the file shrinks: a shard of rows that no longer exist is refused by name, or dropped with --overwrite
     grown.head(10).write_parquet(data)
-    with pytest.raises(job.ConfigError, match=r"c-0000[12].parquet: it is not part of this corpus.s plan"):
+    with pytest.raises(ConfigError, match=r"c-0000[12].parquet: it is not part of this corpus.s plan"):
         score(world, data, out)
     assert score(world, data, out, overwrite=True)["rows_written"] == 10
 

@@ -17,6 +17,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from jobs import Job
+from common.config import ConfigError
 from common.lock import locked
 from common.storage import as_path
 from scorer import job
@@ -142,7 +143,7 @@ def test_scoring_from_and_to_a_bucket_is_the_local_run_and_resumes(world, s3, lo
 
     # a second writer is refused at once, naming the holder of the lease
     with locked(out):
-        with pytest.raises(job.ConfigError, match=r"in use by another job \(.*:%d:" % os.getpid()):
+        with pytest.raises(ConfigError, match=r"in use by another job \(.*:%d:" % os.getpid()):
             score(world, data, out)
 
 

@@ -12,8 +12,9 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
+from common.config import ConfigError
 from jobs import Job
-from scorer.job import ConfigError, ScoreConfig, main, run
+from scorer.job import ScoreConfig, main, run
 from scorer.shards import CORE_NAMES, list_shards, read_meta
 from scorer.weights import WeightParams, ragged_weights
 

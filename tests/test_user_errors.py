@@ -21,11 +21,12 @@ import pytest
 from common.config import parse
 from scorer import report as inspect_cli
 from scorer.corpus import RowError, encode_row
-from scorer.job import ScoreConfig, format_summary, run
+from scorer.job import ScoreConfig, run
 from scorer.job import main as score_main
 from scorer.reweight import main as reweight_main
 from scorer.shards import list_shards, read_meta
 from scorer.stats import WeightStats
+from scorer.summary import format_summary
 from scorer.weights import WeightParams
 from tiny_tokenizers import tiny_tokenizer
 
