@@ -1,6 +1,9 @@
 """The scoring job: corpus -> tokenize -> target (and behavior) logprobs -> PEAR weights -> shards.
 
-    python -m scorer.job --data corpus.parquet --out runs/score [--backend vllm] [--variant token]
+    python -m pipelines.score --data corpus.parquet --target org/model --out runs/score [--variant token]
+
+    from scorer.job import ScoreConfig, run
+    summary = run(ScoreConfig(data="corpus.parquet", target="org/model", out="runs/score"))
 
 The corpus is cut into units of `rows_per_shard` rows of one input file; each unit becomes one
 shard, written atomically, so a rerun of the same command scores only the units whose shard is
@@ -15,20 +18,18 @@ scorer/passthrough.py (the corpus's other columns), scorer/summary.py (summary.j
 from __future__ import annotations
 
 import logging
-import sys
 import time
 
-from common.config import cli, setup_logging
 from common.lock import locked
 from common.storage import append_json_line, as_path, run_id, write_json_atomic
 from scorer.config import ScoreConfig
 from scorer.execute import execute
 from scorer.plan import check_inputs
 from scorer.resume import reconcile
-from scorer.shards import ShardError, remove_temporaries
-from scorer.summary import format_summary, run_record, summarize
+from scorer.shards import remove_temporaries
+from scorer.summary import run_record, summarize
 
-__all__ = ["ScoreConfig", "run", "main"]
+__all__ = ["ScoreConfig", "run"]
 
 log = logging.getLogger("pear.scorer")
 
@@ -60,12 +61,3 @@ def run(cfg: ScoreConfig, progress: bool = True) -> dict:
         summary = summarize(cfg, out, units, job_meta, sources)
         write_json_atomic(summary, out / "summary.json")
     return {**summary, "this_run": this_run}
-
-
-def main(argv=None) -> int:
-    setup_logging()
-    return cli(ScoreConfig, argv, None, run, format_summary, errors=(ShardError,), log="score.log")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

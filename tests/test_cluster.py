@@ -45,7 +45,7 @@ def cluster():
 
 
 def job_cmd(world, data, out, *extra) -> list[str]:
-    return [sys.executable, "-m", "scorer.job", "--data", str(data), "--out", str(out), "--target",
+    return [sys.executable, "-m", "pipelines.score", "--data", str(data), "--out", str(out), "--target",
             str(world / "target"), "--behavior", "none", "--backend", "torch", "--cpus-per-actor", "2", *extra]
 
 

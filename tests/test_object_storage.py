@@ -20,7 +20,7 @@ from jobs import Job
 from common.config import ConfigError
 from common.lock import locked
 from common.storage import as_path
-from scorer import job
+from pipelines.score import main as score_main
 from scorer.export import ExportConfig, export
 from scorer.job import ScoreConfig, run
 from scorer.report import main as inspect_main
@@ -153,7 +153,7 @@ def test_a_killed_driver_on_a_bucket_resumes_to_the_same_rows(world, s3, local_r
     bucket = s3()
     data, out = f"{bucket}/c.parquet", f"{bucket}/scores"
     upload(corpus, data)
-    cmd = [sys.executable, "-m", "scorer.job", "--data", data, "--out", out, "--target", str(world / "target"),
+    cmd = [sys.executable, "-m", "pipelines.score", "--data", data, "--out", out, "--target", str(world / "target"),
            "--behavior", "none", "--backend", "torch", "--executor", "local", "--rows-per-shard", "2"]
     # as `make score` runs it: quiet, its log on this machine (not in a folder named "s3:")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PEAR_QUIET": "1"}
@@ -245,7 +245,7 @@ def test_unusable_object_storage_is_one_line_and_exit_2(world, s3, local_run, tm
     monkeypatch.chdir(tmp_path)
     base = ["--target", str(world / "target"), "--behavior", "none", "--executor", "local"]
 
-    def fails(argv, words, main=job.main):
+    def fails(argv, words, main=score_main):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err
