@@ -34,9 +34,9 @@ WORLD = ROOT / world_dir()
 # (PEAR_QUIET=1, the Makefile's default) sends stdout to its log file.
 SCORE = """
 import json, os, resource, sys, time
-from scorer import job
+from pipelines.score import main
 t = time.perf_counter()
-rc = job.main(sys.argv[1:])
+rc = main(sys.argv[1:])
 json.dump({"rc": rc, "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "seconds": time.perf_counter() - t},
           open(os.environ["PEAR_BENCH_RESULT"], "w"))
 """

@@ -94,7 +94,7 @@ def run(cfg: ScoreBenchConfig) -> str:
         for backend in cfg.ray_backends:
             for actors in cfg.ray_actors:
                 out = Path(tmp) / f"{backend}-{actors}"
-                cmd = [sys.executable, "-m", "scorer.job", "--data", str(data), "--out", str(out),
+                cmd = [sys.executable, "-m", "pipelines.score", "--data", str(data), "--out", str(out),
                        "--target", str(world / "target"), "--behavior", str(world / "behavior"),
                        "--rows-per-shard", "256", "--actors", str(actors), "--backend", backend]
                 t = time.perf_counter()

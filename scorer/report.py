@@ -121,7 +121,7 @@ def inspect(cfg: InspectConfig) -> tuple[dict, str]:
 
 
 def report(done: tuple[dict, str]) -> str:
-    from scorer.job import format_summary
+    from scorer.summary import format_summary
 
     summary, png = done
     # a scoring run's summary; `reweight` alone writes only params and variants

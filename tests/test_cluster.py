@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from jobs import Job
-from scorer.job import default_actors
+from scorer.execute import default_actors
 from scorer.shards import list_shards, read_meta
 from test_object_storage import ROWS, local_run, rows_of, s3, same_rows, upload  # noqa: F401 (fixtures)
 
@@ -45,7 +45,7 @@ def cluster():
 
 
 def job_cmd(world, data, out, *extra) -> list[str]:
-    return [sys.executable, "-m", "scorer.job", "--data", str(data), "--out", str(out), "--target",
+    return [sys.executable, "-m", "pipelines.score", "--data", str(data), "--out", str(out), "--target",
             str(world / "target"), "--behavior", "none", "--backend", "torch", "--cpus-per-actor", "2", *extra]
 
 

@@ -12,8 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from common.config import ConfigError
 from common.lock import locked
-from scorer import job
+from pipelines.score import main as score_main
 from scorer.job import ScoreConfig, run
 from scorer.reweight import main as reweight_main
 from scorer.shards import list_shards, read_meta
@@ -61,7 +62,7 @@ def test_changed_rows_are_scored_again_and_vanished_ones_refused(world, tmp_path
     assert score(world, data, out)["this_run"]["shards_scored"] == 0
     # the file shrinks: a shard of rows that no longer exist is refused by name, or dropped with --overwrite
     grown.head(10).write_parquet(data)
-    with pytest.raises(job.ConfigError, match=r"c-0000[12].parquet: it is not part of this corpus.s plan"):
+    with pytest.raises(ConfigError, match=r"c-0000[12].parquet: it is not part of this corpus.s plan"):
         score(world, data, out)
     assert score(world, data, out, overwrite=True)["rows_written"] == 10
 
@@ -106,7 +107,7 @@ def test_a_column_of_two_types_in_two_files_names_both(world, tmp_path, capsys):
     rows.with_columns(pl.lit("x").alias("k")).write_parquet(tmp_path / "b.parquet")
     args = ["--data", str(tmp_path / "*.parquet"), "--out", str(tmp_path / "s"), "--target", str(world / "target"),
             "--executor", "local"]
-    assert job.main(args) == 2
+    assert score_main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "column 'k'" in err and "a.parquet" in err and "b.parquet" in err and "\n" not in err
     assert not (tmp_path / "s").exists()
@@ -133,7 +134,7 @@ def test_a_second_writer_is_refused_at_once_naming_the_holder(world, tmp_path, c
     data, out = tmp_path / "c.parquet", tmp_path / "s"
     world_rows(world, 4).write_parquet(data)
     with locked(out):
-        assert job.main(["--data", str(data), "--out", str(out), "--target", str(world / "target"),
+        assert score_main(["--data", str(data), "--out", str(out), "--target", str(world / "target"),
                          "--executor", "local"]) == 2
         err = capsys.readouterr().err
         assert f"in use by another job (pid {os.getpid()})" in err
@@ -150,14 +151,14 @@ def test_corrupt_or_foreign_shards_are_named_and_overwrite_recovers(world, tmp_p
     bad.write_bytes(bad.read_bytes()[:100])  # truncated
     args = ["--data", str(data), "--out", str(out), "--target", str(world / "target"), "--behavior", "none",
             "--executor", "local", "--rows-per-shard", "16"]
-    assert job.main(args) == 2
+    assert score_main(args) == 2
     assert str(bad) in capsys.readouterr().err
     assert sft.main(["--scores", str(out), "--out", str(tmp_path / "m")]) == 2
     assert str(bad) in capsys.readouterr().err
-    assert job.main(args + ["--overwrite", "true"]) == 0 and read_meta(bad)["rows"] == [0, 16]
+    assert score_main(args + ["--overwrite", "true"]) == 0 and read_meta(bad)["rows"] == [0, 16]
     pq.write_table(pa.table({"x": [1]}), out / "notes.parquet")  # someone else's file in OUT
     for overwrite in ([], ["--overwrite", "true"]):  # never deleted
-        assert job.main(args + overwrite) == 2
+        assert score_main(args + overwrite) == 2
         assert "notes.parquet" in capsys.readouterr().err and (out / "notes.parquet").exists()
 
 
@@ -169,7 +170,7 @@ def test_user_errors_are_one_line_and_exit_2(world, tmp_path, capsys):
     for args, words in [(["--out", str(tmp_path / "file")], "is a file, not a folder"),
                         (["--out", str(tmp_path / "s"), "--rows-per-shard", "0"],
                          "--rows-per-shard must be at least 1")]:
-        assert job.main(base + args) == 2
+        assert score_main(base + args) == 2
         err = capsys.readouterr().err.strip()
         assert words in err and "\n" not in err
     (tmp_path / "syntax.py").write_text("def reward(:\n")

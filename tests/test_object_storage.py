@@ -17,9 +17,10 @@ import pyarrow.fs as pafs
 import pytest
 
 from jobs import Job
+from common.config import ConfigError
 from common.lock import locked
 from common.storage import as_path
-from scorer import job
+from pipelines.score import main as score_main
 from scorer.export import ExportConfig, export
 from scorer.job import ScoreConfig, run
 from scorer.report import main as inspect_main
@@ -142,7 +143,7 @@ def test_scoring_from_and_to_a_bucket_is_the_local_run_and_resumes(world, s3, lo
 
     # a second writer is refused at once, naming the holder of the lease
     with locked(out):
-        with pytest.raises(job.ConfigError, match=r"in use by another job \(.*:%d:" % os.getpid()):
+        with pytest.raises(ConfigError, match=r"in use by another job \(.*:%d:" % os.getpid()):
             score(world, data, out)
 
 
@@ -152,7 +153,7 @@ def test_a_killed_driver_on_a_bucket_resumes_to_the_same_rows(world, s3, local_r
     bucket = s3()
     data, out = f"{bucket}/c.parquet", f"{bucket}/scores"
     upload(corpus, data)
-    cmd = [sys.executable, "-m", "scorer.job", "--data", data, "--out", out, "--target", str(world / "target"),
+    cmd = [sys.executable, "-m", "pipelines.score", "--data", data, "--out", out, "--target", str(world / "target"),
            "--behavior", "none", "--backend", "torch", "--executor", "local", "--rows-per-shard", "2"]
     # as `make score` runs it: quiet, its log on this machine (not in a folder named "s3:")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PEAR_QUIET": "1"}
@@ -244,7 +245,7 @@ def test_unusable_object_storage_is_one_line_and_exit_2(world, s3, local_run, tm
     monkeypatch.chdir(tmp_path)
     base = ["--target", str(world / "target"), "--behavior", "none", "--executor", "local"]
 
-    def fails(argv, words, main=job.main):
+    def fails(argv, words, main=score_main):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err

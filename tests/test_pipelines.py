@@ -1,5 +1,6 @@
 """Routing in pipelines/: which models get the embedded recipes."""
 import json
+from pathlib import Path
 
 from common.config import configure, parse_given
 from pipelines import rl as prl
@@ -45,9 +46,9 @@ def no_world(monkeypatch, *modules):
 
 
 def test_score_with_data_needs_a_target_and_never_touches_the_world(tmp_path, monkeypatch, capsys):
-    from pipelines import score
+    from pipelines import score, world
 
-    no_world(monkeypatch, score)
+    no_world(monkeypatch, world)  # pipelines.score imports the world's builder only when it builds
     data = tmp_path / "chat.jsonl"
     data.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n")
     assert score.main(["--data", str(data), "--out", str(tmp_path / "o")]) == 2
@@ -57,9 +58,8 @@ def test_score_with_data_needs_a_target_and_never_touches_the_world(tmp_path, mo
     err = capsys.readouterr().err
     assert "BEHAVIOR=" in err and "behavior_logprobs column" in err and not (tmp_path / "o").exists()
     # no DATA: the embedded defaults fill in what is not given
-    cfg = score.embedded_defaults(score.ScoreConfig(out="x", target="t"))
-    assert (cfg.data, cfg.target, cfg.behavior, cfg.out) == \
-        (score.EMBEDDED["data"], "t", score.EMBEDDED["behavior"], "x")
+    cfg = score.embedded_defaults(score.ScoreConfig(out="x", target="t"), Path("w"))
+    assert (cfg.data, cfg.target, cfg.behavior, cfg.out) == ("w/corpus.parquet", "t", "w/behavior", "x")
 
 
 def test_eval_and_rl_of_a_users_model_never_touch_the_world(tmp_path, monkeypatch, capsys):

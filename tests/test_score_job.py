@@ -12,8 +12,10 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
+from common.config import ConfigError
 from jobs import Job
-from scorer.job import ConfigError, ScoreConfig, main, run
+from pipelines.score import main
+from scorer.job import ScoreConfig, run
 from scorer.shards import CORE_NAMES, list_shards, read_meta
 from scorer.weights import WeightParams, ragged_weights
 
@@ -148,7 +150,9 @@ def test_bad_paths_and_tokenizers_exit_2_and_write_nothing(world, mixed_corpus, 
     assert main(["--data", str(mixed_corpus), "--target", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert f"target '{tmp_path / 'nope'}' not found" in capsys.readouterr().err
     assert main(["--data", str(mixed_corpus), "--out", str(out)]) == 2
-    assert "no target model given" in capsys.readouterr().err
+    assert "TARGET= (--target) is required with DATA=" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="no target model given"):  # the job's own check, called directly
+        run(ScoreConfig(data=str(mixed_corpus), out=str(out), executor="local"))
     assert main(["--data", str(mixed_corpus), "--target", str(world / "target"), "--out", str(out),
                  "--rows-per-shard", "0"]) == 2
     assert "--rows-per-shard must be at least 1" in capsys.readouterr().err
@@ -175,7 +179,7 @@ def test_killed_ray_run_resumes_to_the_same_rows(world, tmp_path):
     world_rows(world, 256).write_parquet(data)
     args = ["--data", str(data), "--target", str(world / "target"), "--behavior", str(world / "behavior"),
             "--rows-per-shard", "8", "--backend", "vllm"]
-    cmd = [sys.executable, "-m", "scorer.job"]
+    cmd = [sys.executable, "-m", "pipelines.score"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     killed = tmp_path / "killed"

@@ -21,11 +21,12 @@ import pytest
 from common.config import parse
 from scorer import report as inspect_cli
 from scorer.corpus import RowError, encode_row
-from scorer.job import ScoreConfig, format_summary, run
-from scorer.job import main as score_main
+from pipelines.score import main as score_main
+from scorer.job import ScoreConfig, run
 from scorer.reweight import main as reweight_main
 from scorer.shards import list_shards, read_meta
 from scorer.stats import WeightStats
+from scorer.summary import format_summary
 from scorer.weights import WeightParams
 from tiny_tokenizers import tiny_tokenizer
 
@@ -163,7 +164,7 @@ def test_an_unreachable_ray_address_exits_2_naming_it(world, tmp_path):
     data = tmp_path / "c.parquet"
     pl.read_parquet(world / "corpus.parquet").head(2).write_parquet(data)
     address = f"127.0.0.1:{free_port()}"  # nobody listens there
-    proc = subprocess.run([sys.executable, "-m", "scorer.job",
+    proc = subprocess.run([sys.executable, "-m", "pipelines.score",
                            *score_args(world, data, tmp_path / "s", executor="ray")],
                           cwd=ROOT, capture_output=True, text=True, timeout=200,
                           env={**os.environ, "PEAR_QUIET": "1", "RAY_ADDRESS": address})
@@ -185,7 +186,7 @@ def test_a_stale_cluster_record_does_not_stop_a_local_ray_run(world, tmp_path):
         (ray_tmp / "ray").mkdir()
         (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")  # a dead cluster's record
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        proc = subprocess.run([sys.executable, "-m", "scorer.job",
+        proc = subprocess.run([sys.executable, "-m", "pipelines.score",
                                *score_args(world, data, tmp_path / "s", executor="ray")],
                               cwd=ROOT, capture_output=True, text=True, timeout=400,
                               env={**env, "PEAR_QUIET": "1", "RAY_TMPDIR": str(ray_tmp)})
@@ -215,7 +216,7 @@ def test_a_cluster_that_refuses_the_token_is_one_line_and_exit_2(world, tmp_path
                 break
             except OSError:
                 time.sleep(0.5)
-        proc = subprocess.run([sys.executable, "-m", "scorer.job",
+        proc = subprocess.run([sys.executable, "-m", "pipelines.score",
                                *score_args(world, data, tmp_path / "s", executor="ray")],
                               cwd=ROOT, capture_output=True, text=True, timeout=300,
                               env={**env, "PEAR_QUIET": "1", "RAY_ADDRESS": f"127.0.0.1:{port}",
