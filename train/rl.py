@@ -43,8 +43,8 @@ from common.config import ConfigError, cli, field, setup_logging
 from common.lock import locked
 from common.models import model_record, resolve_model
 from common.storage import write_json_atomic
+from scorer.engines import token_logprobs
 from train import checkpoint
-from train.loss import token_logprobs
 from train.rewards import load_reward, safe_score
 from train.rl_math import (ADVANTAGE_SCALES, AGGREGATIONS, aggregation_normaliser, group_advantages, kl_k3,
                            masked_mean, micro_batches, rl_loss, tis_weights)

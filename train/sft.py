@@ -41,13 +41,14 @@ from common.lock import locked
 from common.models import hash_model_folder, pinned, resolve_model
 from common.storage import append_json_line, as_path, run_id, write_json_atomic
 from scorer.config import WeightConfig
+from scorer.engines import token_logprobs
 from scorer.shards import ShardError, list_shards, read_meta, tokenizer_sha256
 from scorer.stats import TABLE_COLUMNS, weight_table
 from scorer.weights import WeightParams
 from train import checkpoint
 from train.data import Batch, Rows, collated, idle_batch, load_rows, parse_only, plan_epoch, rank_share, \
     rows_where, split_heldout, steps_of, stored_weight_params
-from train.loss import cosine_lr, effective_sample_size, token_logprobs, token_weights, weighted_nll
+from train.loss import cosine_lr, effective_sample_size, token_weights, weighted_nll
 from train.tracking import Tracker, check_report_to, open_tracker
 
 log = logging.getLogger("pear.train")
