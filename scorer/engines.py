@@ -81,10 +81,9 @@ class TorchScorer:
                  upcast_logits: bool = True, compile: bool | None = None):
         """`model`: a path, loaded on `device` in `dtype`; or a loaded causal LM, used where it is.
 
-        Unset options take the fastest measured settings for the device (bench/RESULTS.md): on a
-        GPU packed attention, compiled layers and 64k-token batches (165k tokens/s at 6.1 GiB for a
-        1.5B model on an H200, against 116-120k for the eager variants); on the CPU padded eager
-        batches of 32k tokens (compiling costs more than it saves on small CPU jobs).
+        Unset options take the fastest measured settings for the device (bench/RESULTS.md, "GPU:
+        scoring"): on a GPU packed attention, compiled layers and 64k-token batches; on the CPU
+        padded eager batches of 32k tokens (compiling costs more than it saves on small CPU jobs).
         """
         import torch
         from transformers import AutoModelForCausalLM

@@ -76,7 +76,7 @@ class RLConfig:
     top_p: float = field(1.0, "nucleus sampling")
     max_new_tokens: int = field(64, "longest response (the default is the embedded world's)")
     lr: float = field(1e-6, "learning rate (AdamW, constant); `make rl` gives a model of the embedded world the "
-                            "tiny model's own (EMBEDDED_RECIPE in pipelines/rl.py)")
+                            "tiny model's own (recipes/embedded-rl.yaml)")
     weight_decay: float = field(0.0, "AdamW weight decay")
     max_grad_norm: float = field(1.0, "gradient clipping by global norm; 0: off")
     mini_batches: int = field(1, "optimizer steps per batch of rollouts (>1: later ones are off-policy and clipped)")

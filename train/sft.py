@@ -92,8 +92,8 @@ class SFTConfig:
                               "instead of replicating them (DDP): for models whose training state does not fit "
                               "one device")
     gradient_checkpointing: bool = field(False, "recompute each decoder layer's activations in backward: "
-                                                "about a quarter of the peak memory for about 10-20% more step time "
-                                                "(bench/RESULTS.md)")
+                                                "less peak memory for more step time (measured in "
+                                                "bench/RESULTS.md, GPU: SFT step)")
     lora_rank: int = field(0, "train LoRA adapters of this rank (peft) instead of every weight; 0: full "
                               "fine-tuning. The output folder holds the merged model (adapter/ holds the adapter)")
     lora_alpha: float = field(0.0, "LoRA scaling alpha; 0: twice the rank")
