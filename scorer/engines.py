@@ -6,7 +6,8 @@ array of the logprobs of `input_ids[prompt_len:]`.
 - `TorchScorer`: transformers, the reference. Length-sorted, right-padded batches under a token
   budget, with no attention mask: pads come after every real token, so a causal model needs none
   and the fused attention kernels apply (or, as an option, packed rows with attention inside each
-  sequence). The vocabulary projection is chunked (no full (tokens, vocab) float32 tensor).
+  sequence). The vocabulary projection is chunked (no full (tokens, vocab) float32 tensor):
+  `token_logprobs`, which the trainers use too (train/loss.py).
 - `VllmScorer`: vLLM with `prompt_logprobs=0` on token-id prompts, no detokenization, prefix
   caching off, raw logprobs.
 """
@@ -80,10 +81,9 @@ class TorchScorer:
                  upcast_logits: bool = True, compile: bool | None = None):
         """`model`: a path, loaded on `device` in `dtype`; or a loaded causal LM, used where it is.
 
-        Unset options take the fastest measured settings for the device (bench/RESULTS.md): on a
-        GPU packed attention, compiled layers and 64k-token batches (165k tokens/s at 6.1 GiB for a
-        1.5B model on an H200, against 116-120k for the eager variants); on the CPU padded eager
-        batches of 32k tokens (compiling costs more than it saves on small CPU jobs).
+        Unset options take the fastest measured settings for the device (bench/RESULTS.md, "GPU:
+        scoring"): on a GPU packed attention, compiled layers and 64k-token batches; on the CPU
+        padded eager batches of 32k tokens (compiling costs more than it saves on small CPU jobs).
         """
         import torch
         from transformers import AutoModelForCausalLM
@@ -129,9 +129,8 @@ class TorchScorer:
                                  for s, i in zip(starts, batch)])
                 pos = pos.to(self.device, non_blocking=True)  # (N,)
                 labels = ids[pos + 1]  # (N,)
-                pieces += [self._chunk_logprobs(hidden[pos[s : s + self.chunk_size]], head,
-                                                labels[s : s + self.chunk_size])
-                           for s in range(0, len(pos), self.chunk_size)]
+                pieces.append(token_logprobs(hidden, head, labels, self.chunk_size, positions=pos,
+                                             chunk_logprobs=self._chunk_logprobs))
         flat = torch.cat(pieces).cpu().numpy() if pieces else np.zeros(0, np.float32)
         result: list[np.ndarray | None] = [None] * len(input_ids)
         s = 0
@@ -193,6 +192,37 @@ def _logprobs_native(hidden, weight, labels):  # (n, D), (V, D), (n,) -> (n,) fl
     top = logits.amax(-1, keepdim=True)  # (n, 1)
     sumexp = torch.sub(logits, top).exp_().sum(-1, dtype=torch.float32)  # (n,)
     return logits.gather(-1, labels[:, None])[:, 0].float() - top[:, 0].float() - sumexp.log()
+
+
+def token_logprobs(
+    hidden,  # (M, D) hidden states
+    lm_head_weight,  # (V, D)
+    labels,  # (N,) token ids
+    chunk_size: int = 4096,
+    positions=None,  # (N,) long: the rows of `hidden` that predict `labels`; None: its first N rows
+    chunk_logprobs: Callable = _logprobs_upcast,  # (n, D), (V, D), (n,) -> (n,) float32
+):  # -> (N,) float32
+    """log p(label | hidden) for N positions, `chunk_size` at a time, so that no (N, V) float32 tensor
+    is ever held: each chunk's logits are reduced to the labels' logprobs and dropped. The torch
+    scorer and the trainers (train/loss.py) both compute their logprobs here.
+
+    `positions` rows are gathered a chunk at a time (no (N, D) copy). Under autograd each chunk is
+    checkpointed: its logits are computed again in backward instead of kept.
+    """
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    out = []
+    for s in range(0, labels.shape[0], chunk_size):
+        h = hidden[s : s + chunk_size] if positions is None else hidden[positions[s : s + chunk_size]]  # (n, D)
+        y = labels[s : s + chunk_size]  # (n,)
+        if torch.is_grad_enabled() and (h.requires_grad or lm_head_weight.requires_grad):
+            out.append(checkpoint(chunk_logprobs, h, lm_head_weight, y, use_reentrant=False))
+        else:
+            out.append(chunk_logprobs(h, lm_head_weight, y))
+    if not out:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(out)
 
 
 _PACKED = "pear_packed"  # the name packed attention is registered under in transformers

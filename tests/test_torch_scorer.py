@@ -13,7 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from common.batching import packed_batches
-from scorer.engines import TorchScorer, packed_attention
+from scorer.engines import TorchScorer, packed_attention, token_logprobs
 
 VOCAB = 300
 # (length, prompt_len): response = input_ids[prompt_len:]
@@ -83,6 +83,22 @@ def test_model_loaded_from_a_path(tmp_path, data, reference):
     scorer.close()  # the model is released, not kept until the scorer goes
     gc.collect()
     assert model() is None
+
+
+def test_chunked_logprobs_of_named_positions_equal_those_of_the_gathered_rows():
+    """`positions` gathers the rows a chunk at a time: the same logprobs as gathering them first, and
+    as a full log-softmax; no position gives an empty float32 tensor."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(9, 5, generator=g)  # (M, D)
+    head = torch.randn(11, 5, generator=g)  # (V, D)
+    positions = torch.tensor([8, 0, 3, 3, 5, 1, 7])  # (N,) in any order, repeats allowed
+    labels = torch.randint(0, 11, (7,), generator=g)
+    got = token_logprobs(hidden, head, labels, chunk_size=3, positions=positions)  # chunks of 3, 3, 1
+    assert torch.equal(got, token_logprobs(hidden[positions], head, labels, chunk_size=3))
+    want = torch.log_softmax(hidden[positions] @ head.T, -1)[torch.arange(7), labels]
+    torch.testing.assert_close(got, want)
+    empty = token_logprobs(hidden, head, labels[:0], positions=positions[:0])
+    assert empty.shape == (0,) and empty.dtype == torch.float32
 
 
 def test_no_sequences_and_unknown_attention():

@@ -1,40 +1,18 @@
 """Loss math for weighted SFT: pure functions over tensors (and the learning-rate schedule).
 
-The vocabulary projection is chunked so that no (tokens, vocab) float32 tensor is ever held in
-full: for each chunk of hidden states the logits are computed, reduced to the logprob of the
-label token, and dropped (under autograd the chunk is recomputed in backward by checkpointing).
+The logprobs of the response tokens come from the scorer's chunked vocabulary projection,
+`token_logprobs` (scorer/engines.py), so that the trainers and the torch scorer compute them one
+way: no (tokens, vocab) float32 tensor is ever held in full, and under autograd each chunk's logits
+are computed again in backward (checkpointing) instead of kept.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-
-def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = (hidden @ weight.T).float()  # (n, V), one chunk only
-    return -F.cross_entropy(logits, labels, reduction="none")
-
-
-def token_logprobs(
-    hidden: torch.Tensor,  # (N, D) hidden states that predict `labels`
-    lm_head_weight: torch.Tensor,  # (V, D)
-    labels: torch.Tensor,  # (N,) token ids
-    chunk_size: int = 4096,
-) -> torch.Tensor:
-    """log p(label | hidden) for N positions, float32 (N,), computed chunk by chunk."""
-    out = []
-    for s in range(0, hidden.shape[0], chunk_size):
-        h, y = hidden[s : s + chunk_size], labels[s : s + chunk_size]
-        if torch.is_grad_enabled() and (h.requires_grad or lm_head_weight.requires_grad):
-            out.append(checkpoint(_chunk_logprobs, h, lm_head_weight, y, use_reentrant=False))
-        else:
-            out.append(_chunk_logprobs(h, lm_head_weight, y))
-    if not out:
-        return hidden.new_zeros(0, dtype=torch.float32)
-    return torch.cat(out)
+# re-exported: pipelines/world.py and bench/gpu_bench.py import it from here
+from scorer.engines import token_logprobs as token_logprobs
 
 
 def weighted_nll(

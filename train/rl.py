@@ -39,13 +39,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import console
 from common.config import ConfigError, Stage, field, setup_logging
 from common.lock import locked
 from common.models import model_record, resolve_model
-from common.storage import write_json_atomic
-from train import checkpoint
-from train.loss import token_logprobs
+from common.storage import append_json_line, write_json_atomic
+from scorer.engines import token_logprobs
+from train import checkpoint, records
 from train.rewards import load_reward, safe_score
 from train.rl_math import (ADVANTAGE_SCALES, AGGREGATIONS, aggregation_normaliser, group_advantages, kl_k3,
                            masked_mean, micro_batches, rl_loss, tis_weights)
@@ -78,7 +77,7 @@ class RLConfig:
     top_p: float = field(1.0, "nucleus sampling")
     max_new_tokens: int = field(64, "longest response (the default is the embedded world's)")
     lr: float = field(1e-6, "learning rate (AdamW, constant); `make rl` gives a model of the embedded world the "
-                            "tiny model's own (EMBEDDED_RECIPE in pipelines/rl.py)")
+                            "tiny model's own (recipes/embedded-rl.yaml)")
     weight_decay: float = field(0.0, "AdamW weight decay")
     max_grad_norm: float = field(1.0, "gradient clipping by global norm; 0: off")
     mini_batches: int = field(1, "optimizer steps per batch of rollouts (>1: later ones are off-policy and clipped)")
@@ -348,8 +347,7 @@ def score_groups(reward_fn, texts: list[list[str]], examples: list[dict], timeou
                                "error": err, "group": i})
                 if len(errors) > limit:
                     if errors_path is not None:
-                        with open(errors_path, "a") as f:
-                            f.writelines(json.dumps({"step": step, **e}) + "\n" for e in errors)
+                        record_errors(errors, step, errors_path)
                     raise ConfigError(f"more than {max_failures:.0%} of a step's rewards failed ({len(errors)} so far; "
                                       f"first: {errors[0]['error']}; rows in {errors_path}); fix the reward (--reward) "
                                       "or raise --max-reward-failures")
@@ -473,13 +471,8 @@ def build_models(cfg: RLConfig, source: str, state: dict | None, device, max_mod
 def start_outputs(out: Path, examples: list[dict], resumed_step: int | None) -> tuple[Path, Path]:
     """(metrics.jsonl, reward_errors.jsonl), holding the lines of the steps a resumed checkpoint
     contains (none afresh), and rl_prompts.jsonl: the prompt pool."""
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path, errors_path = out / "metrics.jsonl", out / "reward_errors.jsonl"
-    for path in (metrics_path, errors_path):
-        if resumed_step is not None:
-            checkpoint.keep_lines_upto(path, resumed_step)
-        else:
-            path.write_text("")
+    metrics_path = records.start_lines(out / "metrics.jsonl", resumed_step)
+    errors_path = records.start_lines(out / "reward_errors.jsonl", resumed_step)
     with open(out / "rl_prompts.jsonl", "w") as f:
         for ex in examples:
             f.write(json.dumps({"prompt": ex["prompt"], "answer": ex["answer"], "task": ex.get("task")}) + "\n")
@@ -519,23 +512,28 @@ def rl_step(cfg: RLConfig, step: int, examples: list[dict], tokenizer, reward_fn
     return metrics, errors
 
 
+def record_errors(errors: list[dict], step: int, errors_path: Path) -> None:
+    """The rows of step `step` (from 1) whose reward raised: to reward_errors.jsonl, each with its step."""
+    for e in errors:
+        append_json_line({"step": step, **e}, errors_path)
+
+
 def record_step(metrics: dict, errors: list[dict], metrics_path: Path, errors_path: Path, tracker: Tracker,
                 bar) -> None:
-    """A step's metrics line (to metrics.jsonl, the tracker, the progress bar) and the rows whose
-    reward raised (to reward_errors.jsonl, with a warning)."""
+    """A step's rows whose reward raised (to reward_errors.jsonl, with a warning) and its metrics line
+    (to metrics.jsonl, the tracker, the progress bar)."""
     step = metrics["step"]
-    with open(metrics_path, "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-    tracker.log(metrics, step)
     if errors:
         log.warning("step %d: %d rewards raised and count as 0 (first: %s); rows in %s", step, len(errors),
                     errors[0]["error"], errors_path)
-        with open(errors_path, "a") as f:
-            for e in errors:
-                f.write(json.dumps({"step": step, **e}) + "\n")
-    bar.update(1)
-    bar.set_postfix(reward=f"{metrics['mean_reward']:.3f}", pass_rate=f"{metrics['pass_rate']:.2f}",
-                    len=f"{metrics['response_length']:.0f}", tis=f"{metrics['tis_mean'] or 1:.3f}")
+        record_errors(errors, step, errors_path)
+    records.record_step(metrics, metrics_path, tracker, bar, bar_postfix(metrics))
+
+
+def bar_postfix(metrics: dict) -> dict[str, str]:
+    """What the progress bar shows of a step's metrics line."""
+    return {"reward": f"{metrics['mean_reward']:.3f}", "pass_rate": f"{metrics['pass_rate']:.2f}",
+            "len": f"{metrics['response_length']:.0f}", "tis": f"{metrics['tis_mean'] or 1:.3f}"}
 
 
 def save_step(cfg: RLConfig, out: Path, step: int, lm, optimizer, tokenizer, made_from: dict,
@@ -569,8 +567,6 @@ def learning_summary(steps: list[dict]) -> dict:
 def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
     """One RL run; returns the summary (also written to out/rl_summary.json).
     `held`: where the output folder's lock is kept; None: no lock."""
-    from tqdm import tqdm
-
     t_start = time.perf_counter()
     model_ref = resolve_model(cfg.model)  # a folder or hub id; every load below reads its local folder
     cfg = replace(cfg, model=model_ref.path)
@@ -598,8 +594,7 @@ def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
 
     # 4. outputs: the prompt pool, the metric lines the checkpoint holds, the progress bar, the tracker
     metrics_path, errors_path = start_outputs(out, examples, start_step if state else None)
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="rl", unit="step", disable=not cfg.progress,
-               file=console.err())
+    bar = records.progress_bar("rl", cfg.steps, start_step, cfg.progress)
     tracker = open_tracker(cfg.report_to, out, f"rl {out.name}", asdict(cfg), start_step)
 
     # 5. the loop: rollouts, rewards, update; a metrics line; a snapshot or checkpoint where due
@@ -617,7 +612,7 @@ def train(cfg: RLConfig, held: ExitStack | None = None) -> dict:
     # 6. the final HF folder and the summary
     lm.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    steps = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    steps = records.read_lines(metrics_path)
     summary = {
         "model": str(Path(cfg.model).resolve()), "model_ref": asdict(model_ref), "out": str(out), "steps": cfg.steps,
         "resumed_from_step": start_step if state else None, **learning_summary(steps),

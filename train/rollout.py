@@ -1,8 +1,8 @@
 """Rollouts from a vLLM engine held in the trainer's own process, and weight pushes into it.
 
 The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by `common.vllm_engine`), so new
-weights go in by reference through `reload_weights`, with no restart and no file (0.01 s on the
-tiny model; with worker processes passing tensors fails, see ENV-NOTES). Prompts and responses
+weights go in by reference through `reload_weights`, with no restart and no file (with worker
+processes, passing the tensors fails; the time of a push: bench/RESULTS.md). Prompts and responses
 are token ids end to end: the trainer scores exactly the ids the engine sampled.
 
 Sampling logprobs are the engine's raw logprobs (`logprobs_mode="raw_logprobs"`): the log-softmax

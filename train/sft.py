@@ -35,19 +35,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import console
 from common.config import ConfigError, Stage, field, setup_logging
 from common.lock import locked
 from common.models import hash_model_folder, pinned, resolve_model
 from common.storage import append_json_line, as_path, run_id, write_json_atomic
 from scorer.config import WeightConfig
+from scorer.engines import token_logprobs
 from scorer.shards import ShardError, list_shards, read_meta, tokenizer_sha256
 from scorer.stats import TABLE_COLUMNS, weight_table
 from scorer.weights import WeightParams
-from train import checkpoint
+from train import checkpoint, records
 from train.data import Batch, Rows, collated, idle_batch, load_rows, parse_only, plan_epoch, rank_share, \
     rows_where, split_heldout, steps_of, stored_weight_params
-from train.loss import cosine_lr, effective_sample_size, token_logprobs, token_weights, weighted_nll
+from train.loss import cosine_lr, effective_sample_size, token_weights, weighted_nll
 from train.tracking import Tracker, check_report_to, open_tracker
 
 log = logging.getLogger("pear.train")
@@ -92,8 +92,8 @@ class SFTConfig:
                               "instead of replicating them (DDP): for models whose training state does not fit "
                               "one device")
     gradient_checkpointing: bool = field(False, "recompute each decoder layer's activations in backward: "
-                                                "about a quarter of the peak memory for about 10-20% more step time "
-                                                "(bench/RESULTS.md)")
+                                                "less peak memory for more step time (measured in "
+                                                "bench/RESULTS.md, GPU: SFT step)")
     lora_rank: int = field(0, "train LoRA adapters of this rank (peft) instead of every weight; 0: full "
                               "fine-tuning. The output folder holds the merged model (adapter/ holds the adapter)")
     lora_alpha: float = field(0.0, "LoRA scaling alpha; 0: twice the rank")
@@ -432,25 +432,10 @@ def step_batches(rows: Rows, cfg: SFTConfig, steps_per_epoch: int, start_step: i
         yield epoch + (k + 1) / steps_per_epoch, batches, global_tokens
 
 
-def start_metrics(out: Path, resumed_step: int | None) -> Path:
-    """out/metrics.jsonl, holding the lines of the steps a resumed checkpoint contains (none afresh)."""
-    metrics_path = out / "metrics.jsonl"
-    out.mkdir(parents=True, exist_ok=True)
-    if resumed_step is not None:
-        checkpoint.keep_lines_upto(metrics_path, resumed_step)
-    else:
-        metrics_path.write_text("")
-    return metrics_path
-
-
-def record_step(metrics: dict, metrics_path: Path, tracker: Tracker, bar) -> None:
-    """A step's metrics line: to metrics.jsonl, the tracker and the progress bar (rank 0)."""
-    with open(metrics_path, "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-    tracker.log(metrics, metrics["step"])
-    bar.update(1)
-    bar.set_postfix(loss=f"{metrics['loss']:.3f}", wloss=f"{metrics['weighted_loss']:.3f}",
-                    tok_s=f"{metrics['tokens_per_s']:.0f}")
+def bar_postfix(metrics: dict) -> dict[str, str]:
+    """What the progress bar shows of a step's metrics line."""
+    return {"loss": f"{metrics['loss']:.3f}", "wloss": f"{metrics['weighted_loss']:.3f}",
+            "tok_s": f"{metrics['tokens_per_s']:.0f}"}
 
 
 def save_checkpoint(cfg: SFTConfig, out: Path, step: int, net, optimizer, tokenizer, made_from: dict, totals: dict,
@@ -498,8 +483,6 @@ def learning_summary(steps: list[dict], nll_start: float | None, nll_end: float 
 def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
     """One training run; returns the summary (also written to out/train_summary.json by rank 0).
     `held`: where the output folder's lock is kept (rank 0 holds it for all ranks); None: no lock."""
-    from tqdm import tqdm
-
     t_start, name = time.perf_counter(), run_id()
     if not cfg.progress:
         from transformers.utils import logging as hf_logging
@@ -539,11 +522,10 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
     nll_start = state["heldout_nll_start"] if state else heldout_nll(net, heldout, cfg, device, rank, world, autocast)
 
     # 5. outputs on rank 0: the metrics file, the progress bar, the tracker
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"sft {cfg.weighting}", unit="step",
-               disable=not (cfg.progress and rank == 0), file=console.err())
+    bar = records.progress_bar(f"sft {cfg.weighting}", total_steps, start_step, cfg.progress and rank == 0)
     tracker = Tracker()
     if rank == 0:
-        metrics_path = start_metrics(out, start_step if state else None)
+        metrics_path = records.start_lines(out / "metrics.jsonl", start_step if state else None)
         tracker = open_tracker(cfg.report_to, out, f"sft {cfg.weighting} {out.name}", asdict(cfg), start_step)
         scoring = as_path(cfg.scores) / "summary.json"  # a local folder or an object-storage URI
         if scoring.exists() and not state:
@@ -567,7 +549,8 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
         dt = time.perf_counter() - t0
         tokens_done += stats.real_tokens
         if rank == 0:
-            record_step(step_metrics(stats, grad_norm, step, epoch, lr, dt), metrics_path, tracker, bar)
+            metrics = step_metrics(stats, grad_norm, step, epoch, lr, dt)
+            records.record_step(metrics, metrics_path, tracker, bar, bar_postfix(metrics))
         if step + 1 == total_steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
             save_checkpoint(cfg, out, step + 1, net, optimizer, tokenizer, made_from, {
                 "heldout_nll_start": nll_start, "tokens_done": tokens_done,
@@ -584,7 +567,7 @@ def train(cfg: SFTConfig, held: ExitStack | None = None) -> dict:
     if rank != 0:
         return {}
     save_model(net, tokenizer, out, bool(cfg.lora_rank), model_sd)
-    steps = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    steps = records.read_lines(metrics_path)
     wall_now = time.perf_counter() - t_start
     this_run = {"run": name, "from_step": start_step, "to_step": total_steps, "tokens": tokens_done - tokens_before,
                 "loop_seconds": round(loop_seconds - seconds_before, 2), "seconds": round(wall_now, 2)}
