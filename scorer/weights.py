@@ -4,7 +4,7 @@ Every function takes tensors and numbers (never a config object) so that the sco
 and the tests share one implementation. Layout convention: a batch of responses is stored
 left-aligned, `(B, T)`, with `response_mask` true on the first T_i positions of row i.
 
-Definitions (see PEAR.md; every constant is a parameter with the reported default):
+Definitions (the PEAR paper's; every constant is a parameter with the reported default):
     delta[t]   = clip(lp_target[t] - lp_behavior[t], *delta_clip)
     sequence:  log G[t] = sum_j delta[j]
     token:     log G[t] = (T - t) log(gamma) + sum_{j > t} delta[j]
