@@ -318,19 +318,7 @@ def test_the_bar_names_each_metric_as_the_metrics_do(tmp_path):
 def test_step_lines_are_recorded_and_cut_back_on_resume(tmp_path, caplog):
     """A step's metrics line and reward errors land in their files, the tracker and the bar; a resumed
     run keeps the lines of the steps its checkpoint holds, a fresh one none."""
-
-    class Seen:  # a tracker and a progress bar that remember their calls
-        def __init__(self):
-            self.calls = []
-
-        def log(self, metrics, step):
-            self.calls.append(("log", step))
-
-        def update(self, n):
-            self.calls.append(("update", n))
-
-        def set_postfix(self, **kw):
-            self.calls.append(("postfix", kw["reward"]))
+    from test_records import Seen  # a tracker and a progress bar that remember their calls
 
     examples = [{"prompt": "1+1", "answer": "2", "task": "chain_sum"}, {"prompt": "q", "answer": "a"}]
     out = tmp_path / "rl"
@@ -344,8 +332,8 @@ def test_step_lines_are_recorded_and_cut_back_on_resume(tmp_path, caplog):
                    "tis_mean": None}
         errors = [{"prompt": "q", "error": "boom"}] * (step - 1)  # none at step 1, one at step 2
         record_step(metrics, errors, metrics_path, errors_path, seen, seen)
-    assert seen.calls == [("log", 1), ("update", 1), ("postfix", "0.250"), ("log", 2), ("update", 1),
-                          ("postfix", "0.500")]
+    calls = [(what, arg["reward"] if what == "postfix" else arg) for what, arg in seen.calls]
+    assert calls == [("log", 1), ("update", 1), ("postfix", "0.250"), ("log", 2), ("update", 1), ("postfix", "0.500")]
     assert [json.loads(x)["step"] for x in metrics_path.read_text().splitlines()] == [1, 2]
     rows = [json.loads(x) for x in errors_path.read_text().splitlines()]
     assert rows == [{"step": 2, "prompt": "q", "error": "boom"}]
