@@ -9,7 +9,7 @@ pyarrow opens itself), so a stage that reads or writes Parquet needs no second c
 Credentials and endpoint come from the usual environment, read by pyarrow's own clients:
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE, AWS_REGION,
 AWS_ENDPOINT_URL (an S3-compatible server); for GCS, GOOGLE_APPLICATION_CREDENTIALS. Nothing is
-asked for twice: Ray actors get the same variables (scorer.job.init_ray).
+asked for twice: Ray actors get the same variables (scorer.execute.init_ray).
 
 Object stores have no rename: `replace(src, dst)` is a server-side copy then a delete; a writer
 writes under a temporary name first (`TMP_PREFIX`), so a reader never sees half an object

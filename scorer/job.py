@@ -18,6 +18,7 @@ scorer/passthrough.py (the corpus's other columns), scorer/summary.py (summary.j
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 from common.lock import locked
@@ -61,3 +62,10 @@ def run(cfg: ScoreConfig, progress: bool = True) -> dict:
         summary = summarize(cfg, out, units, job_meta, sources)
         write_json_atomic(summary, out / "summary.json")
     return {**summary, "this_run": this_run}
+
+
+if __name__ == "__main__":
+    # the scoring command line is pipelines.score; an old script calling this module must not pass silently
+    print("error: python -m scorer.job is no longer a command; run python -m pipelines.score (same flags)",
+          file=sys.stderr)
+    sys.exit(2)

@@ -229,3 +229,12 @@ def assert_quiet(proc, log_path):
     assert not [word for word in NOISE if word in terminal], terminal
     log = log_path.read_text()
     assert "Ray instance" in log and "vllm" in log.lower() and "pear.scorer" in log
+
+
+def test_the_old_scoring_module_refuses_rather_than_passing_silently():
+    """`python -m scorer.job` was the scoring command before pipelines.score became the only one."""
+    proc = subprocess.run([sys.executable, "-m", "scorer.job", "--data", "x.jsonl"], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "error: python -m scorer.job is no longer a command; run python -m pipelines.score (same flags)"]
