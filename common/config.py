@@ -120,7 +120,7 @@ def parse_given(cls, argv=None, description: str | None = None) -> tuple[typing.
     flags = _flags(cls)
     p = _Parser(description=description or cls.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=None, help="YAML file of field values (flags override it)")
-    defaults = cls() if all(_default(f) != "required" for f in dataclasses.fields(cls)) else None
+    defaults = _defaults(cls)
     for name, f, tp, group in flags:
         shown = getattr(getattr(defaults, group), name) if group and defaults is not None else _default(f)
         if group and getattr(cls, "GROUP_DEFAULTS", None):
@@ -169,7 +169,7 @@ def configure(cls, settings: dict):
     does not convert."""
     flags = _flags(cls)
     values = _flat(flags, settings)
-    defaults = cls() if all(_default(f) != "required" for f in dataclasses.fields(cls)) else None
+    defaults = _defaults(cls)
     try:
         return _build(cls, flags, values, defaults)
     except (ValueError, TypeError) as e:
@@ -236,6 +236,11 @@ def _negative_values(argv: list[str]) -> list[str]:
             out.append(argv[i])
             i += 1
     return out
+
+
+def _defaults(cls):
+    """`cls()`, or None when a field of it has no default."""
+    return cls() if all(_default(f) != "required" for f in dataclasses.fields(cls)) else None
 
 
 def _default(f):
